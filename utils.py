@@ -1,0 +1,234 @@
+"""Helpers for train.py: options from files, progress bars, and checkpoints that resume bitwise."""
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file
+from tqdm.auto import tqdm
+
+
+class UserError(SystemExit):
+    """A mistake the user can fix: Python prints the message and exits with status 1, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+# ---------------------------------------------------------------- options
+
+# Options a resumed run does not take over from the checkpoint's my_config.json.
+NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch"}
+# Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
+MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len"]
+
+
+def read_options_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such options file.")
+    with open(path) as f:
+        values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values.")
+    return values
+
+
+def parse_options(parser, argv=None):
+    """Defaults < the resumed checkpoint's my_config.json < --config FILE < flags on the command line."""
+    known, _ = parser.parse_known_args(argv)
+    defaults, saved = {}, {}
+    if known.resume:
+        saved = read_options_file(checkpoint_dir(known.resume) / "my_config.json")
+        defaults.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
+    if known.config:
+        defaults.update(read_options_file(known.config))
+    names = {action.dest for action in parser._actions}
+    for key in defaults:
+        if key not in names:
+            source = known.config if key not in saved else f"{known.resume}/my_config.json"
+            parser.error(f"{source}: unknown option '{key}'")
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for key in MUST_MATCH if saved and not args.ignore_mismatch else []:
+        if key in saved and getattr(args, key) != saved[key]:
+            raise UserError(f"--{key} {getattr(args, key)} differs from {known.resume}'s {saved[key]}, so the "
+                            f"resumed run would not continue the same run. Drop the option, or add "
+                            f"--ignore_mismatch to resume anyway (data order and results then differ).")
+    return args
+
+
+# ---------------------------------------------------------------- display
+
+def progress(accelerator, iterable, desc, **kwargs):
+    """A tqdm bar on the main process only: `[Epoch 0] [TRAIN]:  12%|█▏  | 520/4387 [..., loss=2.56, lr=7.8e-6]`."""
+    return tqdm(iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
+
+
+# ---------------------------------------------------------------- checkpoints
+#
+# A checkpoint directory holds what from_pretrained needs (config.json, model.safetensors, tokenizer
+# files) plus what exact resume needs: optimizer.pt, lr.bin (scheduler), trainer_state.json
+# (position, best loss, log) and one rng_state_<rank>.safetensors per process. Nothing in it is
+# unpickled: tensors are loaded with weights_only=True, the rest is JSON.
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch to run next (or the one in progress)
+    steps_done_in_epoch: int = 0  # optimizer steps already taken in that epoch
+    global_step: int = 0
+    min_valid_loss: float = float("inf")
+    num_processes: int = 1
+    log: dict = field(default_factory=dict)  # what log.json holds
+
+
+def checkpoint_dir(path):
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        old = path.with_name(f".old-{path.name}")
+        if (old / "trainer_state.json").is_file():  # the process died between the two renames of publish()
+            os.replace(old, path)
+        else:
+            raise UserError(f"--resume {path}: not a checkpoint of this template (no trainer_state.json). "
+                            f"Give a checkpoint directory such as model/last.")
+    return path
+
+
+def check_outdir(outdir, resume, overwrite):
+    outdir = Path(outdir)
+    held = [name for name in ("last", "best", "log.json") if (outdir / name).exists()]
+    if held and not resume and not overwrite:
+        raise UserError(f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
+                        f"--resume {outdir}/last, start over with --overwrite, or pick another --outdir.")
+
+
+def clear_outdir(accelerator, outdir):
+    """For --overwrite: remove the previous run's outputs (only those) before the first save."""
+    if accelerator.is_main_process:
+        for name in ("last", "best", ".old-last", ".old-best", ".staging", ".staging-best"):
+            shutil.rmtree(Path(outdir) / name, ignore_errors=True)
+        (Path(outdir) / "log.json").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=4, ensure_ascii=False)
+        f.write("\n")
+
+
+def rng_state(extra):
+    """This process's RNG streams (and any per-process tensors in `extra`) as tensors + JSON."""
+    tensors = {"torch": torch.get_rng_state(), **extra}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, python_state, gauss_next = random.getstate()
+    tensors["python"] = torch.tensor(python_state, dtype=torch.int64)
+    metadata = {"numpy": json.dumps([kind, pos, has_gauss, gauss]), "python": json.dumps([version, gauss_next])}
+    return tensors, metadata
+
+
+def set_rng_state(path):
+    """Restores what rng_state() saved; returns the per-process tensors that are not RNG state."""
+    with safe_open(path, "pt") as f:
+        header, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    torch.set_rng_state(tensors.pop("torch"))
+    cuda = sorted(k for k in tensors if k.startswith("cuda_"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    for k in cuda:
+        tensors.pop(k)
+    kind, pos, has_gauss, gauss = json.loads(header["numpy"])
+    np.random.set_state((kind, tensors.pop("numpy_keys").numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, gauss_next = json.loads(header["python"])
+    random.setstate((version, tuple(tensors.pop("python").tolist()), gauss_next))
+    return tensors
+
+
+def fsync_tree(directory):
+    for path in [*Path(directory).iterdir(), Path(directory)]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish(staging, target):
+    """Replaces `target` by the complete directory `staging`; `target` is never left half-written."""
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    fsync_tree(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, args, state, per_process):
+    """Writes one checkpoint and publishes it as outdir/<name> for each of `names` (last, and best)."""
+    outdir = Path(outdir)
+    staging = outdir / ".staging"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every rank calls it
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
+        tokenizer.save_pretrained(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "lr.bin")
+        write_json(staging / "my_config.json", vars(args))
+        write_json(staging / "trainer_state.json", asdict(state))
+    tensors, metadata = rng_state(per_process)
+    save_file(tensors, staging / f"rng_state_{accelerator.process_index}.safetensors", metadata=metadata)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fsync_tree(staging)
+        for name in names[1:]:  # best/ shares last/'s files as hard links: nothing is written in place
+            copy = outdir / f".staging-{name}"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(staging, copy, copy_function=os.link)
+            publish(copy, outdir / name)
+        publish(staging, outdir / names[0])
+    accelerator.wait_for_everyone()
+
+
+def load_weights(directory, model):
+    """Loads a checkpoint's weights into the freshly built model, refusing one of another architecture."""
+    try:
+        load_model(model, Path(directory) / "model.safetensors", strict=True)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise UserError(f"--resume {directory}: its weights do not fit the model that modeling.py builds "
+                        f"({str(e).splitlines()[0][:300]}). Resume with the modeling.py and options it was "
+                        f"trained with.") from None
+
+
+def load_training_state(directory, accelerator, optimizer, scheduler, ignore_mismatch):
+    """Restores optimizer, scheduler and position; the RNG comes last, in restore_rng()."""
+    directory = Path(directory)
+    with open(directory / "trainer_state.json") as f:
+        state = TrainState(**json.load(f))
+    if state.num_processes != accelerator.num_processes and not ignore_mismatch:
+        raise UserError(f"--resume {directory}: saved by {state.num_processes} process(es), resumed with "
+                        f"{accelerator.num_processes}. Launch with --num_processes {state.num_processes}, or "
+                        f"add --ignore_mismatch (data order and results then differ).")
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(directory / "lr.bin", weights_only=True))
+    state.num_processes = accelerator.num_processes
+    return state
+
+
+def restore_rng(directory, accelerator):
+    path = Path(directory) / f"rng_state_{accelerator.process_index}.safetensors"
+    return set_rng_state(path) if path.is_file() else {}
