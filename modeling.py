@@ -47,14 +47,15 @@ class Model(PreTrainedModel):
         super().__init__(config)
         encoder_config = AutoConfig.for_model(**config.encoder)
         self.encoder = AutoModel.from_config(encoder_config)
+        self.encoder.pooler = None  # unused: the head pools itself (an unused layer would make DDP fail)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.head = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        pooled = getattr(encoded, "pooler_output", None)  # BERT's tanh layer over [CLS]; not every encoder has one
-        logits = self.head(self.dropout(pooled if pooled is not None else encoded.last_hidden_state[:, 0]))
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        logits = self.head(self.dropout(hidden[:, 0]))  # the [CLS] position
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ClassifierOutput(loss=loss, logits=logits)
 

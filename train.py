@@ -11,7 +11,6 @@ and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, no
 import argparse
 import math
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import transformers
@@ -39,7 +38,7 @@ def parse_args(argv=None):
                         help="hub id (bert-base-cased) or local directory; a directory with only a "
                              "config.json trains that architecture from scratch")
     # optimisation
-    parser.add_argument("--epochs", type=int, default=3, help="may be raised on --resume to train further")
+    parser.add_argument("--epochs", type=int, default=5, help="may be raised on --resume to train further")
     parser.add_argument("--batch_size", type=int, default=32, help="per process; reduce if out of memory")
     parser.add_argument("--accumulation", type=int, default=1, help="batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate; 2e-5 suits a pretrained BERT")
@@ -165,31 +164,34 @@ def main(argv=None):
             state.steps_done_in_epoch += 1
             bar.set_postfix(loss=outputs.loss.item(), lr=scheduler.get_last_lr()[0], refresh=False)
             stopped = state.global_step == args.stop_after_steps
-            at_epoch_end = accelerator.gradient_state.end_of_dataloader
-            if stopped or (args.save_steps and state.global_step % args.save_steps == 0 and not at_epoch_end):
+            if accelerator.gradient_state.end_of_dataloader:
+                continue  # the end-of-epoch save below serves --save_steps and --stop_after_steps too
+            if stopped or (args.save_steps and state.global_step % args.save_steps == 0):
                 save(["last"])
             if stopped:
                 break
         bar.close()
-        if stopped:
-            accelerator.print(f"Stopped after {state.global_step} optimizer steps (--stop_after_steps). "
-                              f"Continue with: accelerate launch train.py --resume {args.outdir}/last")
+        if state.steps_done_in_epoch < steps_per_epoch:  # stopped mid-epoch; last/ holds the position
             break
 
         valid_log = evaluate(accelerator, model, valid_loader, f"[Epoch {epoch}] [VALID]")
         totals = accelerator.reduce(torch.stack([loss_sum, batches.to(loss_sum.dtype)]), reduction="sum")
-        state.log[f"Epoch {epoch}"] = {"train_log": {"loss": (totals[0] / totals[1]).item()}, "valid_log": valid_log}
+        train_log = {"loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
+        state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
         loss_sum.zero_()
         batches.zero_()
         improved = valid_log["loss"] < state.min_valid_loss
         state.min_valid_loss = min(valid_log["loss"], state.min_valid_loss)
         state.epoch, state.steps_done_in_epoch = epoch + 1, 0
         save(["last", "best"] if improved else ["last"])
-        if accelerator.is_main_process:
-            utils.write_json(Path(args.outdir) / "log.json", state.log)
-        accelerator.print(f"[Epoch {epoch}] train loss {state.log[f'Epoch {epoch}']['train_log']['loss']:.4f}, "
+        accelerator.print(f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
                           + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
                           + (" (best so far: saved best/)" if improved else ""))
+        if stopped:
+            break
+    if stopped:
+        accelerator.print(f"Stopped after {state.global_step} optimizer steps (--stop_after_steps). "
+                          f"Continue with: accelerate launch train.py --resume {args.outdir}/last")
     accelerator.end_training()
 
 

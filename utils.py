@@ -26,7 +26,9 @@ class UserError(SystemExit):
 # Options a resumed run does not take over from the checkpoint's my_config.json.
 NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch"}
 # Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
-MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len"]
+# (The optimizer and scheduler settings would be overridden by the saved optimizer and lr.bin anyway.)
+MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len", "lr", "weight_decay",
+              "lr_scheduler_type", "num_warmup_steps"]
 
 
 def read_options_file(path):
@@ -119,9 +121,12 @@ def clear_outdir(accelerator, outdir):
 
 
 def write_json(path, value):
-    with open(path, "w") as f:
+    """Writes via a temporary file and a rename, so a reader never sees half a file."""
+    temporary = Path(path).with_name(f".{Path(path).name}.tmp")
+    with open(temporary, "w") as f:
         json.dump(value, f, indent=4, ensure_ascii=False)
         f.write("\n")
+    os.replace(temporary, path)
 
 
 def rng_state(extra):
@@ -175,7 +180,7 @@ def publish(staging, target):
 
 
 def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, args, state, per_process):
-    """Writes one checkpoint and publishes it as outdir/<name> for each of `names` (last, and best)."""
+    """Writes one checkpoint, publishes it as outdir/<name> for each of `names` (last, and best), and log.json."""
     outdir = Path(outdir)
     staging = outdir / ".staging"
     if accelerator.is_main_process:
@@ -201,6 +206,7 @@ def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, sch
             shutil.copytree(staging, copy, copy_function=os.link)
             publish(copy, outdir / name)
         publish(staging, outdir / names[0])
+        write_json(outdir / "log.json", state.log)
     accelerator.wait_for_everyone()
 
 
