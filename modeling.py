@@ -52,9 +52,8 @@ class Model(PreTrainedModel):
         self.head = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+    def forward(self, labels=None, **inputs):  # inputs: what the tokenizer gave (input_ids, attention_mask, ...)
+        hidden = self.encoder(**inputs).last_hidden_state
         logits = self.head(self.dropout(hidden[:, 0]))  # the [CLS] position
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ClassifierOutput(loss=loss, logits=logits)
