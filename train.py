@@ -10,6 +10,7 @@ and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, no
 """
 import argparse
 import math
+import sys
 from collections import defaultdict
 
 import torch
@@ -48,6 +49,8 @@ def parse_args(argv=None):
                         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                  "constant_with_warmup"])
     parser.add_argument("--num_warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
+    parser.add_argument("--skip_nonfinite", action="store_true",
+                        help="skip optimizer steps whose gradients are NaN/inf (counted in log.json) instead of stopping")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                         help="default: what `accelerate config` / `accelerate launch` says")
     # run
@@ -133,7 +136,8 @@ def main(argv=None):
         utils.save_checkpoint(accelerator, args.outdir, names, model, tokenizer, optimizer, scheduler, args, state,
                               {"loss_sum": loss_sum.cpu(), "batches": batches.cpu()})
 
-    stopped = False
+    stopped = preempted = False
+    preemption = utils.Preemption()  # SIGTERM / SIGUSR1: finish the step, save last/, exit
     for epoch in range(state.epoch, args.epochs):
         state.epoch = epoch
         train_loader.set_epoch(epoch)
@@ -147,23 +151,31 @@ def main(argv=None):
                 if getattr(outputs, "loss", None) is None:
                     raise UserError("Model.forward() returned no loss: return a ModelOutput with .loss set "
                                     "(see modeling.py).")
-                if not torch.isfinite(outputs.loss):
-                    raise UserError(f"the loss is {outputs.loss.item()} at epoch {epoch}, optimizer step "
-                                    f"{state.global_step + 1}; nothing was updated with it. Lower --lr, or check the data.")
                 accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            loss_sum += outputs.loss.detach()
-            batches += 1
+                if accelerator.sync_gradients:
+                    # After backward() every process holds the same (all-reduced) gradients, so all of
+                    # them take the same decision here: a NaN on one process is a NaN everywhere.
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+                    if torch.isfinite(grad_norm) or accelerator.scaler is not None:  # fp16: the scaler skips
+                        optimizer.step()
+                        scheduler.step()
+                    elif args.skip_nonfinite:
+                        state.skipped_steps += 1
+                    else:
+                        raise UserError(f"non-finite gradients (loss {outputs.loss.item()}) at epoch {epoch}, "
+                                        f"optimizer step {state.global_step + 1}; no update was made with them. "
+                                        f"Lower --lr, check the data, or pass --skip_nonfinite to skip such steps.")
+                    optimizer.zero_grad()
+            finite = torch.isfinite(outputs.loss.detach())
+            loss_sum += torch.where(finite, outputs.loss.detach(), 0.0)
+            batches += finite
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
             state.steps_done_in_epoch += 1
             bar.set_postfix(loss=outputs.loss.item(), lr=scheduler.get_last_lr()[0], refresh=False)
-            stopped = state.global_step == args.stop_after_steps
+            preempted = preemption.received(accelerator)
+            stopped = state.global_step == args.stop_after_steps or preempted
             if accelerator.gradient_state.end_of_dataloader:
                 continue  # the end-of-epoch save below serves --save_steps and --stop_after_steps too
             if stopped or (args.save_steps and state.global_step % args.save_steps == 0):
@@ -177,6 +189,8 @@ def main(argv=None):
         valid_log = evaluate(accelerator, model, valid_loader, f"[Epoch {epoch}] [VALID]")
         totals = accelerator.reduce(torch.stack([loss_sum, batches.to(loss_sum.dtype)]), reduction="sum")
         train_log = {"loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
+        if args.skip_nonfinite:
+            train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
         state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
         loss_sum.zero_()
         batches.zero_()
@@ -190,9 +204,12 @@ def main(argv=None):
         if stopped:
             break
     if stopped:
-        accelerator.print(f"Stopped after {state.global_step} optimizer steps (--stop_after_steps). "
-                          f"Continue with: accelerate launch train.py --resume {args.outdir}/last")
+        reason = f"signal {preempted}" if preempted else "--stop_after_steps"
+        accelerator.print(f"Stopped by {reason} after {state.global_step} optimizer steps; {args.outdir}/last holds "
+                          f"the full state. Continue with: accelerate launch train.py --resume {args.outdir}/last")
     accelerator.end_training()
+    if preempted:
+        sys.exit(128 + preempted)  # as if killed by the signal, so that a scheduler sees a preemption
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Helpers for train.py: options from files, progress bars, and checkpoints that resume bitwise."""
 import json
 import os
+import hashlib
 import random
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,25 @@ def progress(accelerator, iterable, desc, **kwargs):
     return tqdm(iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
 
 
+class Preemption:
+    """SIGTERM and SIGUSR1 (what Slurm, Kubernetes and most schedulers send) only set a flag; the
+    loop asks at each optimizer step, so the step in progress finishes and last/ is saved whole."""
+
+    def __init__(self):
+        self.signal = 0
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self.handler)
+
+    def handler(self, signum, frame):
+        self.signal = signum
+
+    def received(self, accelerator):
+        """The signal number once any process got one (the same answer on every process), else 0."""
+        if accelerator.num_processes == 1:
+            return self.signal
+        return int(accelerator.gather(torch.tensor([self.signal], device=accelerator.device)).max())
+
+
 # ---------------------------------------------------------------- checkpoints
 #
 # A checkpoint directory holds what from_pretrained needs (config.json, model.safetensors, tokenizer
@@ -88,18 +109,29 @@ class TrainState:
     global_step: int = 0
     min_valid_loss: float = float("inf")
     num_processes: int = 1
+    skipped_steps: int = 0  # --skip_nonfinite: steps skipped in the current epoch
     log: dict = field(default_factory=dict)  # what log.json holds
 
 
 def checkpoint_dir(path):
+    """The checkpoint at `path`, checked against its manifest (every file whole and unchanged)."""
     path = Path(path)
-    if not (path / "trainer_state.json").is_file():
-        old = path.with_name(f".old-{path.name}")
-        if (old / "trainer_state.json").is_file():  # the process died between the two renames of publish()
-            os.replace(old, path)
-        else:
-            raise UserError(f"--resume {path}: not a checkpoint of this template (no trainer_state.json). "
-                            f"Give a checkpoint directory such as model/last.")
+    old = path.with_name(f".old-{path.name}")
+    if not path.exists() and (old / "manifest.json").is_file():
+        try:
+            os.replace(old, path)  # the process died between the two renames of publish()
+        except FileNotFoundError:
+            pass  # another process of this launch took it back first
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"--resume {path}: not a checkpoint of this template (no manifest.json). "
+                        f"Give a checkpoint directory such as model/last.")
+    with open(path / "manifest.json") as f:
+        files = json.load(f)["files"]
+    for name, digest in files.items():
+        if not (path / name).is_file() or sha256(path / name) != digest:
+            raise UserError(f"--resume {path}: {path / name} is missing, truncated or changed since it was "
+                            f"saved (it does not match manifest.json). Resume from another checkpoint, e.g. "
+                            f"{path.with_name('best')}.")
     return path
 
 
@@ -168,38 +200,78 @@ def fsync_tree(directory):
             os.close(fd)
 
 
+def fault_point():
+    """Fault injection for the tests: TEMPLATE_CRASH_AT=k kills the process at the k-th point of a save."""
+    global FAULT_POINTS
+    FAULT_POINTS += 1
+    if FAULT_POINTS == int(os.environ.get("TEMPLATE_CRASH_AT", 0)):
+        os._exit(99)
+
+
+FAULT_POINTS = 0
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def publish(staging, target):
-    """Replaces `target` by the complete directory `staging`; `target` is never left half-written."""
+    """Replaces `target` by the complete directory `staging`. A crash at any moment leaves either
+    `target` or `.old-<target>` whole; checkpoint_dir() takes the latter back."""
     old = target.with_name(f".old-{target.name}")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
+        fault_point()
     os.replace(staging, target)
     fsync_tree(target.parent)
+    fault_point()
     shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, args, state, per_process):
-    """Writes one checkpoint, publishes it as outdir/<name> for each of `names` (last, and best), and log.json."""
+    """Writes one checkpoint, publishes it as outdir/<name> for each of `names` (last, and best), and log.json.
+
+    Every process writes its files into a staging directory; the main process adds manifest.json
+    (the sha256 of every file), fsyncs, and only then swaps it in by renames. A failed write (disk
+    full) on any process stops every process with the previous checkpoints untouched."""
     outdir = Path(outdir)
     staging = outdir / ".staging"
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what a crash during an earlier save left
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every rank calls it
+    error = None
+    try:
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
+            fault_point()
+            tokenizer.save_pretrained(staging)
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            fault_point()
+            torch.save(scheduler.state_dict(), staging / "lr.bin")
+            write_json(staging / "my_config.json", vars(args))
+            write_json(staging / "trainer_state.json", asdict(state))
+            fault_point()
+        tensors, metadata = rng_state(per_process)
+        save_file(tensors, staging / f"rng_state_{accelerator.process_index}.safetensors", metadata=metadata)
+    except OSError as e:
+        error = e
+    if accelerator.gather(torch.tensor([int(error is not None)], device=accelerator.device)).any():
+        raise UserError(f"could not write a checkpoint into {staging} ({error or 'on another process'}). "
+                        f"The previous checkpoints in {outdir} are intact: free some space, then --resume "
+                        f"{outdir}/last.")
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
-        tokenizer.save_pretrained(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "lr.bin")
-        write_json(staging / "my_config.json", vars(args))
-        write_json(staging / "trainer_state.json", asdict(state))
-    tensors, metadata = rng_state(per_process)
-    save_file(tensors, staging / f"rng_state_{accelerator.process_index}.safetensors", metadata=metadata)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        manifest = {"global_step": state.global_step,
+                    "files": {p.name: sha256(p) for p in sorted(staging.iterdir())}}
+        write_json(staging / "manifest.json", manifest)
         fsync_tree(staging)
+        fault_point()
         for name in names[1:]:  # best/ shares last/'s files as hard links: nothing is written in place
             copy = outdir / f".staging-{name}"
             shutil.rmtree(copy, ignore_errors=True)
@@ -207,6 +279,7 @@ def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, sch
             publish(copy, outdir / name)
         publish(staging, outdir / names[0])
         write_json(outdir / "log.json", state.log)
+        fault_point()
     accelerator.wait_for_everyone()
 
 

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
-from conftest import ROOT, data_args, launch
+from conftest import ROOT, data_args, launch, weights
 
 
 @pytest.fixture
@@ -99,10 +100,18 @@ def test_outdir_holding_a_run_is_not_overwritten_without_resume_or_overwrite(tin
     assert json.loads((outdir / "log.json").read_text()) == {"Epoch 0": {}}
 
 
-def test_non_finite_loss_stops_before_any_update(tiny_data, outdir):
+def test_non_finite_gradients_stop_before_any_update(tiny_data, outdir):
     fails([*data_args(tiny_data), "--outdir", outdir, "--lr", "1e30", "--max_grad_norm", "0"],
-          "the loss is nan", "nothing was updated with it")
+          "non-finite gradients (loss nan) at epoch 0, optimizer step 2", "no update was made", "--skip_nonfinite")
     assert not (outdir / "last").exists()
+
+
+def test_skip_nonfinite_skips_and_counts_and_saves_nothing_non_finite(tiny_data, outdir):
+    train.main([*map(str, data_args(tiny_data)), "--outdir", str(outdir), "--lr", "1e30", "--max_grad_norm", "0",
+                "--skip_nonfinite", "--epochs", "1", "--batch_size", "32"])
+    train_log = json.loads((outdir / "log.json").read_text())["Epoch 0"]["train_log"]
+    assert 1 <= train_log["skipped_steps"] <= 9  # 10 steps: the first one is finite, it makes the rest NaN
+    assert all(torch.isfinite(t).all() for t in weights(outdir / "last").values())
 
 
 def test_the_user_sees_one_line_and_no_traceback(tmp_path):

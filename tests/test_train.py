@@ -12,7 +12,7 @@ from conftest import data_args, launch, read_json, weights
 
 EPOCHS = 2
 FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lr.bin",
-         "my_config.json", "optimizer.pt", "trainer_state.json", "rng_state_0.safetensors"}
+         "my_config.json", "optimizer.pt", "trainer_state.json", "rng_state_0.safetensors", "manifest.json"}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def test_option_precedence_defaults_then_config_file_then_flags(tmp_path):
 def test_resume_takes_the_checkpoints_options_and_refuses_a_changed_one(tmp_path):
     checkpoint = tmp_path / "last"
     checkpoint.mkdir()
-    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "manifest.json").write_text('{"files": {}}')
     (checkpoint / "my_config.json").write_text('{"epochs": 4, "batch_size": 8, "outdir": "elsewhere", '
                                                '"stop_after_steps": 3}')
     args = train.parse_args(["--resume", str(checkpoint), "--epochs", "6"])
