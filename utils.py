@@ -1,6 +1,7 @@
 """Helpers for train.py: options from files, progress bars, and checkpoints that resume bitwise."""
 import json
 import os
+import pickle
 import hashlib
 import random
 import shutil
@@ -302,10 +303,19 @@ def load_training_state(directory, accelerator, optimizer, scheduler, ignore_mis
         raise UserError(f"--resume {directory}: saved by {state.num_processes} process(es), resumed with "
                         f"{accelerator.num_processes}. Launch with --num_processes {state.num_processes}, or "
                         f"add --ignore_mismatch (data order and results then differ).")
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(directory / "lr.bin", weights_only=True))
+    optimizer.load_state_dict(load_tensors(directory / "optimizer.pt"))
+    scheduler.load_state_dict(load_tensors(directory / "lr.bin"))
     state.num_processes = accelerator.num_processes
     return state
+
+
+def load_tensors(path):
+    """torch.load that unpickles tensors and plain containers only: a file that would run code is refused."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load, it holds more than tensors and numbers "
+                        f"({str(e).splitlines()[0][:200]}). Only load checkpoints you trust.") from None
 
 
 def restore_rng(directory, accelerator):

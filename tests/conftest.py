@@ -33,9 +33,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(*args, processes=1, check=True, cwd=ROOT):
+def launch(*args, processes=1, check=True, cwd=ROOT, env=None):
     """Runs train.py under `accelerate launch`; returns the CompletedProcess (stdout + stderr as text)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
@@ -67,6 +67,28 @@ def assert_bitwise_equal(a, b):
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+STEPS_PER_EPOCH = 20  # 320 rows at a global batch of 16
+SETUPS = {1: ["--batch_size", 8, "--accumulation", 2], 2: ["--batch_size", 8]}
+
+
+def common_args(tiny_data, processes):
+    """The runs that resume tests compare: 2 epochs, warmup, a checkpoint every 7 optimizer steps."""
+    return [*data_args(tiny_data), "--epochs", 2, "--num_warmup_steps", 5, "--save_steps", 7, *SETUPS[processes]]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_data, tmp_path_factory):
+    """reference(processes): the outdir of the uninterrupted run, made once per session."""
+    folder, made = tmp_path_factory.mktemp("reference"), {}
+
+    def get(processes):
+        if processes not in made:
+            launch(*common_args(tiny_data, processes), "--outdir", folder / str(processes), processes=processes)
+            made[processes] = folder / str(processes)
+        return made[processes]
+    return get
 
 
 sys.path.insert(0, str(ROOT))  # the tests import train, modeling and dataset like a user's script would

@@ -4,38 +4,17 @@ weights bitwise equal to the run that was never stopped, and the same log.json, 
 
     pytest tests/test_resume.py
 """
-import functools
 import json
 
 import pytest
 
-from conftest import assert_bitwise_equal, data_args, launch, read_json
-
-STEPS_PER_EPOCH = 20  # 320 rows at a global batch of 16
-SETUPS = {1: ["--batch_size", 8, "--accumulation", 2], 2: ["--batch_size", 8]}
-
-
-def common_args(tiny_data, processes):
-    return [*data_args(tiny_data), "--epochs", 2, "--num_warmup_steps", 5, "--save_steps", 7, *SETUPS[processes]]
-
-
-@functools.cache
-def reference(processes, tiny_data, folder):
-    outdir = folder / f"reference-{processes}"
-    launch(*common_args(tiny_data, processes), "--outdir", outdir, processes=processes)
-    return outdir
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tmp_path_factory.mktemp("resume")
-
+from conftest import STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json
 
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("stop", [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 7], ids=["epoch-end", "save-steps-in-epoch-1"])
-def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(processes, stop, tiny_data, folder):
-    ref = reference(processes, tiny_data, folder)
-    outdir = folder / f"stopped-{processes}-{stop}"
+def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(processes, stop, tiny_data, reference, tmp_path):
+    ref = reference(processes)
+    outdir = tmp_path / "model"
     launch(*common_args(tiny_data, processes), "--outdir", outdir, "--stop_after_steps", stop, processes=processes)
     saved = read_json(outdir / "last" / "trainer_state.json")
     assert saved["num_processes"] == processes  # the launch really had that many processes
@@ -51,16 +30,16 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(processes, sto
     assert read_json(outdir / "last" / "trainer_state.json") == read_json(ref / "last" / "trainer_state.json")
 
 
-def test_schedule_is_the_same_for_1_and_2_processes_and_accumulation(tiny_data, folder):
+def test_schedule_is_the_same_for_1_and_2_processes_and_accumulation(reference):
     """Same global batch three ways (1 process x accumulation 2, 2 processes): the same lr per epoch."""
-    logs = [read_json(reference(p, tiny_data, folder) / "log.json") for p in (1, 2)]
+    logs = [read_json(reference(p) / "log.json") for p in (1, 2)]
     lrs = [[entry["train_log"]["lr"] for entry in log.values()] for log in logs]
     assert lrs[0] == pytest.approx([1e-3 * 20 / 35, 0.0], rel=1e-9)
     assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)
 
 
-def test_resuming_with_another_number_of_processes_is_refused(tiny_data, folder):
-    ref = reference(2, tiny_data, folder)
+def test_resuming_with_another_number_of_processes_is_refused(reference):
+    ref = reference(2)
     before = (ref / "last" / "trainer_state.json").read_bytes()
     result = launch("--resume", ref / "last", "--epochs", 3, processes=1, check=False)
     assert result.returncode != 0
