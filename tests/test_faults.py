@@ -9,6 +9,7 @@ bitwise equal to the uninterrupted run, or be refused with a message naming the 
 import errno
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,7 +111,6 @@ def corrupt(path):
                                           ("optimizer.pt", lambda p: p.write_bytes(p.read_bytes()[:100])),
                                           ("rng_state_0.safetensors", lambda p: p.unlink())])
 def test_a_damaged_checkpoint_file_is_refused_by_name(name, damage, reference, tmp_path):
-    import shutil
     checkpoint = tmp_path / "last"
     shutil.copytree(reference(1) / "last", checkpoint)
     damage(checkpoint / name)
@@ -127,7 +127,6 @@ SENTINEL = None
 
 
 def test_a_malicious_lr_bin_is_refused_and_never_runs(reference, tmp_path):
-    import shutil
     global SENTINEL
     SENTINEL = tmp_path / "pwned"
     checkpoint = tmp_path / "last"
@@ -165,8 +164,6 @@ def test_resuming_into_another_architecture_is_refused_even_with_ignore_mismatch
     from transformers import DistilBertConfig
     other = tmp_path / "distilbert"
     DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(other)
-    (ROOT / "assets" / "tiny-bert" / "vocab.txt")
-    import shutil
     for name in ("vocab.txt", "tokenizer_config.json"):
         shutil.copy(ROOT / "assets" / "tiny-bert" / name, other / name)
     with pytest.raises(SystemExit, match="model_name_or_path .* differs"):
