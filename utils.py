@@ -1,8 +1,8 @@
 """Helpers for train.py: options from files, progress bars, and checkpoints that resume bitwise."""
 import json
+import hashlib
 import os
 import pickle
-import hashlib
 import random
 import shutil
 import signal
@@ -132,7 +132,7 @@ def checkpoint_dir(path):
         if not (path / name).is_file() or sha256(path / name) != digest:
             raise UserError(f"--resume {path}: {path / name} is missing, truncated or changed since it was "
                             f"saved (it does not match manifest.json). Resume from another checkpoint, e.g. "
-                            f"{path.with_name('best')}.")
+                            f"{path.with_name('last' if path.name == 'best' else 'best')}.")
     return path
 
 
