@@ -10,9 +10,15 @@ What train.py expects of this file:
     trained checkpoint loads with `Model.from_pretrained("model/best")` and no train.py.
   * `metric_inputs(batch, outputs)` picks per-example tensors (first dimension = batch size) that
     train.py gathers from all processes over the validation set; `compute_metrics(gathered)` turns
-    them into {"name": float}, stored in log.json next to the validation loss.
+    them into {"name": float}, shown in the VALID bar and stored in log.json next to the validation
+    loss (--metric_for_best picks one of them to decide best/).
+  * `format_samples(model, tokenizer, batch, outputs, k)` shows k examples of a training batch as
+    text (input / prediction / gold) for --sample_every. It runs on the main process only, with the
+    RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).
+  * `predictions(config, batch, outputs)` turns a batch's outputs into one JSON-able dict per
+    example for predict.py; `outputs.embeddings` (optional) is what predict.py --embeddings writes.
 
-To change the task, change the head and the loss in forward(), and the two metric functions.
+To change the task, change the head and the loss in forward(), and the functions below it.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,7 @@ class ModelConfig(PretrainedConfig):
 class ClassifierOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None  # the pooled vector the head reads (predict.py --embeddings)
 
 
 class Model(PreTrainedModel):
@@ -53,10 +60,10 @@ class Model(PreTrainedModel):
         self.post_init()
 
     def forward(self, labels=None, **inputs):  # inputs: what the tokenizer gave (input_ids, attention_mask, ...)
-        hidden = self.encoder(**inputs).last_hidden_state
-        logits = self.head(self.dropout(hidden[:, 0]))  # the [CLS] position
+        pooled = self.encoder(**inputs).last_hidden_state[:, 0]  # the [CLS] position
+        logits = self.head(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return ClassifierOutput(loss=loss, logits=logits)
+        return ClassifierOutput(loss=loss, logits=logits, embeddings=pooled)
 
 
 def build_model(model_name_or_path, train_set):
@@ -79,4 +86,20 @@ def metric_inputs(batch, outputs):
 
 
 def compute_metrics(gathered):
-    return {"accuracy": (gathered["predictions"] == gathered["labels"]).float().mean().item()}
+    predictions, labels = gathered["predictions"], gathered["labels"]
+    f1 = [2 * ((predictions == c) & (labels == c)).sum() / ((predictions == c).sum() + (labels == c).sum())
+          for c in torch.cat([predictions, labels]).unique()]  # per class: 2 TP / (predicted + gold)
+    return {"accuracy": (predictions == labels).float().mean().item(),
+            "macro_f1": torch.stack(f1).mean().item()}  # over the classes seen, like sklearn's f1_score
+
+
+def format_samples(model, tokenizer, batch, outputs, k):
+    names = model.config.id2label
+    predicted = outputs.logits[:k].argmax(-1).tolist()
+    return [f"input: {tokenizer.decode(ids, skip_special_tokens=True)}\n  prediction: {names[p]}  gold: {names[g]}"
+            for ids, p, g in zip(batch["input_ids"][:k].tolist(), predicted, batch["labels"][:k].tolist())]
+
+
+def predictions(config, batch, outputs):
+    scores, ids = outputs.logits.float().softmax(-1).max(-1)
+    return [{"label": config.id2label[i], "score": round(s, 6)} for i, s in zip(ids.tolist(), scores.tolist())]

@@ -1,6 +1,7 @@
 """Helpers for train.py: options from files, progress bars, and checkpoints that resume bitwise."""
-import json
+import csv
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -9,9 +10,12 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
+import transformers
 import yaml
+from accelerate.tracking import get_available_trackers
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 from tqdm.auto import tqdm
@@ -31,7 +35,8 @@ NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mism
 # Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
 # (The optimizer and scheduler settings would be overridden by the saved optimizer and lr.bin anyway.)
 MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len", "lr", "weight_decay",
-              "lr_scheduler_type", "num_warmup_steps"]
+              "lr_scheduler_type", "num_warmup_steps", "group_by_length", "metric_for_best", "greater_is_better",
+              "freeze_backbone"]
 
 
 def read_options_file(path):
@@ -69,11 +74,89 @@ def parse_options(parser, argv=None):
     return args
 
 
+# ---------------------------------------------------------------- data
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_rows(path, split="train", config_name=None):
+    """A data file (.jsonl .json .csv .tsv .parquet .txt) or a hub dataset name as a datasets.Dataset:
+    memory-mapped from the datasets cache (HF_DATASETS_CACHE), so a second run reads it back."""
+    path = str(path)
+    suffix = Path(path).suffix
+    try:
+        if suffix in FILE_TYPES:
+            if not Path(path).is_file():
+                raise UserError(f"{path}: no such data file. Check --train_file / --valid_file.")
+            options = {}
+            if suffix in (".csv", ".tsv"):
+                # Everything stays a string ("NA", "null" too), and TSV is split on tabs only:
+                # GLUE-style files hold unbalanced quotes. A UTF-8 BOM is dropped by the reader.
+                options = {"keep_default_na": False, "na_filter": False}
+                if suffix == ".tsv":
+                    options.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+            rows = datasets.load_dataset(FILE_TYPES[suffix], data_files={split: path}, split=split, **options)
+        else:
+            rows = datasets.load_dataset(path, config_name, split=split)
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise UserError(f"{path}: {bad_line(path) or e.__cause__ or e}") from None
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        if suffix in FILE_TYPES and "corresponds to no data" in str(e):
+            raise UserError(f"{path}: the file holds no examples.") from None
+        raise UserError(f"{path}: could not load it as a file ({', '.join(FILE_TYPES)}) or a dataset "
+                        f"(split '{split}', config {config_name}): {str(e).splitlines()[0][:300]}") from None
+    if len(rows) == 0:
+        raise UserError(f"{path}: the file holds no examples.")
+    return rows
+
+
+def bad_line(path):
+    """The first line of a JSON-lines file that is not a JSON object, as a message (pyarrow's error
+    counts rows from its current block, not lines of the file)."""
+    if Path(path).suffix != ".jsonl":
+        return None
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    raise ValueError("a JSON value that is not an object")
+            except ValueError as e:
+                return f"line {number}: not a JSON object ({e}). Each line must be one object like {{\"text\": \"...\"}}."
+    return None
+
+
+class LengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSampler):
+    """--group_by_length: Trainer's sampler (random chunks of 50 batches, each sorted by length, the
+    longest batch first), with the permutation a function of (seed, epoch) like accelerate's
+    seedable sampler, so that a resumed epoch replays the same batches."""
+
+    def __init__(self, batch_size, dataset, seed):
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            raise UserError("--group_by_length: the Dataset of dataset.py has no `lengths` (one length per sample).")
+        super().__init__(batch_size, lengths=[int(n) for n in lengths], generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 # ---------------------------------------------------------------- display
 
 def progress(accelerator, iterable, desc, **kwargs):
     """A tqdm bar on the main process only: `[Epoch 0] [TRAIN]:  12%|█▏  | 520/4387 [..., loss=2.56, lr=7.8e-6]`."""
     return tqdm(iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
+
+
+def tracker(name):
+    """--report_to NAME, checked: accelerate silently drops a tracker whose package is missing."""
+    if name and name not in [str(t) for t in get_available_trackers()]:
+        raise UserError(f"--report_to {name}: the {name} package is not installed. pip install {name}")
+    return name
 
 
 class Preemption:
@@ -108,7 +191,8 @@ class TrainState:
     epoch: int = 0  # the epoch to run next (or the one in progress)
     steps_done_in_epoch: int = 0  # optimizer steps already taken in that epoch
     global_step: int = 0
-    min_valid_loss: float = float("inf")
+    best_metric: float | None = None  # the best value of --metric_for_best so far (what best/ holds)
+    bad_epochs: int = 0  # epochs since it last improved, for --early_stopping_patience
     num_processes: int = 1
     skipped_steps: int = 0  # --skip_nonfinite: steps skipped in the current epoch
     log: dict = field(default_factory=dict)  # what log.json holds

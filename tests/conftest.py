@@ -9,12 +9,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tokenized data is cached by the datasets library; the tests use a cache of their own.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="template-tests-datasets-"))
 TRAIN_ROWS, VALID_ROWS = 320, 64
 
 

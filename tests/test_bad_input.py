@@ -52,26 +52,26 @@ def test_empty_data_file(tiny_data, outdir, tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tiny_data, outdir, tmp_path):
     bad = write(tmp_path / "bad.jsonl", '{"text": "good", "label": "positive"}\n'
                                         '{"text": "fine", "label": "negative"}\n{"text": "broken", \n')
-    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.jsonl:3: not a JSON")
+    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.jsonl: line 3: not a JSON object")
     assert not outdir.exists()
 
 
 def test_missing_field_and_empty_text(tiny_data, outdir, tmp_path):
     no_label = write(tmp_path / "nolabel.jsonl", '{"text": "good", "label": "positive"}\n{"text": "x"}\n')
-    fails(["--train_file", no_label, "--outdir", outdir], "nolabel.jsonl:2: no 'label' field")
+    fails(["--train_file", no_label, "--outdir", outdir], "nolabel.jsonl: row 2: the 'label' field is missing")
     empty_text = write(tmp_path / "emptytext.jsonl", '{"text": " ", "label": "positive"}\n')
-    fails(["--train_file", empty_text, "--outdir", outdir], "emptytext.jsonl:1: the 'text' field is empty")
+    fails(["--train_file", empty_text, "--outdir", outdir], "emptytext.jsonl: row 1: the 'text' field is empty")
 
 
 def test_csv_row_with_missing_column(tiny_data, outdir, tmp_path):
     bad = write(tmp_path / "bad.csv", "text,label\nthe food was great,positive\nno label here\n")
-    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.csv:3: expected 2 columns")
+    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.csv: row 2: the 'label' field is missing or empty")
 
 
 def test_unknown_label_in_valid_file(tiny_data, outdir, tmp_path):
     valid = write(tmp_path / "valid.jsonl", '{"text": "ok", "label": "positive"}\n{"text": "hm", "label": "angry"}\n')
     fails(["--train_file", tiny_data / "train.jsonl", "--valid_file", valid, "--outdir", outdir],
-          "valid.jsonl:2: label 'angry' is not among the training labels (negative, neutral, positive)")
+          "valid.jsonl: row 2: label 'angry' is not among the training labels (negative, neutral, positive)")
 
 
 def test_misspelled_option_is_an_error(capsys):
@@ -101,8 +101,9 @@ def test_outdir_holding_a_run_is_not_overwritten_without_resume_or_overwrite(tin
 
 
 def test_non_finite_gradients_stop_before_any_update(tiny_data, outdir):
-    fails([*data_args(tiny_data), "--outdir", outdir, "--lr", "1e30", "--max_grad_norm", "0"],
-          "non-finite gradients (loss nan) at epoch 0, optimizer step 2", "no update was made", "--skip_nonfinite")
+    fails([*data_args(tiny_data), "--outdir", outdir, "--lr", "1e30", "--max_grad_norm", "0", "--log_every", "1"],
+          "non-finite gradients in 1 of the optimizer steps up to step 2 (epoch 0)", "no update was made",
+          "--skip_nonfinite")
     assert not (outdir / "last").exists()
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import train
 from conftest import data_args, launch, read_json, weights
 
 EPOCHS = 2
@@ -44,7 +45,7 @@ def test_log_json_structure_and_learning(run):
     assert list(log) == [f"Epoch {i}" for i in range(EPOCHS)]
     for entry in log.values():
         assert set(entry) == {"train_log", "valid_log"}
-        assert set(entry["train_log"]) == {"loss", "lr"} and set(entry["valid_log"]) == {"loss", "accuracy"}
+        assert set(entry["train_log"]) == {"loss", "lr"} and set(entry["valid_log"]) == {"loss", "accuracy", "macro_f1"}
     assert log["Epoch 1"]["train_log"]["loss"] < log["Epoch 0"]["train_log"]["loss"]
     assert log["Epoch 1"]["valid_log"]["loss"] < log["Epoch 0"]["valid_log"]["loss"]
     assert log == read_json(outdir / "last" / "trainer_state.json")["log"]
@@ -64,7 +65,7 @@ def test_best_is_the_epoch_with_the_lowest_valid_loss(run):
     best_epoch = min(range(EPOCHS), key=lambda i: log[f"Epoch {i}"]["valid_log"]["loss"])
     state = read_json(outdir / "best" / "trainer_state.json")
     assert state["epoch"] == best_epoch + 1
-    assert state["min_valid_loss"] == log[f"Epoch {best_epoch}"]["valid_log"]["loss"]
+    assert state["best_metric"] == log[f"Epoch {best_epoch}"]["valid_log"]["loss"]
 
 
 @pytest.mark.parametrize("checkpoint", ["best", "last"])
@@ -80,8 +81,8 @@ def test_checkpoint_loads_with_from_pretrained_alone(run, tiny_data, checkpoint)
     assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
 
-    valid = generate_dataset(tiny_data / "valid.jsonl", tokenizer, 128,
-                             train_set=generate_dataset(tiny_data / "train.jsonl", tokenizer, 128))
+    args = train.parse_args([])
+    valid = generate_dataset(tiny_data / "valid.jsonl", "validation", tokenizer, args, list(model.config.label2id))
     with torch.no_grad():
         batch = valid.collate([valid[i] for i in range(len(valid))])
         predictions = model(**batch).logits.argmax(-1)
@@ -94,7 +95,7 @@ def test_progress_bars_have_the_template_format(run):
     _, result = run
     lines = re.split(r"[\r\n]+", result.stderr)
     train = r"\[Epoch 1\] \[TRAIN\]: 100%\|██████████\| 20/20 \[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, lr=0\]"
-    valid = r"\[Epoch 0\] \[VALID\]: 100%\|██████████\| 4/4 \[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+\]"
+    valid = r"\[Epoch 0\] \[VALID\]: 100%\|██████████\| 4/4 \[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, accuracy=[\d.]+, macro_f1=[\d.]+\]"
     assert any(re.fullmatch(train, line.strip()) for line in lines), "no final TRAIN bar of the expected form"
     assert any(re.fullmatch(valid, line.strip()) for line in lines), "no final VALID bar of the expected form"
     mid = r"\[Epoch 0\] \[TRAIN\]: +\d+%\|.{10}\| \d+/20 \[.*, loss=[\d.]+, lr=[\d.]+(e-\d+)?\]"

@@ -14,6 +14,11 @@ from modeling import Model, build_model
 TOKENIZER = AutoTokenizer.from_pretrained(ROOT / "assets" / "tiny-bert")
 
 
+def load(path, max_len=128, labels=None):
+    """dataset.py as train.py calls it, with the default options."""
+    return generate_dataset(path, "train", TOKENIZER, train.parse_args(["--max_len", str(max_len)]), labels)
+
+
 def test_option_precedence_defaults_then_config_file_then_flags(tmp_path):
     config = tmp_path / "options.yaml"
     config.write_text("# comments are fine\nepochs: 7\nlr: 0.01\n")
@@ -45,7 +50,7 @@ def test_jsonl_csv_and_tsv_give_the_same_dataset(tmp_path):
     # GLUE-style TSV: a UTF-8 BOM, an unbalanced quote, an extra column
     (tmp_path / "a.tsv").write_text("\ufeffid\ttext\tlabel\n" + "".join(f"{i}\t{t}\t{l}\n" for i, (t, l) in enumerate(rows)),
                                     encoding="utf-8")
-    datasets = [generate_dataset(tmp_path / f"a.{ext}", TOKENIZER, 32) for ext in ("jsonl", "csv", "tsv")]
+    datasets = [load(tmp_path / f"a.{ext}", 32) for ext in ("jsonl", "csv", "tsv")]
     for dataset in datasets:
         assert dataset.labels == ["negative", "neutral", "positive"]
         assert [dataset[i] for i in range(3)] == [datasets[0][i] for i in range(3)]
@@ -53,7 +58,7 @@ def test_jsonl_csv_and_tsv_give_the_same_dataset(tmp_path):
 
 
 def test_collate_pads_per_batch_not_to_max_len():
-    dataset = generate_dataset(ROOT / "data" / "valid.jsonl", TOKENIZER, 128)
+    dataset = load(ROOT / "data" / "valid.jsonl")
     batch = dataset.collate([dataset[i] for i in range(4)])
     longest = max(len(dataset[i]["input_ids"]) for i in range(4))
     assert batch["input_ids"].shape == (4, longest) and longest < 128
@@ -62,7 +67,7 @@ def test_collate_pads_per_batch_not_to_max_len():
 
 
 def test_model_contract_and_save_load_round_trip(tmp_path):
-    train_set = generate_dataset(ROOT / "data" / "valid.jsonl", TOKENIZER, 128)
+    train_set = load(ROOT / "data" / "valid.jsonl")
     torch.manual_seed(0)
     model = build_model(str(ROOT / "assets" / "tiny-bert"), train_set).eval()
     batch = train_set.collate([train_set[i] for i in range(5)])
@@ -82,7 +87,7 @@ def test_a_pretrained_encoder_directory_is_fine_tuned_with_its_weights(tmp_path)
                                    intermediate_size=37))
     encoder.save_pretrained(tmp_path)
     TOKENIZER.save_pretrained(tmp_path)
-    model = build_model(str(tmp_path), generate_dataset(ROOT / "data" / "valid.jsonl", TOKENIZER, 128))
+    model = build_model(str(tmp_path), load(ROOT / "data" / "valid.jsonl"))
     saved = encoder.state_dict()
     assert all(torch.equal(value, saved[name]) for name, value in model.encoder.state_dict().items())
     assert model.config.encoder["intermediate_size"] == 37
