@@ -249,8 +249,13 @@ def main(argv=None):
             state.steps_done_in_epoch += 1
             end_of_epoch = accelerator.gradient_state.end_of_dataloader
             if args.sample_every and state.global_step % args.sample_every == 0 and accelerator.is_main_process:
-                with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-                    samples = format_samples(accelerator.unwrap_model(model), tokenizer, batch, outputs, args.samples)
+                # In eval mode, without gradients, and with the RNG streams restored afterwards: showing
+                # samples (even with generate()) changes nothing in the run.
+                unwrapped = accelerator.unwrap_model(model).eval()
+                cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+                with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                    samples = format_samples(unwrapped, tokenizer, batch, outputs, args.samples)
+                unwrapped.train()
                 bar.write(f"--- samples at step {state.global_step}:\n" + "\n".join(samples[:args.samples]))
             saving = (args.save_steps and state.global_step % args.save_steps == 0
                       or state.global_step == args.stop_after_steps)

@@ -1,0 +1,126 @@
+"""The data path: every file type, hub-style dataset folders, ClassLabel ids, the tokenization cache,
+and the length-grouped sampler.
+
+    pytest tests/test_data.py
+"""
+import json
+import os
+
+import datasets
+import pytest
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler
+
+import train
+import utils
+from conftest import ROOT
+from dataset import generate_dataset
+from test_units import TOKENIZER, load
+
+ROWS = [("the food was great", "positive"), ("it was fine i guess", "neutral"), ("awful, truly", "negative")]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    return path
+
+
+def test_parquet_gives_the_same_dataset_as_jsonl(tmp_path):
+    datasets.Dataset.from_dict({"text": [t for t, _ in ROWS], "label": [l for _, l in ROWS]}).to_parquet(
+        tmp_path / "a.parquet")
+    parquet, jsonl = load(tmp_path / "a.parquet"), load(write_jsonl(tmp_path / "a.jsonl", ROWS))
+    assert parquet.labels == jsonl.labels == ["negative", "neutral", "positive"]
+    assert [parquet[i] for i in range(3)] == [jsonl[i] for i in range(3)]
+
+
+def test_txt_is_one_text_per_line_without_labels(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\nsecond line\n")
+    rows = utils.load_rows(tmp_path / "a.txt")
+    assert rows.column_names == ["text"] and rows["text"] == ["first line", "second line"]
+    unlabelled = generate_dataset(tmp_path / "a.txt", "train", TOKENIZER, train.parse_args([]),
+                                        labels=["negative", "positive"], need_labels=False)
+    assert len(unlabelled) == 2 and "labels" not in unlabelled[0]
+    with pytest.raises(SystemExit, match=r"a\.txt: no 'label' column \(found: text\)"):
+        load(tmp_path / "a.txt")  # training needs labels
+
+
+def test_a_hub_style_dataset_folder_with_splits_and_class_label_ids(tmp_path):
+    """What --train_file nyu-mll/glue --dataset_config sst2 gives, offline: splits by file name and
+    labels stored as ClassLabel ids whose names become the model's labels."""
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    for split, rows in [("train", [("good", 1), ("bad", 0), ("great", 1)]), ("validation", [("fine", 1)])]:
+        datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [l for _, l in rows]},
+                                   features=features).to_parquet(folder / f"{split}.parquet")
+    args = train.parse_args([])
+    train_set = generate_dataset(str(folder), "train", TOKENIZER, args)
+    valid_set = generate_dataset(str(folder), "validation", TOKENIZER, args, train_set.labels)
+    assert train_set.labels == ["negative", "positive"]  # names, not the ids 0 and 1
+    assert [train_set[i]["labels"] for i in range(3)] == [1, 0, 1] and valid_set[0]["labels"] == 1
+    with pytest.raises(SystemExit, match="my-dataset: could not load it .*split 'test'"):
+        generate_dataset(str(folder), "test", TOKENIZER, args)
+
+
+def test_tokenization_is_cached_and_redone_only_when_what_it_depends_on_changes(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS * 10)
+    first = load(path)
+    cache_file = first.rows.cache_files[0]["filename"]
+    written = os.stat(cache_file).st_mtime_ns
+    second = load(path)
+    assert second.rows.cache_files[0]["filename"] == cache_file and os.stat(cache_file).st_mtime_ns == written
+    assert load(path, max_len=4).rows.cache_files[0]["filename"] != cache_file  # another max_len: tokenized again
+    write_jsonl(path, ROWS * 11)  # the file changed: tokenized again
+    assert len(load(path)) == 33
+
+
+def test_the_rows_are_memory_mapped_not_loaded():
+    dataset = load(ROOT / "data" / "train.jsonl")
+    assert dataset.rows.cache_files and all(os.path.isfile(f["filename"]) for f in dataset.rows.cache_files)
+    assert dataset.rows.data.nbytes > 0 and not dataset.rows._indices  # an arrow table on disk, no copy
+
+
+class Lengths:
+    """The part of a Dataset that --group_by_length reads."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+def random_lengths(n):
+    return torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def test_length_grouped_sampler_is_a_function_of_seed_and_epoch():
+    lengths = random_lengths(500)
+    data = Lengths(lengths)
+
+    def order(seed, epoch):
+        sampler = utils.LengthGroupedSampler(8, data, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(1, 0) == order(1, 0) and sorted(order(1, 0)) == list(range(500))
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+    padded = lambda order: sum(8 * max(lengths[i] for i in order[k:k + 8]) for k in range(0, 500, 8))
+    shuffled = torch.randperm(500, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padded(order(1, 0)) < 0.7 * padded(shuffled)  # 27048 vs 44392 padded tokens
+
+
+def test_length_grouped_batches_are_split_between_two_processes_without_overlap():
+    """What accelerator.prepare() does to the train loader with 2 processes."""
+    sampler = utils.LengthGroupedSampler(8, Lengths(random_lengths(96)), seed=42)
+    shards = [list(BatchSamplerShard(BatchSampler(sampler, 8, False), num_processes=2, process_index=rank))
+              for rank in (0, 1)]
+    seen = [i for shard in shards for batch in shard for i in batch]
+    assert sorted(seen) == list(range(96)) and len(shards[0]) == len(shards[1]) == 6
+
+
+def test_a_dataset_without_lengths_is_refused_by_group_by_length():
+    with pytest.raises(SystemExit, match="--group_by_length: the Dataset of dataset.py has no `lengths`"):
+        utils.LengthGroupedSampler(2, [1, 2, 3], 0)

@@ -1,0 +1,117 @@
+"""The options around the loop, end to end: --metric_for_best, --early_stopping_patience,
+--sample_every, --group_by_length, --report_to, --freeze_backbone; each one survives a resume.
+
+    pytest tests/test_features.py
+"""
+import re
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json,
+                      weights)
+from utils import load_tensors
+
+FAST = ["--batch_size", 16]  # 20 optimizer steps per epoch on the tiny data
+
+
+def stopped_and_resumed(args, outdir, stop, processes=1):
+    launch(*args, "--outdir", outdir, "--stop_after_steps", stop, processes=processes)
+    return launch("--resume", outdir / "last", processes=processes)
+
+
+def test_metric_for_best_accuracy_decides_best_and_its_value_survives_resume(tiny_data, tmp_path):
+    args = [*data_args(tiny_data), *FAST, "--epochs", 3, "--lr", 3e-3, "--metric_for_best", "accuracy"]
+    launch(*args, "--outdir", tmp_path / "whole")
+    stopped_and_resumed(args, tmp_path / "resumed", 2 * STEPS_PER_EPOCH)
+
+    log = read_json(tmp_path / "whole" / "log.json")
+    accuracies = [entry["valid_log"]["accuracy"] for entry in log.values()]
+    best = read_json(tmp_path / "whole" / "best" / "trainer_state.json")
+    assert best["best_metric"] == max(accuracies)
+    assert best["epoch"] == accuracies.index(max(accuracies)) + 1  # best/ is that epoch's checkpoint
+    assert read_json(tmp_path / "resumed" / "log.json") == log
+    assert read_json(tmp_path / "resumed" / "last" / "trainer_state.json")["best_metric"] == max(accuracies)
+    assert_bitwise_equal(tmp_path / "whole" / "best", tmp_path / "resumed" / "best")
+
+
+def test_an_unknown_metric_for_best_names_the_metrics_there_are(tiny_data, tmp_path):
+    result = launch(*data_args(tiny_data), *FAST, "--epochs", 1, "--metric_for_best", "f1",
+                    "--outdir", tmp_path, check=False)
+    assert result.returncode == 1
+    assert "--metric_for_best f1: not among the validation metrics (loss, accuracy, macro_f1)" in result.stderr
+
+
+def test_early_stopping_counter_survives_resume(tiny_data, tmp_path):
+    # With --lr 0 the valid loss never improves after epoch 0: patience 2 stops before epoch 3.
+    args = [*data_args(tiny_data), *FAST, "--epochs", 6, "--lr", 0, "--early_stopping_patience", 2]
+    whole = launch(*args, "--outdir", tmp_path / "whole")
+    assert list(read_json(tmp_path / "whole" / "log.json")) == ["Epoch 0", "Epoch 1", "Epoch 2"]
+    assert "Early stopping: valid loss has not improved" in whole.stdout and "for 2 epochs" in whole.stdout
+    resumed = stopped_and_resumed(args, tmp_path / "resumed", 2 * STEPS_PER_EPOCH)  # after epoch 1: 1 bad epoch
+    assert list(read_json(tmp_path / "resumed" / "log.json")) == ["Epoch 0", "Epoch 1", "Epoch 2"]
+    assert "Early stopping" in resumed.stdout
+    assert read_json(tmp_path / "resumed" / "last" / "trainer_state.json")["bad_epochs"] == 2
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sample_predictions_change_nothing_in_the_run(processes, tiny_data, reference, tmp_path):
+    outdir = tmp_path / "model"
+    args = [*common_args(tiny_data, processes), "--sample_every", 6, "--samples", 2]
+    first = launch(*args, "--outdir", outdir, "--stop_after_steps", STEPS_PER_EPOCH + 7, processes=processes)
+    second = launch("--resume", outdir / "last", processes=processes)
+    output = first.stdout + second.stdout
+    assert re.findall(r"--- samples at step (\d+):", output) == [str(s) for s in range(6, 2 * STEPS_PER_EPOCH + 1, 6)]
+    shown = re.findall(r"input: .+\n  prediction: (\w+)  gold: (\w+)", output)
+    assert len(shown) == 2 * 6 and all(gold in ("negative", "neutral", "positive") for _, gold in shown)
+    assert_bitwise_equal(reference(processes) / "last", outdir / "last")  # the run without samples
+    assert read_json(outdir / "log.json") == read_json(reference(processes) / "log.json")
+
+
+def test_group_by_length_with_two_processes_resumes_bitwise(tiny_data, reference, tmp_path):
+    args = [*common_args(tiny_data, 2), "--group_by_length"]
+    launch(*args, "--outdir", tmp_path / "whole", processes=2)
+    stopped_and_resumed(args, tmp_path / "resumed", STEPS_PER_EPOCH + 7, processes=2)
+    assert_bitwise_equal(tmp_path / "whole" / "last", tmp_path / "resumed" / "last")
+    assert read_json(tmp_path / "resumed" / "log.json") == read_json(tmp_path / "whole" / "log.json")
+    grouped, shuffled = weights(tmp_path / "whole" / "last"), weights(reference(2) / "last")
+    assert not torch.equal(grouped["head.weight"], shuffled["head.weight"])  # another batch order was used
+    log = read_json(tmp_path / "whole" / "log.json")
+    assert log["Epoch 1"]["valid_log"]["loss"] < log["Epoch 0"]["valid_log"]["loss"]
+
+
+def test_report_to_tensorboard_logs_train_every_n_steps_and_valid_every_epoch(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    launch(*data_args(tiny_data), *FAST, "--epochs", 2, "--log_every", 8, "--report_to", "tensorboard",
+           "--outdir", tmp_path)
+    events = EventAccumulator(str(tmp_path / "runs")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [8, 16, 20, 24, 32, 40]  # and each epoch's end
+    assert [e.step for e in events.Scalars("train/lr")] == [8, 16, 20, 24, 32, 40]
+    log = read_json(tmp_path / "log.json")
+    for name in ("loss", "accuracy", "macro_f1"):
+        logged = [e.value for e in events.Scalars(f"valid/{name}")]
+        assert logged == pytest.approx([log[f"Epoch {i}"]["valid_log"][name] for i in (0, 1)], rel=1e-6)
+
+
+def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(monkeypatch):
+    import utils
+    monkeypatch.setattr(utils, "get_available_trackers", lambda: [])
+    with pytest.raises(SystemExit, match="--report_to tensorboard: the tensorboard package is not installed. "
+                                         "pip install tensorboard"):
+        utils.tracker("tensorboard")
+
+
+def test_freeze_backbone_trains_the_head_only_and_resumes(tiny_data, tmp_path):
+    pretrained = tmp_path / "pretrained"
+    torch.manual_seed(1)
+    BertModel(BertConfig.from_pretrained(ROOT / "assets" / "tiny-bert")).save_pretrained(pretrained)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (pretrained / name).write_bytes((ROOT / "assets" / "tiny-bert" / name).read_bytes())
+    args = [*data_args(tiny_data), *FAST, "--epochs", 2, "--freeze_backbone", "--model_name_or_path", pretrained]
+    stopped_and_resumed(args, tmp_path / "model", STEPS_PER_EPOCH + 5)
+    trained, initial = weights(tmp_path / "model" / "last"), weights(pretrained)
+    encoder = {k.removeprefix("encoder."): v for k, v in trained.items() if k.startswith("encoder.")}
+    assert encoder and all(torch.equal(v, initial[k]) for k, v in encoder.items())  # the backbone is untouched
+    optimizer = load_tensors(tmp_path / "model" / "last" / "optimizer.pt")
+    assert len(optimizer["state"]) == 2  # AdamW holds moments for head.weight and head.bias only
