@@ -78,6 +78,7 @@ def build_model(model_name_or_path, train_set):
     has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
     if has_weights:
         model.encoder = AutoModel.from_pretrained(model_name_or_path)
+        model.encoder.pooler = None  # as in Model.__init__
     return model
 
 

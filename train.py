@@ -47,6 +47,12 @@ def parse_args(argv=None):
                        help="hub id (bert-base-cased) or local directory; a directory with only a "
                             "config.json trains that architecture from scratch")
     model.add_argument("--freeze_backbone", action="store_true", help="train only the head (model.base_model frozen)")
+    model.add_argument("--lora_r", type=int, default=0,
+                       help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; 0 = off")
+    model.add_argument("--lora_alpha", type=float, default=16)
+    model.add_argument("--lora_dropout", type=float, default=0.05)
+    model.add_argument("--lora_target_modules",
+                       help="comma-separated module names, e.g. query,value (default: every Linear of the backbone)")
     model.add_argument("--gradient_checkpointing", action="store_true", help="less memory, ~30%% more compute")
     model.add_argument("--torch_compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     optimisation = parser.add_argument_group("optimisation")
@@ -137,6 +143,8 @@ def main(argv=None):
         utils.load_weights(args.resume, model)
     if args.freeze_backbone:
         model.base_model.requires_grad_(False)
+    if args.lora_r:
+        utils.add_lora(model, args)
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient_checkpointing: {type(model).__name__} does not support it.")
@@ -204,6 +212,7 @@ def main(argv=None):
             bar.set_postfix(values, refresh=False)
             accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
 
+    model.train()  # from_pretrained() returns a model in eval mode (dropout off)
     stopped = preempted = False
     preemption = utils.Preemption()  # SIGTERM / SIGUSR1: finish the step, save last/, exit
     greater_is_better = (args.greater_is_better if args.greater_is_better is not None

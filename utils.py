@@ -36,7 +36,7 @@ NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mism
 # (The optimizer and scheduler settings would be overridden by the saved optimizer and lr.bin anyway.)
 MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len", "lr", "weight_decay",
               "lr_scheduler_type", "num_warmup_steps", "group_by_length", "metric_for_best", "greater_is_better",
-              "freeze_backbone"]
+              "freeze_backbone", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
 
 
 def read_options_file(path):
@@ -334,7 +334,7 @@ def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, sch
     error = None
     try:
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
+            save_model(accelerator.unwrap_model(model), staging, weights)
             fault_point()
             tokenizer.save_pretrained(staging)
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
@@ -376,6 +376,45 @@ def load_weights(directory, model):
         raise UserError(f"--resume {directory}: its weights do not fit the model that modeling.py builds "
                         f"({str(e).splitlines()[0][:300]}). Resume with the modeling.py and options it was "
                         f"trained with.") from None
+
+
+def add_lora(model, args):
+    """--lora_r: LoRA adapters (PEFT, through transformers' add_adapter) in the backbone, which is
+    frozen; the rest of the model (the head) trains in full. On --resume the adapters are the checkpoint's."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("--lora_r needs the peft package: pip install peft") from None
+    backbone = {id(p) for p in model.base_model.parameters()}
+    if args.resume:
+        model.load_adapter(str(args.resume), is_trainable=True)
+    else:
+        targets = (args.lora_target_modules.split(",") if args.lora_target_modules else
+                   [f"{model.base_model_prefix}.{name}" for name, module in model.base_model.named_modules()
+                    if isinstance(module, torch.nn.Linear)])
+        try:
+            model.add_adapter(peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                              lora_dropout=args.lora_dropout, target_modules=targets))
+        except ValueError as e:
+            raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:300]}") from None
+    for param in model.parameters():
+        param.requires_grad = id(param) not in backbone  # the adapters and the head
+
+
+def save_model(model, directory, weights):
+    """save_pretrained, and with LoRA adapters both halves: save_pretrained alone would write only
+    the adapters (adapter_model.safetensors, adapter_config.json), so the base model and the head
+    are written as well, in the plain layout: Model.from_pretrained(dir), then .load_adapter(dir)."""
+    model.save_pretrained(directory, state_dict=weights)
+    if getattr(model, "_hf_peft_config_loaded", False):
+        plain = {k.replace(".base_layer.", "."): v for k, v in weights.items() if ".lora_" not in k}
+        model._hf_peft_config_loaded = False
+        try:
+            # save_original_format=False: the key renames load_adapter() recorded (a base_model.model.
+            # prefix) would otherwise be applied to these plain keys too.
+            model.save_pretrained(directory, state_dict=plain, save_original_format=False)
+        finally:
+            model._hf_peft_config_loaded = True
 
 
 def load_training_state(directory, accelerator, optimizer, scheduler, ignore_mismatch):

@@ -7,10 +7,15 @@ import re
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+import train
 
 from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json,
                       weights)
+from dataset import generate_dataset
+from modeling import Model
 from utils import load_tensors
 
 FAST = ["--batch_size", 16]  # 20 optimizer steps per epoch on the tiny data
@@ -102,16 +107,61 @@ def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(monkeypa
         utils.tracker("tensorboard")
 
 
-def test_freeze_backbone_trains_the_head_only_and_resumes(tiny_data, tmp_path):
-    pretrained = tmp_path / "pretrained"
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A directory like a hub checkpoint: tiny-bert's config and tokenizer with (random) weights."""
+    folder = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(1)
-    BertModel(BertConfig.from_pretrained(ROOT / "assets" / "tiny-bert")).save_pretrained(pretrained)
+    BertModel(BertConfig.from_pretrained(ROOT / "assets" / "tiny-bert")).save_pretrained(folder)
     for name in ("vocab.txt", "tokenizer_config.json"):
-        (pretrained / name).write_bytes((ROOT / "assets" / "tiny-bert" / name).read_bytes())
-    args = [*data_args(tiny_data), *FAST, "--epochs", 2, "--freeze_backbone", "--model_name_or_path", pretrained]
-    stopped_and_resumed(args, tmp_path / "model", STEPS_PER_EPOCH + 5)
-    trained, initial = weights(tmp_path / "model" / "last"), weights(pretrained)
+        (folder / name).write_bytes((ROOT / "assets" / "tiny-bert" / name).read_bytes())
+    return folder
+
+
+def backbone_is_untouched(checkpoint, pretrained):
+    trained, initial = weights(checkpoint), weights(pretrained)
     encoder = {k.removeprefix("encoder."): v for k, v in trained.items() if k.startswith("encoder.")}
-    assert encoder and all(torch.equal(v, initial[k]) for k, v in encoder.items())  # the backbone is untouched
+    return encoder.keys() == initial.keys() - {"pooler.dense.weight", "pooler.dense.bias"} and all(
+        torch.equal(v, initial[k]) for k, v in encoder.items())
+
+
+def test_freeze_backbone_trains_the_head_only_and_resumes(tiny_data, pretrained, tmp_path):
+    args = [*data_args(tiny_data), *FAST, "--epochs", 2, "--freeze_backbone", "--model_name_or_path", pretrained]
+    launch(*args, "--outdir", tmp_path / "whole")
+    stopped_and_resumed(args, tmp_path / "model", STEPS_PER_EPOCH + 5)
+    # Bitwise, with a pretrained encoder too (from_pretrained() leaves it in eval mode: train.py sets train mode).
+    assert_bitwise_equal(tmp_path / "whole" / "last", tmp_path / "model" / "last")
+    assert backbone_is_untouched(tmp_path / "model" / "last", pretrained)
     optimizer = load_tensors(tmp_path / "model" / "last" / "optimizer.pt")
     assert len(optimizer["state"]) == 2  # AdamW holds moments for head.weight and head.bias only
+
+
+def test_lora_adapters_train_resume_bitwise_and_load_back(tiny_data, pretrained, tmp_path):
+    args = [*data_args(tiny_data), *FAST, "--epochs", 2, "--lr", 3e-3, "--lora_r", 4,
+            "--lora_target_modules", "query,value", "--model_name_or_path", pretrained]
+    launch(*args, "--outdir", tmp_path / "whole")
+    stopped_and_resumed(args, tmp_path / "resumed", STEPS_PER_EPOCH + 5)
+    whole, resumed = tmp_path / "whole" / "last", tmp_path / "resumed" / "last"
+    for name in ("model.safetensors", "adapter_model.safetensors"):
+        assert (whole / name).read_bytes() == (resumed / name).read_bytes()
+    assert backbone_is_untouched(whole, pretrained)  # model.safetensors: the frozen base and the trained head
+    adapters = load_file(whole / "adapter_model.safetensors")
+    assert len(adapters) == 2 * 2 * 2  # lora_A and lora_B of query and value in both layers
+    assert all(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained: they start at zero
+    optimizer = load_tensors(whole / "optimizer.pt")
+    assert len(optimizer["state"]) == len(adapters) + 2  # the adapters and the head
+
+    # from_pretrained() finds adapter_config.json and loads the adapters too: the valid loss logged for best/.
+    best = tmp_path / "whole" / "best"
+    model = Model.from_pretrained(best).eval()
+    assert model.active_adapters() == ["default"]
+    valid = generate_dataset(tiny_data / "valid.jsonl", "validation", AutoTokenizer.from_pretrained(best),
+                             train.parse_args([]), list(model.config.label2id))
+    batches = [valid.collate([valid[i] for i in range(k, k + 16)]) for k in range(0, len(valid), 16)]
+    loss = lambda: sum(model(**batch).loss.item() for batch in batches) / len(batches)
+    with torch.no_grad():
+        with_adapters = loss()
+        model.disable_adapters()
+        without_adapters = loss()
+    logged = read_json(best / "trainer_state.json")["best_metric"]
+    assert with_adapters == pytest.approx(logged, rel=1e-5) and without_adapters != pytest.approx(logged, rel=1e-4)
