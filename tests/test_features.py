@@ -165,3 +165,24 @@ def test_lora_adapters_train_resume_bitwise_and_load_back(tiny_data, pretrained,
         without_adapters = loss()
     logged = read_json(best / "trainer_state.json")["best_metric"]
     assert with_adapters == pytest.approx(logged, rel=1e-5) and without_adapters != pytest.approx(logged, rel=1e-4)
+
+
+def test_gradient_checkpointing_is_bitwise_the_same_run(tiny_data, tmp_path):
+    """Recomputing activations in backward (with the dropout masks of the forward pass) changes memory, not results."""
+    args = [*data_args(tiny_data), *FAST, "--epochs", 1]
+    launch(*args, "--outdir", tmp_path / "plain")
+    launch(*args, "--outdir", tmp_path / "checkpointed", "--gradient_checkpointing")
+    assert_bitwise_equal(tmp_path / "plain" / "last", tmp_path / "checkpointed" / "last")
+    assert read_json(tmp_path / "checkpointed" / "last" / "my_config.json")["gradient_checkpointing"] is True
+
+
+@pytest.mark.slow  # inductor compiles for a few minutes on 2 CPU cores
+def test_torch_compile_trains_the_same_model(tiny_data, tmp_path):
+    args = [*data_args(tiny_data), *FAST, "--epochs", 1]
+    launch(*args, "--outdir", tmp_path / "eager")
+    launch(*args, "--outdir", tmp_path / "compiled", "--torch_compile")
+    eager, compiled = weights(tmp_path / "eager" / "last"), weights(tmp_path / "compiled" / "last")
+    assert eager.keys() == compiled.keys()  # saved without the compiled wrapper's _orig_mod. prefix
+    assert all(torch.allclose(eager[k], compiled[k], atol=1e-3) for k in eager)  # fused kernels: not bitwise
+    valid = [read_json(tmp_path / run / "log.json")["Epoch 0"]["valid_log"]["loss"] for run in ("eager", "compiled")]
+    assert valid[1] == pytest.approx(valid[0], abs=1e-3)
