@@ -331,10 +331,11 @@ def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, sch
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every rank calls it
+    weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # --torch_compile's wrapper
     error = None
     try:
         if accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(model), staging, weights)
+            save_model(accelerator.unwrap_model(model, keep_torch_compile=False), staging, weights)
             fault_point()
             tokenizer.save_pretrained(staging)
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
