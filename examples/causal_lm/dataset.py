@@ -1,0 +1,80 @@
+"""USER EDITS: the data. Example: causal language modelling, one text per line or row.
+
+Copy it over the repository's dataset.py, with modeling.py beside it:
+
+    cp examples/causal_lm/{modeling,dataset}.py .
+
+Reads a .txt file (one text per line; blank lines are skipped) or a .jsonl, .json, .csv, .tsv or
+.parquet file (or a hub dataset, see --dataset_config) with a "text" column. Each text becomes its
+tokens plus the end-of-text token, truncated to --max_len: the model learns where a text ends.
+There are no classes, so `Dataset.labels` is None.
+
+What train.py expects of this file (as for the default task):
+  * `generate_dataset(path, split, tokenizer, args, labels=None)` returns a torch Dataset.
+  * `Dataset.collate(samples)` pads a batch: input_ids, attention_mask, and labels (the input ids,
+    -100 on padding; the model shifts them by one position itself).
+  * `Dataset.lengths`: the length of each sample, for --group_by_length.
+"""
+import pyarrow.compute
+import torch
+
+from utils import UserError, load_rows
+
+TEXT = "text"
+
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self, rows, tokenizer):
+        self.rows = rows  # a datasets.Dataset with input_ids and attention_mask
+        self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
+        self.tokenizer = tokenizer
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __getitems__(self, indices):  # what DataLoader calls: one read for the whole batch
+        return self.rows.__getitems__(indices)
+
+    @property
+    def lengths(self):
+        return pyarrow.compute.list_value_length(self.rows.data.column("input_ids")).to_numpy()
+
+    def collate(self, samples):
+        batch = self.tokenizer.pad(samples, padding_side="right", return_tensors="pt")
+        # Padding is masked by the attention mask, not by pad_token_id: a tokenizer whose pad token is
+        # its end-of-text token (GPT-2's) would otherwise never learn to end a text.
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+
+def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True):
+    rows = load_rows(path, split, args.dataset_config)
+    if TEXT not in rows.column_names:
+        raise UserError(f"{path}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
+                        f"Rename it, or change TEXT in dataset.py.")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of --model_name_or_path {args.model_name_or_path} has no end-of-text "
+                        f"(eos) token, which this example appends to every text.")
+    if tokenizer.pad_token is None:  # GPT-2 and many other causal LMs ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    max_len = args.max_len  # not args itself: the cache key would then change with every option
+
+    def encode(batch, indices):
+        for i, text in zip(indices, batch[TEXT]):
+            if not isinstance(text, str):
+                raise UserError(f"{path}: row {i + 1}: the '{TEXT}' field is not a string.")
+        texts = [text for text in batch[TEXT] if text.strip()]  # a batched map may return fewer rows
+        input_ids = [ids + [tokenizer.eos_token_id]
+                     for ids in tokenizer(texts, truncation=True, max_length=max_len - 1)["input_ids"]]
+        return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids]}
+
+    # Cached by the datasets library: a second run with the same file, tokenizer and max_len reads
+    # the tokens back instead of tokenizing again.
+    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
+                    desc=f"Tokenizing {path}")
+    if len(rows) == 0:
+        raise UserError(f"{path}: every text in it is blank.")
+    return Dataset(rows, tokenizer)

@@ -1,0 +1,90 @@
+"""USER EDITS: the model. Example: causal language modelling (predict each next token), from scratch
+with the tiny GPT-2 of examples/causal_lm/tiny-gpt2, or fine-tuning any causal LM of the hub.
+
+Copy it over the repository's modeling.py, with dataset.py beside it:
+
+    cp examples/causal_lm/{modeling,dataset}.py .
+
+What train.py expects of this file (as for the default task):
+  * `build_model(model_name_or_path, train_set)` returns the model to train.
+  * `Model.forward(**batch)` returns a ModelOutput with `.loss`: here the mean cross-entropy of
+    each next token, which the hub's causal LMs compute themselves from `labels`.
+  * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py.
+  * `metric_inputs(batch, outputs)` / `compute_metrics(gathered)`: the validation perplexity.
+  * `format_samples(...)`: for --sample_every, a greedy continuation of the first tokens of a text.
+  * `predictions(config, batch, outputs)`: each text's loss and perplexity, for predict.py.
+"""
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from utils import UserError
+
+# The hub's own causal LM classes (GPT-2, Llama, ...) already are what train.py needs: forward()
+# takes input_ids, attention_mask and labels and returns the loss, and from_pretrained() builds the
+# class that a checkpoint's config.json names. Model.from_pretrained("model/best") gives a
+# GPT2LMHeadModel here. To change the architecture, write a PreTrainedModel as in the default
+# modeling.py (it then needs GenerationMixin as a base class for format_samples' generate()).
+Model = AutoModelForCausalLM
+PROMPT_TOKENS, NEW_TOKENS = 4, 16  # --sample_every: continue the first 4 tokens of a text by 16 at most
+
+
+def build_model(model_name_or_path, train_set):
+    """A directory with only a config.json (examples/causal_lm/tiny-gpt2) gives a randomly initialised
+    model; a hub id (gpt2) or a directory with weights gives that pretrained model."""
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and max(train_set.lengths) > positions:
+        raise UserError(f"--max_len: texts of {max(train_set.lengths)} tokens, but {model_name_or_path} has "
+                        f"{positions} positions. Pass --max_len {positions} or less.")
+    local = Path(model_name_or_path)
+    has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
+    model = Model.from_pretrained(model_name_or_path) if has_weights else Model.from_config(config)
+    vocabulary = len(train_set.tokenizer)
+    if vocabulary > model.get_input_embeddings().num_embeddings:  # a tokenizer with added tokens
+        model.resize_token_embeddings(vocabulary)
+    return model
+
+
+def token_losses(batch, outputs):
+    """Each text's summed next-token loss (float32) and its number of predicted tokens."""
+    logits, targets = outputs.logits[:, :-1].float(), batch["labels"][:, 1:]  # position t predicts token t + 1
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return losses.sum(1), (targets != -100).sum(1)
+
+
+def metric_inputs(batch, outputs):
+    # Per text, not per token: the texts of a batch differ in length, and train.py gathers along the
+    # first dimension only. Sums and counts add up to the token-weighted mean over the whole set.
+    loss_sum, tokens = token_losses(batch, outputs)
+    return {"loss_sum": loss_sum, "tokens": tokens}
+
+
+def compute_metrics(gathered):
+    token_loss = (gathered["loss_sum"].sum() / gathered["tokens"].sum()).item()
+    # Lower is better: with --metric_for_best perplexity, pass --no-greater_is_better too.
+    return {"perplexity": math.exp(min(token_loss, 700.0))}  # exp(700) is about the largest float
+
+
+def format_samples(model, tokenizer, batch, outputs, k):
+    samples = []
+    for ids, mask in zip(batch["input_ids"][:k], batch["attention_mask"][:k]):
+        ids = ids[mask.bool()]
+        prompt = ids[:min(PROMPT_TOKENS, max(1, len(ids) // 2))].unsqueeze(0)
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        samples.append(f"prompt: {tokenizer.decode(prompt[0], skip_special_tokens=True)}\n"
+                       f"  generated: {tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)}\n"
+                       f"  gold: {tokenizer.decode(ids[prompt.shape[1]:], skip_special_tokens=True)}")
+    return samples
+
+
+def predictions(config, batch, outputs):
+    loss_sum, tokens = token_losses(batch, outputs)
+    mean = (loss_sum / tokens.clamp(min=1)).tolist()
+    return [{"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700.0)), 6), "tokens": n}
+            for loss, n in zip(mean, tokens.tolist())]
+
