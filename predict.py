@@ -1,0 +1,127 @@
+"""Runs a trained checkpoint over a data file and writes one JSON line per input row, in input order.
+
+    python predict.py --checkpoint model/best --input_file data/valid.jsonl --output_file predictions.jsonl
+    python predict.py --input_file my/test.csv --embeddings     # also the vector the head reads
+    python predict.py --input_file nyu-mll/glue --dataset_config sst2 --split validation
+
+Each line is {"index": row, **predictions(...)} from modeling.py (default: {"label", "score"}), plus
+"embedding" with --embeddings. The data is prepared by dataset.py exactly as in training (max_len
+and the other options come from the checkpoint's my_config.json). A label column is not needed; if
+there is one, dataset.py checks it against the training labels. One process, on the GPU if there
+is one, else the CPU (for a large file, split it and run one predict.py per GPU).
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+import train
+import utils
+from dataset import generate_dataset
+from modeling import Model, predictions
+from utils import UserError
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--checkpoint", default="model/best", help="a directory train.py wrote (model/best, model/last)")
+    parser.add_argument("--input_file", required=True,
+                        help="a data file like training's (.jsonl .csv ...; labels optional) or a hub dataset name")
+    parser.add_argument("--output_file", default="predictions.jsonl")
+    parser.add_argument("--split", default="validation", help="the split of a hub dataset (ignored for files)")
+    parser.add_argument("--dataset_config", help="a hub dataset's configuration (default: the training run's)")
+    parser.add_argument("--batch_size", type=int, default=64, help="reduce if out of memory")
+    parser.add_argument("--embeddings", action="store_true", help="also write outputs.embeddings as \"embedding\"")
+    return parser.parse_args(argv)
+
+
+def load_checkpoint(directory):
+    """The model, its tokenizer and the options it was trained with (train.py's defaults where unknown)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"--checkpoint {directory}: no such directory. Give a checkpoint that train.py wrote, "
+                        f"e.g. model/best.")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"--checkpoint {directory}: no config.json, so not a saved model. Give a checkpoint "
+                        f"that train.py wrote, e.g. model/best.")
+    try:
+        model = Model.from_pretrained(directory)
+        # config=: AutoTokenizer would otherwise read config.json and warn about its unknown model_type.
+        tokenizer = AutoTokenizer.from_pretrained(directory, config=model.config)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"--checkpoint {directory}: could not load it with modeling.py's Model "
+                        f"({str(e).splitlines()[0][:300]}).") from None
+    options = vars(train.parse_args([]))  # for a checkpoint without my_config.json (saved by hand)
+    if (directory / "my_config.json").is_file():
+        options.update(utils.read_options_file(directory / "my_config.json"))
+    else:
+        print(f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
+              f"(--max_len {options['max_len']}).", file=sys.stderr)
+    return model, tokenizer, argparse.Namespace(**options)
+
+
+def write_lines(path, lines):
+    """Writes via a temporary file and a rename: the output is whole or absent, never half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def predict(model, loader, device, with_embeddings):
+    """Yields one dict per example, in the loader's order."""
+    index = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="[PREDICT]", dynamic_ncols=True):
+            batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            outputs = model(**batch)
+            rows = predictions(model.config, batch, outputs)
+            batch_size = len(next(iter(batch.values())))
+            if len(rows) != batch_size:
+                raise UserError(f"predictions() in modeling.py returned {len(rows)} dicts for a batch of "
+                                f"{batch_size} examples; it must return one per example.")
+            if with_embeddings:
+                if getattr(outputs, "embeddings", None) is None:
+                    raise UserError("--embeddings: Model.forward() returns no .embeddings (see modeling.py).")
+                for row, vector in zip(rows, outputs.embeddings.float().cpu().tolist()):
+                    row["embedding"] = vector
+            for row in rows:
+                yield {"index": index, **row}
+                index += 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    model, tokenizer, options = load_checkpoint(args.checkpoint)
+    if Path(args.input_file).suffix in utils.FILE_TYPES and not Path(args.input_file).is_file():
+        raise UserError(f"--input_file {args.input_file}: no such file.")
+    if args.dataset_config:
+        options.dataset_config = args.dataset_config
+    # Label names in the order of their ids, so that a label column (optional) maps as in training.
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)] or None
+    data = generate_dataset(args.input_file, args.split, tokenizer, options, labels=labels, need_labels=False)
+    # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
+    loader = DataLoader(data, args.batch_size, collate_fn=data.collate)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    write_lines(args.output_file, predict(model, loader, device, args.embeddings))
+    print(f"Wrote {len(data)} predictions to {args.output_file}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
