@@ -1,0 +1,131 @@
+"""tools/plot.py and the Accelerate configs in configs/accelerate/.
+
+    pytest tests/test_tools.py
+"""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+import modeling
+from conftest import ROOT, data_args, read_json
+
+CONFIGS = ROOT / "configs" / "accelerate"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def log_json(tmp_path):
+    """A log.json as train.py writes it, 3 epochs."""
+    log = {f"Epoch {i}": {"train_log": {"loss": 1.0 / (i + 1), "lr": 1e-3},
+                          "valid_log": {"loss": 1.1 / (i + 1), "accuracy": 0.5 + 0.1 * i, "macro_f1": 0.4 + 0.1 * i}}
+           for i in range(3)}
+    path = tmp_path / "model" / "log.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(log))
+    return path
+
+
+def plot(*args, env=None):
+    return subprocess.run([sys.executable, "tools/plot.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_plot_writes_a_png(log_json, tmp_path):
+    result = plot(log_json)
+    assert result.returncode == 0, result.stderr
+    png = log_json.with_suffix(".png")  # next to the log by default
+    assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 10_000
+    result = plot(log_json, "-o", tmp_path / "figures" / "curves.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "figures" / "curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_without_matplotlib(log_json, tmp_path):
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    result = plot(log_json, env={"PYTHONPATH": str(fake.parent)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "tools/plot.py needs matplotlib: pip install matplotlib"
+    assert not log_json.with_suffix(".png").exists()
+
+
+def test_plot_missing_log(tmp_path):
+    result = plot(tmp_path / "log.json")
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'log.json'}: no such file")
+
+
+def test_cpu_config_runs_two_processes(tiny_data, tmp_path):
+    outdir = tmp_path / "model"
+    # ACCELERATE_USE_CPU=1 as cpu.yaml says: without it, a machine with no GPU starts 2 separate runs.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS / "cpu.yaml", "train.py",
+               *data_args(tiny_data), "--outdir", outdir, "--epochs", 1, "--batch_size", 8]
+    result = subprocess.run(list(map(str, command)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-5000:]
+    files = {p.name for p in (outdir / "last").iterdir()}
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= files  # one per process: world size 2
+    assert "rng_state_2.safetensors" not in files
+    assert read_json(outdir / "last" / "trainer_state.json")["num_processes"] == 2
+    assert list(read_json(outdir / "log.json")) == ["Epoch 0"]
+
+
+EXPECTED = {"cpu.yaml": DistributedType.MULTI_GPU,  # torchrun-started processes, made CPU ones by use_cpu
+            "single_gpu.yaml": DistributedType.NO, "multi_gpu.yaml": DistributedType.MULTI_GPU,
+            "multi_node.yaml": DistributedType.MULTI_GPU, "fsdp.yaml": DistributedType.FSDP,
+            "deepspeed_zero2.yaml": DistributedType.DEEPSPEED, "deepspeed_zero3.yaml": DistributedType.DEEPSPEED}
+
+
+def test_every_config_is_known():
+    assert sorted(p.name for p in CONFIGS.glob("*")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_and_says_how_to_launch(name):
+    config = load_config_from_file(str(CONFIGS / name))
+    assert config.distributed_type == EXPECTED[name]
+    assert f"accelerate launch --config_file configs/accelerate/{name}" in (CONFIGS / name).read_text()
+    # What `accelerate launch --config_file` does with it before starting any process.
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(CONFIGS / name),
+                                                                              "train.py"]))
+    assert args.num_processes >= 1 and args.num_processes % config.num_machines == 0
+
+
+def launcher_environment(name):
+    """The environment `accelerate launch --config_file NAME` gives each process it starts."""
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+        ["--config_file", str(CONFIGS / name), "train.py"]))
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+def test_fsdp_saves_full_weights_and_wraps_the_default_model_layers(monkeypatch):
+    for key, value in launcher_environment("fsdp.yaml").items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
+    model = modeling.build_model(ROOT / "assets" / "tiny-bert", types.SimpleNamespace(labels=["a", "b"]))
+    layer_classes = {type(module).__name__ for module in model.modules()}
+    assert set(plugin.transformer_cls_names_to_wrap) <= layer_classes
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
+def test_deepspeed_configs(name, stage, monkeypatch):
+    for key, value in launcher_environment(name).items():
+        monkeypatch.setenv(key, value)
+    config = DeepSpeedPlugin().deepspeed_config
+    assert config["zero_optimization"]["stage"] == stage
+    # Accumulation and batch size are left to train.py's --accumulation and --batch_size.
+    assert config["gradient_accumulation_steps"] == "auto" and config["train_micro_batch_size_per_gpu"] == "auto"
+    # ZeRO-3: train.py saves gathered weights, which DeepSpeed refuses unless this is on.
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] == (stage == 3)
