@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import LoggerType, TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, LoggerType, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, get_scheduler
 
@@ -132,6 +132,12 @@ def main(argv=None):
         log_with=utils.tracker(args.report_to), project_dir=args.outdir,
         # The sampler's permutation is a function of (data_seed, epoch) only, so it can be replayed.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    if args.resume and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # optimizer.pt holds the main process's shard of the optimizer state only: resuming from it
+        # would train on with the other shards' moments reset, silently.
+        raise UserError(f"--resume under {accelerator.distributed_type.value} is not supported yet: the checkpoint "
+                        f"holds one shard of the optimizer state (its weights are whole: Model.from_pretrained "
+                        f"loads them).")
     set_seed(args.seed, device_specific=True)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)

@@ -3,6 +3,7 @@
 
     pytest tests/test_features.py
 """
+import json
 import re
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+import predict
 import train
 
 from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json,
@@ -165,6 +167,15 @@ def test_lora_adapters_train_resume_bitwise_and_load_back(tiny_data, pretrained,
         without_adapters = loss()
     logged = read_json(best / "trainer_state.json")["best_metric"]
     assert with_adapters == pytest.approx(logged, rel=1e-5) and without_adapters != pytest.approx(logged, rel=1e-4)
+
+    # predict.py loads best/ the same way: its scores are those of the model with the adapters on.
+    predict.main(["--checkpoint", str(best), "--input_file", str(tiny_data / "valid.jsonl"),
+                  "--output_file", str(tmp_path / "predictions.jsonl")])
+    predicted = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    model.enable_adapters()
+    with torch.no_grad():
+        scores = torch.cat([model(**batch).logits.softmax(-1).max(-1).values for batch in batches])
+    assert [row["score"] for row in predicted] == pytest.approx(scores.tolist(), abs=1e-5)
 
 
 def test_gradient_checkpointing_is_bitwise_the_same_run(tiny_data, tmp_path):
