@@ -52,11 +52,17 @@ def load_checkpoint(directory):
     if not (directory / "config.json").is_file():
         raise UserError(f"--checkpoint {directory}: no config.json, so not a saved model. Give a checkpoint "
                         f"that train.py wrote, e.g. model/best.")
+    saved_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    expected = getattr(getattr(Model, "config_class", None), "model_type", None)  # None: an Auto class
+    if expected and saved_type != expected:
+        raise UserError(f"--checkpoint {directory}: trained with another modeling.py (model_type {saved_type}; this "
+                        f"modeling.py builds {expected}). Copy back the modeling.py and dataset.py it was "
+                        f"trained with.")
     try:
         model = Model.from_pretrained(directory)
         # config=: AutoTokenizer would otherwise read config.json and warn about its unknown model_type.
         tokenizer = AutoTokenizer.from_pretrained(directory, config=model.config)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
         raise UserError(f"--checkpoint {directory}: could not load it with modeling.py's Model "
                         f"({str(e).splitlines()[0][:300]}).") from None
     options = vars(train.parse_args([]))  # for a checkpoint without my_config.json (saved by hand)
@@ -106,6 +112,11 @@ def predict(model, loader, device, with_embeddings):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: give 1 or more.")
+    if Path(args.output_file).is_dir():
+        raise UserError(f"--output_file {args.output_file} is a directory; give a file name, e.g. "
+                        f"{Path(args.output_file) / 'predictions.jsonl'}.")
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer, options = load_checkpoint(args.checkpoint)
     if Path(args.input_file).suffix in utils.FILE_TYPES and not Path(args.input_file).is_file():

@@ -88,6 +88,8 @@ def load_rows(path, split="train", config_name=None):
         if suffix in FILE_TYPES:
             if not Path(path).is_file():
                 raise UserError(f"{path}: no such data file. Check --train_file / --valid_file.")
+            if Path(path).stat().st_size == 0:
+                raise UserError(f"{path}: the file holds no examples.")
             options = {}
             if suffix in (".csv", ".tsv"):
                 # Everything stays a string ("NA", "null" too), and TSV is split on tabs only:
@@ -96,11 +98,13 @@ def load_rows(path, split="train", config_name=None):
                 if suffix == ".tsv":
                     options.update(delimiter="\t", quoting=csv.QUOTE_NONE)
             rows = datasets.load_dataset(FILE_TYPES[suffix], data_files={split: path}, split=split, **options)
+        elif Path(path).is_file():
+            raise UserError(f"{path}: unknown file type '{suffix}'. Give a {', '.join(FILE_TYPES)} file.")
         else:
             rows = datasets.load_dataset(path, config_name, split=split)
     except datasets.exceptions.DatasetGenerationError as e:
         raise UserError(f"{path}: {bad_line(path) or e.__cause__ or e}") from None
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # OSError: hub unreachable too
         if suffix in FILE_TYPES and "corresponds to no data" in str(e):
             raise UserError(f"{path}: the file holds no examples.") from None
         raise UserError(f"{path}: could not load it as a file ({', '.join(FILE_TYPES)}) or a dataset "

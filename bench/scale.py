@@ -1,7 +1,7 @@
 """How train.py scales: time per epoch against the number of rows, and how long a checkpoint takes
 to save and to resume, for the shipped tiny model and for a ~100M-parameter BERT-shaped config.
 
-    python bench/scale.py                       # ~3 min on 2 CPU cores
+    python bench/scale.py                       # ~2 min on 2 CPU cores
     python bench/scale.py --rows 2000 4000 8000 16000 --big_layers 24
 
 Each run is a fresh `python train.py` process with a timer around the optimizer step, around

@@ -49,6 +49,16 @@ def test_empty_data_file(tiny_data, outdir, tmp_path):
     assert not outdir.exists()
 
 
+def test_zero_byte_file_and_unknown_file_type(tiny_data, outdir, tmp_path):
+    empty = write(tmp_path / "empty.jsonl", "")
+    fails(["--train_file", tiny_data / "train.jsonl", "--valid_file", empty, "--outdir", outdir],
+          "empty.jsonl: the file holds no examples")
+    typo = write(tmp_path / "valid.ndjson", (tiny_data / "valid.jsonl").read_text())
+    fails(["--train_file", tiny_data / "train.jsonl", "--valid_file", typo, "--outdir", outdir],
+          "valid.ndjson: unknown file type '.ndjson'. Give a .jsonl")
+    assert not outdir.exists()
+
+
 def test_malformed_jsonl_line_names_file_and_line(tiny_data, outdir, tmp_path):
     bad = write(tmp_path / "bad.jsonl", '{"text": "good", "label": "positive"}\n'
                                         '{"text": "fine", "label": "negative"}\n{"text": "broken", \n')

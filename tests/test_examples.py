@@ -220,3 +220,41 @@ def test_entities_and_f1_count_like_seqeval():
     metrics = modeling.compute_metrics(gathered)
     assert metrics == pytest.approx({"accuracy": 0.75, "precision": 0.5, "recall": 0.5, "f1": 0.5,
                                      "macro_f1": 0.5})  # PER 0, LOC 1; ORG never seen: left out
+
+
+# ---------------------------------------------------------------- the data alone
+
+def example_args(name, **options):
+    return SimpleNamespace(max_len=128, dataset_config=None, model_name_or_path=EXAMPLES[name]["model"], **options)
+
+
+def test_causal_lm_keeps_blank_lines_for_predict_and_skips_them_in_training(tmp_path):
+    dataset = load_module(ROOT / "examples" / "causal_lm" / "dataset.py", "causal_lm_dataset")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / EXAMPLES["causal_lm"]["model"])
+    path = tmp_path / "texts.txt"
+    path.write_text("after friday comes saturday\n\n   \ncount one two three\n")
+    training = dataset.generate_dataset(str(path), "train", tokenizer, example_args("causal_lm"))
+    predicting = dataset.generate_dataset(str(path), "validation", tokenizer, example_args("causal_lm"),
+                                          need_labels=False)
+    assert len(training) == 2 and len(predicting) == 4  # predict.py: one output line per input row
+    assert predicting[1]["input_ids"] == [tokenizer.eos_token_id] and predicting[3] == training[1]
+    path.write_text("\n  \n")
+    with pytest.raises(SystemExit, match="every text in it is blank"):
+        dataset.generate_dataset(str(path), "train", tokenizer, example_args("causal_lm"))
+
+
+def test_causal_lm_refuses_max_len_beyond_the_models_positions(tmp_path):
+    modeling = load_module(ROOT / "examples" / "causal_lm" / "modeling.py", "causal_lm_modeling")
+    with pytest.raises(SystemExit, match=r"--max_len 300: .*tiny-gpt2 has 128 positions"):
+        modeling.build_model(str(ROOT / EXAMPLES["causal_lm"]["model"]), SimpleNamespace(max_len=300))
+
+
+def test_token_classification_refuses_a_word_without_tokens(tmp_path):
+    dataset = load_module(ROOT / "examples" / "token_classification" / "dataset.py", "token_classification_dataset")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / EXAMPLES["token_classification"]["model"])
+    path = tmp_path / "rows.jsonl"
+    rows = [{"tokens": ["Anna", "flew", "home"], "tags": ["B-PER", "O", "O"]},
+            {"tokens": ["Anna", "\u200b", "Lopez"], "tags": ["B-PER", "O", "I-PER"]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SystemExit, match=r"rows.jsonl: row 2: word 2 \('\\u200b'\) gives no token"):
+        dataset.generate_dataset(str(path), "train", tokenizer, example_args("token_classification"))

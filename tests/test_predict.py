@@ -126,3 +126,22 @@ def test_failure_midway_leaves_previous_output_whole(outdir, tiny_data, tmp_path
                       "--output_file", str(output), "--batch_size", "8"])
     assert output.read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]  # no temporary file left behind
+
+
+def test_bad_options_are_one_line(outdir, tiny_data, tmp_path):
+    base = ["--checkpoint", str(outdir / "best"), "--input_file", str(tiny_data / "valid.jsonl")]
+    with pytest.raises(SystemExit, match=r"--batch_size 0: give 1 or more"):
+        predict.main([*base, "--batch_size", "0", "--output_file", str(tmp_path / "out.jsonl")])
+    with pytest.raises(SystemExit, match=r"--output_file .* is a directory; give a file name"):
+        predict.main([*base, "--output_file", str(tmp_path)])
+
+
+def test_a_checkpoint_of_another_task_is_refused(tmp_path, tiny_data):
+    """A checkpoint whose config.json names another model_type than modeling.py builds (here: GPT-2)."""
+    checkpoint = tmp_path / "gpt2"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    with pytest.raises(SystemExit, match=r"trained with another modeling.py \(model_type gpt2; this modeling.py "
+                                         r"builds template-classifier\)"):
+        predict.main(["--checkpoint", str(checkpoint), "--input_file", str(tiny_data / "valid.jsonl"),
+                      "--output_file", str(tmp_path / "out.jsonl")])

@@ -63,6 +63,13 @@ def test_plot_missing_log(tmp_path):
     assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'log.json'}: no such file")
 
 
+def test_plot_not_a_log(tmp_path):
+    path = tmp_path / "log.json"
+    path.write_text('{"Epoch 0": 5}')
+    result = plot(path)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {path}: not a log.json of train.py")
+
+
 def test_cpu_config_runs_two_processes(tiny_data, tmp_path):
     outdir = tmp_path / "model"
     # ACCELERATE_USE_CPU=1 as cpu.yaml says: without it, a machine with no GPU starts 2 separate runs.

@@ -26,6 +26,8 @@ def read_log(path):
     try:
         log = json.loads(path.read_text())
         epochs = {int(key.split()[-1]): entry for key, entry in log.items()}
+        if not all(isinstance(entry, dict) for entry in epochs.values()):
+            raise ValueError('each "Epoch N" should hold {"train_log": {...}, "valid_log": {...}}')
     except (ValueError, AttributeError) as e:
         sys.exit(f"error: {path}: not a log.json of train.py ({e}).")
     if not epochs:

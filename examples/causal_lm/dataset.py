@@ -4,8 +4,8 @@ Copy it over the repository's dataset.py, with modeling.py beside it:
 
     cp examples/causal_lm/{modeling,dataset}.py .
 
-Reads a .txt file (one text per line; blank lines are skipped) or a .jsonl, .json, .csv, .tsv or
-.parquet file (or a hub dataset, see --dataset_config) with a "text" column. Each text becomes its
+Reads a .txt file (one text per line; blank lines are skipped in training, kept by predict.py) or
+a .jsonl, .json, .csv, .tsv or .parquet file (or a hub dataset, see --dataset_config) with a "text" column. Each text becomes its
 tokens plus the end-of-text token, truncated to --max_len: the model learns where a text ends.
 There are no classes, so `Dataset.labels` is None.
 
@@ -24,10 +24,11 @@ TEXT = "text"
 
 
 class Dataset(torch.utils.data.Dataset):
-    def __init__(self, rows, tokenizer):
+    def __init__(self, rows, tokenizer, max_len):
         self.rows = rows  # a datasets.Dataset with input_ids and attention_mask
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
+        self.max_len = max_len  # the longest a text can be (--max_len): build_model() checks the model's positions
 
     def __len__(self):
         return len(self.rows)
@@ -66,7 +67,11 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
         for i, text in zip(indices, batch[TEXT]):
             if not isinstance(text, str):
                 raise UserError(f"{path}: row {i + 1}: the '{TEXT}' field is not a string.")
-        texts = [text for text in batch[TEXT] if text.strip()]  # a batched map may return fewer rows
+        # Training skips blank texts (a batched map may return fewer rows); predict.py keeps them, so
+        # that its output has one line per input row.
+        texts = [text for text in batch[TEXT] if text.strip() or not need_labels]
+        if not texts:
+            return {"input_ids": [], "attention_mask": []}
         input_ids = [ids + [tokenizer.eos_token_id]
                      for ids in tokenizer(texts, truncation=True, max_length=max_len - 1)["input_ids"]]
         return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids]}
@@ -77,4 +82,4 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
                     desc=f"Tokenizing {path}")
     if len(rows) == 0:
         raise UserError(f"{path}: every text in it is blank.")
-    return Dataset(rows, tokenizer)
+    return Dataset(rows, tokenizer, max_len)

@@ -37,9 +37,9 @@ def build_model(model_name_or_path, train_set):
     model; a hub id (gpt2) or a directory with weights gives that pretrained model."""
     config = AutoConfig.from_pretrained(model_name_or_path)
     positions = getattr(config, "max_position_embeddings", None)
-    if positions and max(train_set.lengths) > positions:
-        raise UserError(f"--max_len: texts of {max(train_set.lengths)} tokens, but {model_name_or_path} has "
-                        f"{positions} positions. Pass --max_len {positions} or less.")
+    if positions and train_set.max_len > positions:  # a longer validation text would fail mid-run
+        raise UserError(f"--max_len {train_set.max_len}: {model_name_or_path} has {positions} positions. "
+                        f"Pass --max_len {positions} or less.")
     local = Path(model_name_or_path)
     has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
     model = Model.from_pretrained(model_name_or_path) if has_weights else Model.from_config(config)

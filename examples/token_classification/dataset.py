@@ -105,6 +105,11 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
         encoded["word_starts"], encoded["labels"] = [], []
         for row, (i, words) in enumerate(zip(indices, batch[WORDS])):
             word_ids = encoded.word_ids(row)  # the word of each sub-token; None for [CLS], [SEP]
+            seen = set(word_ids) - {None}
+            empty = [w for w in range(max(seen, default=-1) + 1) if w not in seen]  # not the truncated ones
+            if empty:  # its tag would have no position to be read from, and the tags after it would shift
+                raise UserError(f"{path}: row {i + 1}: word {empty[0] + 1} ({words[empty[0]]!r}) gives no token "
+                                f"with this tokenizer (a space or an invisible character); remove it.")
             starts = [int(w is not None and (t == 0 or word_ids[t - 1] != w)) for t, w in enumerate(word_ids)]
             encoded["word_starts"].append(starts)
             if not need_labels:
