@@ -2,35 +2,85 @@
 or .parquet file (or a hub dataset, see --dataset_config) with a "text" and a "label" column;
 change TEXT and LABEL below if yours are named otherwise.
 
-What train.py expects of this file:
-  * `generate_dataset(path, split, tokenizer, args, labels=None)` returns a torch Dataset
-    (__len__, __getitem__). train.py calls it for --train_file (split "train") and for
+What train.py and predict.py read from this file:
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch
+    Dataset (__len__, __getitem__). train.py calls it for --train_file (split "train") and for
     --valid_file (split "validation"), passing the training set's `labels` the second time so that
     both share what the training data decides (here: the label names and their ids). `args` holds
-    every option of train.py (args.max_len, ...). predict.py calls it with `need_labels=False`.
+    every option of train.py (args.max_len, ...). predict.py calls it with predicting=True: the
+    label column may then be absent, and every row must give one example.
   * `Dataset.collate(samples)` turns a list of samples into a batch: a dict whose keys are the
     arguments of Model.forward(). Padding happens here, per batch, not to a fixed length.
   * `Dataset.lengths` (optional): the length of each sample, for --group_by_length.
-  * Bad data raises UserError naming the file and row, so the user sees one clear message.
+  * `load_tokenizer(source, args)` (optional): the tokenizer (or any processor) that
+    generate_dataset() receives, for `source` = --model_name_or_path, or the checkpoint on --resume
+    and in predict.py; it is saved into every checkpoint. Without this function, or when it returns
+    None, there is none (a tabular or image task, say).
+  * Bad data raises UserError naming the file and line, so the user sees one clear message.
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with
 the same file, tokenizer and max_len does not tokenize again) and memory-mapped, so memory does not
 grow with the size of the data.
 """
+import os
+from pathlib import Path
+
 import datasets
 import pyarrow.compute
 import torch
-from transformers import DataCollatorWithPadding
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerFast
 
-from utils import UserError, load_rows
+from utils import UserError, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
+VOCABULARY_SIZE = 8000  # at most, for a vocabulary learnt from the training file (training from scratch)
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def load_tokenizer(source, args):
+    """The tokenizer of a pretrained model or a checkpoint; for a model folder that holds a config
+    and no tokenizer (training from scratch, like assets/tiny-bert), a WordPiece vocabulary learnt
+    from --train_file, so that the user's own words are not [UNK]."""
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return learn_vocabulary(args)
+    # trust_remote_code=False: a folder that asks to run its own tokenizer code is refused, never run.
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+
+
+def learn_vocabulary(args):
+    """BERT-style lower-cased WordPiece over the training texts, cached by the data's fingerprint (a
+    second run on the same file reads it back)."""
+    rows = load_rows(args.train_file, args.train_split, args.dataset_config)
+    if TEXT not in rows.column_names:
+        raise UserError(f"{args.train_file}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
+                        f"Rename it, or change TEXT in dataset.py.")
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / f"{rows._fingerprint}-{VOCABULARY_SIZE}.json"
+    if not cache.is_file():
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        texts = ([t for t in batch[TEXT] if isinstance(t, str)] for batch in rows.iter(batch_size=1000))
+        tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=VOCABULARY_SIZE,
+                                                                       special_tokens=SPECIAL_TOKENS))
+        cls, sep = (tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]"))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tokenizer.save(str(temporary))
+        os.replace(temporary, cache)  # whole or absent, whichever process gets there first
+    return PreTrainedTokenizerFast(tokenizer_file=str(cache), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=args.max_len)
 
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, labels, tokenizer):
         self.rows = rows  # a datasets.Dataset with input_ids, attention_mask, ... and labels (class ids)
         self.labels = labels  # index = class id; build_model() puts them in the model config
+        self.tokenizer = tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
         self.collate = DataCollatorWithPadding(tokenizer)
 
     def __len__(self):
@@ -47,9 +97,9 @@ class Dataset(torch.utils.data.Dataset):
         return pyarrow.compute.list_value_length(self.rows.data.column("input_ids")).to_numpy()
 
 
-def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True):
+def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     rows = load_rows(path, split, args.dataset_config)
-    need_labels = need_labels or LABEL in rows.column_names
+    need_labels = not predicting or LABEL in rows.column_names
     for column in (TEXT, LABEL) if need_labels else (TEXT,):
         if column not in rows.column_names:
             raise UserError(f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
@@ -64,15 +114,15 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
     def encode(batch, indices):
         for i, text in zip(indices, batch[TEXT]):
             if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{path}: row {i + 1}: the '{TEXT}' field is empty or not a string.")
+                raise UserError(f"{path}, {row_name(path, i)}: the '{TEXT}' field is empty or not a string.")
         encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_len)
         if need_labels:
             names = [None if label in (None, "") else name_of(label) for label in batch[LABEL]]
             for i, name in zip(indices, names):
                 if name is None:
-                    raise UserError(f"{path}: row {i + 1}: the '{LABEL}' field is missing or empty.")
+                    raise UserError(f"{path}, {row_name(path, i)}: the '{LABEL}' field is missing or empty.")
                 if name not in label_ids:
-                    raise UserError(f"{path}: row {i + 1}: label '{name}' is not among the training labels "
+                    raise UserError(f"{path}, {row_name(path, i)}: label '{name}' is not among the training labels "
                                     f"({', '.join(labels)}).")
             encoded["labels"] = [label_ids[name] for name in names]
         return encoded

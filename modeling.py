@@ -11,7 +11,8 @@ What train.py expects of this file:
   * `metric_inputs(batch, outputs)` picks per-example tensors (first dimension = batch size) that
     train.py gathers from all processes over the validation set; `compute_metrics(gathered)` turns
     them into {"name": float}, shown in the VALID bar and stored in log.json next to the validation
-    loss (--metric_for_best picks one of them to decide best/).
+    loss. --metric_for_best picks one of them to decide best/: lower is better for names like loss,
+    error, mse, mae, rmse, perplexity, higher for the others (--greater_is_better overrides).
   * `format_samples(model, tokenizer, batch, outputs, k)` shows k examples of a training batch as
     text (input / prediction / gold) for --sample_every. It runs on the main process only, with the
     RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).
@@ -36,6 +37,9 @@ class ModelConfig(PretrainedConfig):
         self.encoder = encoder or {}  # the backbone's own config, as a dict (config.json of BERT etc.)
         self.classifier_dropout = classifier_dropout
         super().__init__(**kwargs)
+
+
+AutoConfig.register(ModelConfig.model_type, ModelConfig)  # so Auto* classes read a checkpoint's config.json
 
 
 @dataclass
@@ -67,17 +71,22 @@ class Model(PreTrainedModel):
 
 
 def build_model(model_name_or_path, train_set):
-    """A directory with only a config.json (assets/tiny-bert) gives a randomly initialised encoder;
-    a hub id or a directory with weights gives that pretrained encoder under a new head."""
+    """A directory with only a config.json (assets/tiny-bert) gives a randomly initialised encoder
+    sized to the vocabulary dataset.py learnt; a hub id or a directory with weights gives that
+    pretrained encoder under a new head."""
     labels = train_set.labels
-    encoder_config = AutoConfig.from_pretrained(model_name_or_path)
+    # trust_remote_code=False here and below: a folder that asks to run its own code is refused.
+    encoder_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
+    local = Path(model_name_or_path)
+    has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
+    if not has_weights:
+        encoder_config.vocab_size = len(train_set.tokenizer)
+        encoder_config.pad_token_id = train_set.tokenizer.pad_token_id
     config = ModelConfig(encoder=encoder_config.to_dict(), id2label=dict(enumerate(labels)),
                          label2id={label: i for i, label in enumerate(labels)})
     model = Model(config)
-    local = Path(model_name_or_path)
-    has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
     if has_weights:
-        model.encoder = AutoModel.from_pretrained(model_name_or_path)
+        model.encoder = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=False)
         model.encoder.pooler = None  # as in Model.__init__
     return model
 

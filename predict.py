@@ -20,8 +20,8 @@ import torch
 import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
+import dataset
 import train
 import utils
 from dataset import generate_dataset
@@ -58,20 +58,21 @@ def load_checkpoint(directory):
         raise UserError(f"--checkpoint {directory}: trained with another modeling.py (model_type {saved_type}; this "
                         f"modeling.py builds {expected}). Copy back the modeling.py and dataset.py it was "
                         f"trained with.")
-    try:
-        model = Model.from_pretrained(directory)
-        # config=: AutoTokenizer would otherwise read config.json and warn about its unknown model_type.
-        tokenizer = AutoTokenizer.from_pretrained(directory, config=model.config)
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
-        raise UserError(f"--checkpoint {directory}: could not load it with modeling.py's Model "
-                        f"({str(e).splitlines()[0][:300]}).") from None
     options = vars(train.parse_args([]))  # for a checkpoint without my_config.json (saved by hand)
     if (directory / "my_config.json").is_file():
         options.update(utils.read_options_file(directory / "my_config.json"))
     else:
         print(f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
               f"(--max_len {options['max_len']}).", file=sys.stderr)
-    return model, tokenizer, argparse.Namespace(**options)
+    options = argparse.Namespace(**options)
+    try:
+        model = Model.from_pretrained(directory, trust_remote_code=False)
+        load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
+        tokenizer = load_tokenizer(directory, options)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise UserError(f"--checkpoint {directory}: could not load it with modeling.py's Model "
+                        f"({str(e).splitlines()[0][:300]}).") from None
+    return model, tokenizer, options
 
 
 def write_lines(path, lines):
@@ -125,7 +126,7 @@ def main(argv=None):
         options.dataset_config = args.dataset_config
     # Label names in the order of their ids, so that a label column (optional) maps as in training.
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)] or None
-    data = generate_dataset(args.input_file, args.split, tokenizer, options, labels=labels, need_labels=False)
+    data = generate_dataset(args.input_file, args.split, tokenizer, options, labels=labels, predicting=True)
     # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
     loader = DataLoader(data, args.batch_size, collate_fn=data.collate)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

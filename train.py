@@ -9,6 +9,7 @@ Writes OUTDIR/best/ (best validation loss), OUTDIR/last/ (end of each epoch, eve
 and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, not the loop.
 """
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -19,25 +20,35 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedType, LoggerType, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, get_scheduler
+from transformers import PreTrainedModel, get_scheduler
 
+import dataset
 import utils
 from dataset import generate_dataset
 from modeling import build_model, compute_metrics, format_samples, metric_inputs
 from utils import UserError
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows every option's default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)"
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                      allow_abbrev=False)  # so that a misspelled option is an error
     parser.add_argument("--config", help="JSON or YAML file of option defaults, e.g. configs/tiny.yaml; flags override it")
     data = parser.add_argument_group("data")
     data.add_argument("--train_file", default="data/train.jsonl",
                       help=".jsonl .json .csv .tsv .parquet .txt, or a hub dataset name (see dataset.py)")
-    data.add_argument("--valid_file", default="data/valid.jsonl")
+    data.add_argument("--valid_file", default="data/valid.jsonl", help="the data validated on after each epoch")
     data.add_argument("--dataset_config", help="a hub dataset's configuration, e.g. sst2 for --train_file nyu-mll/glue")
     data.add_argument("--train_split", default="train", help="the split of a hub dataset to train on")
-    data.add_argument("--valid_split", default="validation")
+    data.add_argument("--valid_split", default="validation", help="the split of a hub dataset to validate on")
     data.add_argument("--max_len", type=int, default=128, help="longer inputs are truncated (tokens)")
     data.add_argument("--group_by_length", action="store_true",
                       help="batches of similar length (less padding, faster); still random and resumable")
@@ -49,8 +60,8 @@ def parse_args(argv=None):
     model.add_argument("--freeze_backbone", action="store_true", help="train only the head (model.base_model frozen)")
     model.add_argument("--lora_r", type=int, default=0,
                        help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; 0 = off")
-    model.add_argument("--lora_alpha", type=float, default=16)
-    model.add_argument("--lora_dropout", type=float, default=0.05)
+    model.add_argument("--lora_alpha", type=float, default=16, help="LoRA scaling")
+    model.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA path")
     model.add_argument("--lora_target_modules",
                        help="comma-separated module names, e.g. query,value (default: every Linear of the backbone)")
     model.add_argument("--gradient_checkpointing", action="store_true", help="less memory, ~30%% more compute")
@@ -62,7 +73,7 @@ def parse_args(argv=None):
     optimisation.add_argument("--lr", type=float, default=1e-3, help="peak learning rate; 2e-5 suits a pretrained BERT")
     optimisation.add_argument("--weight_decay", type=float, default=0.01, help="on matrices only, not biases/norms")
     optimisation.add_argument("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm; 0 = off")
-    optimisation.add_argument("--lr_scheduler_type", default="linear",
+    optimisation.add_argument("--lr_scheduler_type", default="linear", help="how the lr moves after warmup",
                               choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                        "constant_with_warmup"])
     optimisation.add_argument("--num_warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
@@ -75,15 +86,16 @@ def parse_args(argv=None):
     evaluation.add_argument("--metric_for_best", default="loss",
                             help="valid metric that decides best/: loss or a name compute_metrics() returns")
     evaluation.add_argument("--greater_is_better", action=argparse.BooleanOptionalAction,
-                            help="for --metric_for_best (default: lower is better for names ending in 'loss')")
+                            help="for --metric_for_best (by default lower is better for names like loss, error, "
+                                 "mse, mae, rmse, perplexity, higher for the others)")
     evaluation.add_argument("--early_stopping_patience", type=int, default=0,
                             help="stop after N epochs without a better --metric_for_best; 0 = off")
     evaluation.add_argument("--sample_every", type=int, default=0,
                             help="print --samples examples of the batch (input / prediction / gold) every N steps")
-    evaluation.add_argument("--samples", type=int, default=3)
+    evaluation.add_argument("--samples", type=int, default=3, help="examples shown each --sample_every")
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=42)
-    run.add_argument("--outdir", default="model")
+    run.add_argument("--seed", type=int, default=42, help="initialisation, dropout and data order")
+    run.add_argument("--outdir", default="model", help="where best/, last/ and log.json go")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --outdir")
     run.add_argument("--resume", metavar="DIR", help="a checkpoint (model/last or model/best) to continue; "
                      "its my_config.json gives the defaults")
@@ -122,6 +134,61 @@ def evaluate(accelerator, model, loader, desc):
     return metrics
 
 
+LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
+
+
+def check_first_batch(model, valid_set, args):
+    """Before any training: one validation batch through the model, so that a forward without a
+    scalar loss or a --metric_for_best that no metric has costs seconds, not an epoch. Returns
+    whether a greater --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept."""
+    batch = valid_set.collate([valid_set[i] for i in range(min(2, len(valid_set)))])
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        outputs = model(**batch)
+        check_loss(model, batch, outputs)
+        metrics = ["loss", *compute_metrics(metric_inputs(batch, outputs))]
+    model.train()
+    if args.metric_for_best not in metrics:
+        raise UserError(f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
+                        f"({', '.join(metrics)}); compute_metrics() in modeling.py makes them.")
+    greater = args.greater_is_better
+    if greater is None:  # lower is better for losses, errors and perplexities
+        greater = not LOWER_IS_BETTER & set(args.metric_for_best.lower().replace("-", "_").split("_"))
+    return greater
+
+
+def check_loss(model, batch, outputs):
+    """One clear line for a forward() whose loss is missing or not a scalar."""
+    loss = getattr(outputs, "loss", None)
+    if loss is None:
+        parameters = inspect.signature(type(getattr(model, "module", model)).forward).parameters  # DDP: .module
+        swallowed = [k for k in batch if k not in parameters]
+        hint = (f" The batch's keys {', '.join(swallowed)} are not parameters of forward() and went into its "
+                f"**{next(p.name for p in parameters.values() if p.kind is p.VAR_KEYWORD)}: is one of them "
+                f"meant as the labels?" if swallowed and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+                else "")
+        raise UserError(f"Model.forward() returned no loss: return a ModelOutput with .loss set (see modeling.py)."
+                        + hint)
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+        raise UserError(f"Model.forward() returned a loss of shape {shape}: it must be a scalar tensor (reduce it, "
+                        f"e.g. with .mean()).")
+
+
+def resume_command(accelerator, outdir):
+    """The full command that continues this run, launch options included."""
+    launch = "accelerate launch"
+    if accelerator.num_processes > 1:
+        launch = f"accelerate launch --multi_gpu --num_processes {accelerator.num_processes}"
+        if accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+            launch += " --num_machines N --machine_rank R --main_process_ip IP (as before)"
+        if accelerator.device.type == "cpu":
+            launch = f"ACCELERATE_USE_CPU=1 {launch}"
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        launch = "accelerate launch --config_file (the one this run used)"
+    return f"{launch} train.py --resume {outdir}/last"
+
+
 def main(argv=None):
     args = parse_args(argv)
     utils.check_outdir(args.outdir, args.resume, args.overwrite)
@@ -140,11 +207,21 @@ def main(argv=None):
                         f"loads them).")
     set_seed(args.seed, device_specific=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
+        # The data side decides whether there is a tokenizer (or other processor); on --resume it is the checkpoint's.
+        load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
+        tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
         train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
         valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args, train_set.labels)
     model = build_model(args.model_name_or_path, train_set)
+    if not isinstance(model, PreTrainedModel):
+        raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a transformers "
+                        f"PreTrainedModel, so its checkpoints could not be saved and loaded with save_pretrained "
+                        f"/ from_pretrained. Subclass PreTrainedModel with a PretrainedConfig as config_class, as "
+                        f"the default Model does.")
+    greater_is_better = check_first_batch(model, valid_set, args)
+    accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
+                      f"{args.metric_for_best} (--{'no-' if greater_is_better else ''}greater_is_better to change it).")
     if args.resume:
         utils.load_weights(args.resume, model)
     if args.freeze_backbone:
@@ -186,6 +263,8 @@ def main(argv=None):
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
         num_training_steps=steps_per_epoch * args.epochs * accelerator.num_processes))
 
+    if accelerator.is_main_process:
+        utils.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
     state = utils.TrainState(num_processes=accelerator.num_processes)
     per_process = {"loss_sum": torch.zeros((), dtype=torch.float64), "batches": torch.zeros((), dtype=torch.int64)}
     if args.resume:
@@ -221,8 +300,6 @@ def main(argv=None):
     model.train()  # from_pretrained() returns a model in eval mode (dropout off)
     stopped = preempted = False
     preemption = utils.Preemption()  # SIGTERM / SIGUSR1: finish the step, save last/, exit
-    greater_is_better = (args.greater_is_better if args.greater_is_better is not None
-                         else not args.metric_for_best.endswith("loss"))
     for epoch in range(state.epoch, args.epochs):
         if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
             accelerator.print(f"Early stopping: valid {args.metric_for_best} has not improved on {state.best_metric:.4f} "
@@ -237,9 +314,7 @@ def main(argv=None):
         for batch in bar:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
-                if getattr(outputs, "loss", None) is None:
-                    raise UserError("Model.forward() returned no loss: return a ModelOutput with .loss set "
-                                    "(see modeling.py).")
+                check_loss(model, batch, outputs)  # attributes only: no wait for the GPU
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients:
                     # After backward() every process holds the same (all-reduced) gradients, so all of
@@ -297,9 +372,6 @@ def main(argv=None):
         accelerator.log({f"valid/{k}": v for k, v in valid_log.items()}, step=state.global_step)
         loss_sum.zero_()
         batches.zero_()
-        if args.metric_for_best not in valid_log:
-            raise UserError(f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
-                            f"({', '.join(valid_log)}); compute_metrics() in modeling.py makes them.")
         value = valid_log[args.metric_for_best]
         improved = state.best_metric is None or (value > state.best_metric if greater_is_better
                                                  else value < state.best_metric)
@@ -315,7 +387,7 @@ def main(argv=None):
     if stopped:
         reason = f"signal {preempted}" if preempted else "--stop_after_steps"
         accelerator.print(f"Stopped by {reason} after {state.global_step} optimizer steps; {args.outdir}/last holds "
-                          f"the full state. Continue with: accelerate launch train.py --resume {args.outdir}/last")
+                          f"the full state. Continue with: {resume_command(accelerator, args.outdir)}")
     accelerator.end_training()
     status = 128 + preempted if preempted else 0  # as if killed by the signal, so a scheduler sees a preemption
     if accelerator.num_processes > 1:

@@ -1,5 +1,7 @@
 """Helpers for train.py: options from files, progress bars, and checkpoints that resume bitwise."""
 import csv
+import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -7,6 +9,9 @@ import pickle
 import random
 import shutil
 import signal
+import socket
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import torch
 import transformers
 import yaml
 from accelerate.tracking import get_available_trackers
+from packaging import version
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 from tqdm.auto import tqdm
@@ -103,7 +109,8 @@ def load_rows(path, split="train", config_name=None):
         else:
             rows = datasets.load_dataset(path, config_name, split=split)
     except datasets.exceptions.DatasetGenerationError as e:
-        raise UserError(f"{path}: {bad_line(path) or e.__cause__ or e}") from None
+        bad = bad_line(path)
+        raise UserError(f"{path}, {bad}" if bad else f"{path}: {e.__cause__ or e}") from None
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # OSError: hub unreachable too
         if suffix in FILE_TYPES and "corresponds to no data" in str(e):
             raise UserError(f"{path}: the file holds no examples.") from None
@@ -163,6 +170,12 @@ def tracker(name):
     return name
 
 
+# Started by `accelerate launch` (it sets ACCELERATE_MIXED_PRECISION) or torchrun: the launcher's end is
+# the job's end. A plain `python train.py` (under nohup, say) outlives its shell as usual.
+LAUNCHED = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+PARENT = os.getppid()
+
+
 class Preemption:
     """SIGTERM and SIGUSR1 (what Slurm, Kubernetes and most schedulers send) only set a flag; the
     loop asks at each optimizer step, so the step in progress finishes and last/ is saved whole."""
@@ -171,6 +184,12 @@ class Preemption:
         self.signal = 0
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self.handler)
+        if sys.platform == "linux" and LAUNCHED:
+            # A scheduler or `kill` often signals only the top process, `accelerate launch`, which then
+            # dies and leaves this process training on unseen: have the kernel send SIGTERM when it goes.
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != PARENT:  # it was gone before we asked
+                self.signal = signal.SIGTERM
 
     def handler(self, signum, frame):
         self.signal = signum
@@ -230,6 +249,47 @@ def check_outdir(outdir, resume, overwrite):
     if held and not resume and not overwrite:
         raise UserError(f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
                         f"--resume {outdir}/last, start over with --overwrite, or pick another --outdir.")
+
+
+HELD_LOCKS = {}  # outdir -> the open lock file of this process's run into it
+
+
+def lock_outdir(outdir):
+    """Makes OUTDIR/.lock this run's for as long as the process lives: a second run into the same
+    folder is refused, naming the holder. The lock is the kernel's (flock), so a run that died holds
+    none: its stale .lock file is simply taken over."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"--outdir {outdir} is a file; give a folder (it is created if missing).")
+    outdir.mkdir(parents=True, exist_ok=True)
+    key = str(outdir.resolve())
+    if key in HELD_LOCKS:  # an earlier run of this same process (train.main() called again)
+        HELD_LOCKS.pop(key).close()
+    lock = open(outdir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that wrote nothing yet"
+        lock.close()
+        raise UserError(f"--outdir {outdir} is in use by another run ({holder}). Wait for it to end, stop it, "
+                        f"or pick another --outdir.") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+               f"{' '.join(sys.argv)}\n")
+    lock.flush()
+    HELD_LOCKS[key] = lock
+
+
+def row_name(path, index):
+    """How a message names the row at 0-based `index` of a data file: the line number an editor
+    shows for line-based files (a CSV's header is line 1), else the row number counted from 1."""
+    suffix = Path(str(path)).suffix
+    if suffix in (".jsonl", ".txt"):
+        return f"line {index + 1}"
+    if suffix in (".csv", ".tsv"):
+        return f"line {index + 2}"
+    return f"row {index + 1}"
 
 
 def clear_outdir(accelerator, outdir):
@@ -341,7 +401,8 @@ def save_checkpoint(accelerator, outdir, names, model, tokenizer, optimizer, sch
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model, keep_torch_compile=False), staging, weights)
             fault_point()
-            tokenizer.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             fault_point()
             torch.save(scheduler.state_dict(), staging / "lr.bin")
@@ -390,6 +451,11 @@ def add_lora(model, args):
         import peft
     except ImportError:
         raise UserError("--lora_r needs the peft package: pip install peft") from None
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+    if version.parse(peft.__version__) < version.parse(MIN_PEFT_VERSION):
+        raise UserError(f"--lora_r: transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION}, "
+                        f"installed {peft.__version__}. Install the tested versions: pip install -r requirements.txt "
+                        f"-c constraints.txt")
     backbone = {id(p) for p in model.base_model.parameters()}
     if args.resume:
         model.load_adapter(str(args.resume), is_trainable=True)

@@ -48,10 +48,8 @@ def child(path):
     """Builds the dataset and reads every batch once; prints one JSON line of figures."""
     sys.path.insert(0, str(ROOT))
     import torch
-    from transformers import AutoTokenizer
-
     import train
-    from dataset import generate_dataset
+    from dataset import generate_dataset, load_tokenizer
 
     peak_anon = [status("RssAnon")]
     done = threading.Event()
@@ -61,8 +59,9 @@ def child(path):
             peak_anon.append(status("RssAnon"))
     threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / "assets" / "tiny-bert")
-    dataset = generate_dataset(path, "train", tokenizer, train.parse_args([]))
+    options = train.parse_args(["--train_file", str(path)])
+    tokenizer = load_tokenizer(ROOT / "assets" / "tiny-bert", options)  # learns the vocabulary (cached)
+    dataset = generate_dataset(path, "train", tokenizer, options)
     built = time.perf_counter()
     loader = torch.utils.data.DataLoader(dataset, 32, shuffle=True, collate_fn=dataset.collate)
     tokens = sum(int(batch["attention_mask"].sum()) for batch in loader)

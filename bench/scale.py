@@ -65,10 +65,9 @@ def run(argv, cwd):
 
 
 def big_model(folder, layers):
-    """A BERT-base-shaped config (hidden 768, FFN 3072) on the tiny model's tokenizer: no download."""
+    """A BERT-base-shaped config (hidden 768, FFN 3072), from scratch: dataset.py learns its vocabulary
+    from the training file, as for the tiny model; no download."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        shutil.copy(ROOT / "assets" / "tiny-bert" / name, folder / name)
     config = json.loads((ROOT / "assets" / "tiny-bert" / "config.json").read_text())
     config.update(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -126,7 +126,7 @@ def original_generate_dataset(path, split, tokenizer, args, labels=None):
 
     class OriginalDataset(torch.utils.data.Dataset):
         def __init__(self, texts, names, labels):
-            self.texts, self.labels = texts, labels
+            self.texts, self.labels, self.tokenizer = texts, labels, tokenizer
             self.ids = [labels.index(name) for name in names]
             self.collate = torch.utils.data.default_collate
 
@@ -259,10 +259,10 @@ def run_template(spec, probe):
 
 def load_data(spec):
     from types import SimpleNamespace
-    from transformers import AutoTokenizer
-    from dataset import generate_dataset
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    options = SimpleNamespace(max_len=spec["max_len"], dataset_config=None)
+    from dataset import generate_dataset, load_tokenizer
+    options = SimpleNamespace(max_len=spec["max_len"], dataset_config=None, train_file=spec["train_file"],
+                              train_split="train")
+    tokenizer = load_tokenizer(spec["model"], options)
     return tokenizer, generate_dataset(spec["train_file"], "train", tokenizer, options)
 
 

@@ -5,7 +5,7 @@ but not from single words alone: "not" flips the sentiment of the adjective afte
 "but" clause decides the label of a mixed review. Deterministic: run it again and the files are
 byte-identical.
 
-    python data/make_sample_data.py      # rewrites data/{train,valid}.jsonl and assets/tiny-bert/vocab.txt
+    python data/make_sample_data.py      # rewrites data/{train,valid}.jsonl
 """
 import json
 import random
@@ -58,10 +58,6 @@ def main():
         with open(root / "data" / f"{name}.jsonl", "w") as f:
             for _ in range(size):
                 f.write(json.dumps(example(rng)) + "\n")
-    words = sorted({w for phrase in SUBJECTS + VERBS + POSITIVE + NEGATIVE + NEUTRAL + INTENSIFIERS
-                    + OPENERS + ["not", "but"] for w in phrase.split()})
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    (root / "assets" / "tiny-bert" / "vocab.txt").write_text("\n".join(special + words) + "\n")
 
 
 if __name__ == "__main__":

@@ -95,3 +95,10 @@ def reference(tiny_data, tmp_path_factory):
 
 
 sys.path.insert(0, str(ROOT))  # the tests import train, modeling and dataset like a user's script would
+
+
+def tiny_tokenizer():
+    """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from data/train.jsonl."""
+    import dataset
+    import train
+    return dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", train.parse_args([]))

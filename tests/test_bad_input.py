@@ -62,26 +62,26 @@ def test_zero_byte_file_and_unknown_file_type(tiny_data, outdir, tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tiny_data, outdir, tmp_path):
     bad = write(tmp_path / "bad.jsonl", '{"text": "good", "label": "positive"}\n'
                                         '{"text": "fine", "label": "negative"}\n{"text": "broken", \n')
-    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.jsonl: line 3: not a JSON object")
+    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.jsonl, line 3: not a JSON object")
     assert not outdir.exists()
 
 
 def test_missing_field_and_empty_text(tiny_data, outdir, tmp_path):
     no_label = write(tmp_path / "nolabel.jsonl", '{"text": "good", "label": "positive"}\n{"text": "x"}\n')
-    fails(["--train_file", no_label, "--outdir", outdir], "nolabel.jsonl: row 2: the 'label' field is missing")
+    fails(["--train_file", no_label, "--outdir", outdir], "nolabel.jsonl, line 2: the 'label' field is missing")
     empty_text = write(tmp_path / "emptytext.jsonl", '{"text": " ", "label": "positive"}\n')
-    fails(["--train_file", empty_text, "--outdir", outdir], "emptytext.jsonl: row 1: the 'text' field is empty")
+    fails(["--train_file", empty_text, "--outdir", outdir], "emptytext.jsonl, line 1: the 'text' field is empty")
 
 
 def test_csv_row_with_missing_column(tiny_data, outdir, tmp_path):
     bad = write(tmp_path / "bad.csv", "text,label\nthe food was great,positive\nno label here\n")
-    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.csv: row 2: the 'label' field is missing or empty")
+    fails(["--train_file", bad, "--valid_file", tiny_data / "valid.jsonl", "--outdir", outdir], "bad.csv, line 3: the 'label' field is missing or empty")
 
 
 def test_unknown_label_in_valid_file(tiny_data, outdir, tmp_path):
     valid = write(tmp_path / "valid.jsonl", '{"text": "ok", "label": "positive"}\n{"text": "hm", "label": "angry"}\n')
     fails(["--train_file", tiny_data / "train.jsonl", "--valid_file", valid, "--outdir", outdir],
-          "valid.jsonl: row 2: label 'angry' is not among the training labels (negative, neutral, positive)")
+          "valid.jsonl, line 2: label 'angry' is not among the training labels (negative, neutral, positive)")
 
 
 def test_misspelled_option_is_an_error(capsys):

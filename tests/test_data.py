@@ -39,7 +39,7 @@ def test_txt_is_one_text_per_line_without_labels(tmp_path):
     rows = utils.load_rows(tmp_path / "a.txt")
     assert rows.column_names == ["text"] and rows["text"] == ["first line", "second line"]
     unlabelled = generate_dataset(tmp_path / "a.txt", "train", TOKENIZER, train.parse_args([]),
-                                        labels=["negative", "positive"], need_labels=False)
+                                        labels=["negative", "positive"], predicting=True)
     assert len(unlabelled) == 2 and "labels" not in unlabelled[0]
     with pytest.raises(SystemExit, match=r"a\.txt: no 'label' column \(found: text\)"):
         load(tmp_path / "a.txt")  # training needs labels

@@ -235,7 +235,7 @@ def test_causal_lm_keeps_blank_lines_for_predict_and_skips_them_in_training(tmp_
     path.write_text("after friday comes saturday\n\n   \ncount one two three\n")
     training = dataset.generate_dataset(str(path), "train", tokenizer, example_args("causal_lm"))
     predicting = dataset.generate_dataset(str(path), "validation", tokenizer, example_args("causal_lm"),
-                                          need_labels=False)
+                                          predicting=True)
     assert len(training) == 2 and len(predicting) == 4  # predict.py: one output line per input row
     assert predicting[1]["input_ids"] == [tokenizer.eos_token_id] and predicting[3] == training[1]
     path.write_text("\n  \n")
@@ -256,5 +256,5 @@ def test_token_classification_refuses_a_word_without_tokens(tmp_path):
     rows = [{"tokens": ["Anna", "flew", "home"], "tags": ["B-PER", "O", "O"]},
             {"tokens": ["Anna", "\u200b", "Lopez"], "tags": ["B-PER", "O", "I-PER"]}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(SystemExit, match=r"rows.jsonl: row 2: word 2 \('\\u200b'\) gives no token"):
+    with pytest.raises(SystemExit, match=r"rows.jsonl, line 2: word 2 \('\\u200b'\) gives no token"):
         dataset.generate_dataset(str(path), "train", tokenizer, example_args("token_classification"))

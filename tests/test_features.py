@@ -15,7 +15,7 @@ import predict
 import train
 
 from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json,
-                      weights)
+                      tiny_tokenizer, weights)
 from dataset import generate_dataset
 from modeling import Model
 from utils import load_tensors
@@ -114,9 +114,9 @@ def pretrained(tmp_path_factory):
     """A directory like a hub checkpoint: tiny-bert's config and tokenizer with (random) weights."""
     folder = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(1)
-    BertModel(BertConfig.from_pretrained(ROOT / "assets" / "tiny-bert")).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        (folder / name).write_bytes((ROOT / "assets" / "tiny-bert" / name).read_bytes())
+    tokenizer = tiny_tokenizer()
+    BertModel(BertConfig.from_pretrained(ROOT / "assets" / "tiny-bert", vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -15,7 +15,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 import modeling
-from conftest import ROOT, data_args, read_json
+from conftest import ROOT, data_args, read_json, tiny_tokenizer
 
 CONFIGS = ROOT / "configs" / "accelerate"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -121,7 +121,7 @@ def test_fsdp_saves_full_weights_and_wraps_the_default_model_layers(monkeypatch)
         monkeypatch.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
-    model = modeling.build_model(ROOT / "assets" / "tiny-bert", types.SimpleNamespace(labels=["a", "b"]))
+    model = modeling.build_model(ROOT / "assets" / "tiny-bert", types.SimpleNamespace(labels=["a", "b"], tokenizer=tiny_tokenizer()))
     layer_classes = {type(module).__name__ for module in model.modules()}
     assert set(plugin.transformer_cls_names_to_wrap) <= layer_classes
 

@@ -26,7 +26,7 @@ def run(tiny_data, tmp_path_factory):
 
 def test_outputs_and_their_names(run):
     outdir, _ = run
-    assert {p.name for p in outdir.iterdir()} == {"best", "last", "log.json"}
+    assert {p.name for p in outdir.iterdir()} == {"best", "last", "log.json", ".lock"}  # .lock: one run at a time
     for checkpoint in ("best", "last"):
         assert {p.name for p in (outdir / checkpoint).iterdir()} == FILES
 

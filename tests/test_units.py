@@ -4,14 +4,14 @@
 """
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, DistilBertConfig
+from transformers import BertConfig, BertModel, DistilBertConfig
 
 import train
-from conftest import ROOT, data_args, read_json
+from conftest import ROOT, data_args, read_json, tiny_tokenizer
 from dataset import generate_dataset
 from modeling import Model, build_model
 
-TOKENIZER = AutoTokenizer.from_pretrained(ROOT / "assets" / "tiny-bert")
+TOKENIZER = tiny_tokenizer()
 
 
 def load(path, max_len=128, labels=None):
@@ -62,7 +62,7 @@ def test_collate_pads_per_batch_not_to_max_len():
     batch = dataset.collate([dataset[i] for i in range(4)])
     longest = max(len(dataset[i]["input_ids"]) for i in range(4))
     assert batch["input_ids"].shape == (4, longest) and longest < 128
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["attention_mask"].sum().item() == sum(len(dataset[i]["input_ids"]) for i in range(4))
 
 
@@ -83,7 +83,7 @@ def test_model_contract_and_save_load_round_trip(tmp_path):
 def test_a_pretrained_encoder_directory_is_fine_tuned_with_its_weights(tmp_path):
     """--model_name_or_path DIR with weights: the encoder starts from them (a hub id goes the same way)."""
     torch.manual_seed(1)
-    encoder = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    encoder = BertModel(BertConfig(vocab_size=len(TOKENIZER), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=37))
     encoder.save_pretrained(tmp_path)
     TOKENIZER.save_pretrained(tmp_path)

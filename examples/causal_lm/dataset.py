@@ -10,15 +10,17 @@ tokens plus the end-of-text token, truncated to --max_len: the model learns wher
 There are no classes, so `Dataset.labels` is None.
 
 What train.py expects of this file (as for the default task):
-  * `generate_dataset(path, split, tokenizer, args, labels=None)` returns a torch Dataset.
+  * `load_tokenizer(source, args)`: the tokenizer that generate_dataset() receives.
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch Dataset.
   * `Dataset.collate(samples)` pads a batch: input_ids, attention_mask, and labels (the input ids,
     -100 on padding; the model shifts them by one position itself).
   * `Dataset.lengths`: the length of each sample, for --group_by_length.
 """
 import pyarrow.compute
 import torch
+from transformers import AutoTokenizer
 
-from utils import UserError, load_rows
+from utils import UserError, load_rows, row_name
 
 TEXT = "text"
 
@@ -51,7 +53,12 @@ class Dataset(torch.utils.data.Dataset):
         return batch
 
 
-def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True):
+def load_tokenizer(source, args):
+    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # never run a folder's own code
+
+
+def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     rows = load_rows(path, split, args.dataset_config)
     if TEXT not in rows.column_names:
         raise UserError(f"{path}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
@@ -66,10 +73,10 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
     def encode(batch, indices):
         for i, text in zip(indices, batch[TEXT]):
             if not isinstance(text, str):
-                raise UserError(f"{path}: row {i + 1}: the '{TEXT}' field is not a string.")
+                raise UserError(f"{path}, {row_name(path, i)}: the '{TEXT}' field is not a string.")
         # Training skips blank texts (a batched map may return fewer rows); predict.py keeps them, so
         # that its output has one line per input row.
-        texts = [text for text in batch[TEXT] if text.strip() or not need_labels]
+        texts = [text for text in batch[TEXT] if text.strip() or predicting]
         if not texts:
             return {"input_ids": [], "attention_mask": []}
         input_ids = [ids + [tokenizer.eos_token_id]

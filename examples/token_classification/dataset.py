@@ -15,7 +15,8 @@ read. A word that the tokenizer splits into several sub-tokens gets its tag on t
 later ones and the special tokens ([CLS], [SEP]) get -100, which the loss and the metrics skip.
 
 What train.py expects of this file (as for the default task):
-  * `generate_dataset(path, split, tokenizer, args, labels=None)` returns a torch Dataset whose
+  * `load_tokenizer(source, args)`: the tokenizer that generate_dataset() receives.
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch Dataset whose
     `labels` are the tag names (index = tag id); build_model() puts them in the model config.
   * `Dataset.collate(samples)` pads a batch: input_ids, attention_mask, ..., labels (-100 on padding)
     and word_starts (1 on the first sub-token of each word: where predictions are read, also
@@ -27,9 +28,9 @@ import re
 import datasets
 import pyarrow.compute
 import torch
-from transformers import DataCollatorForTokenClassification
+from transformers import AutoTokenizer, DataCollatorForTokenClassification
 
-from utils import UserError, load_rows
+from utils import UserError, load_rows, row_name
 
 WORDS, TAGS = "tokens", "tags"
 
@@ -70,12 +71,17 @@ class Dataset(torch.utils.data.Dataset):
         return batch
 
 
-def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True):
+def load_tokenizer(source, args):
+    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # never run a folder's own code
+
+
+def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     if not tokenizer.is_fast:
         raise UserError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer is not a fast "
                         f"(tokenizers) one, which this example needs to map sub-tokens to words.")
     rows = load_rows(path, split, args.dataset_config)
-    need_labels = need_labels or TAGS in rows.column_names
+    need_labels = not predicting or TAGS in rows.column_names
     for column in (WORDS, TAGS) if need_labels else (WORDS,):
         if column not in rows.column_names:
             raise UserError(f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
@@ -90,7 +96,7 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
                 if match:
                     types.add(match[1])
                 elif name_of(tag) != "O":
-                    raise UserError(f"{path}: row {i + 1}: tag '{name_of(tag)}' is not a BIO tag (O, B-TYPE, "
+                    raise UserError(f"{path}, {row_name(path, i)}: tag '{name_of(tag)}' is not a BIO tag (O, B-TYPE, "
                                     f"I-TYPE). Convert the tags, or change tag_names() and the metrics of "
                                     f"modeling.py for another tag set.")
         labels = tag_names(types)
@@ -100,7 +106,7 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
     def encode(batch, indices):
         for i, words in zip(indices, batch[WORDS]):
             if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
-                raise UserError(f"{path}: row {i + 1}: '{WORDS}' must be a non-empty list of words.")
+                raise UserError(f"{path}, {row_name(path, i)}: '{WORDS}' must be a non-empty list of words.")
         encoded = tokenizer(batch[WORDS], is_split_into_words=True, truncation=True, max_length=max_len)
         encoded["word_starts"], encoded["labels"] = [], []
         for row, (i, words) in enumerate(zip(indices, batch[WORDS])):
@@ -108,7 +114,7 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
             seen = set(word_ids) - {None}
             empty = [w for w in range(max(seen, default=-1) + 1) if w not in seen]  # not the truncated ones
             if empty:  # its tag would have no position to be read from, and the tags after it would shift
-                raise UserError(f"{path}: row {i + 1}: word {empty[0] + 1} ({words[empty[0]]!r}) gives no token "
+                raise UserError(f"{path}, {row_name(path, i)}: word {empty[0] + 1} ({words[empty[0]]!r}) gives no token "
                                 f"with this tokenizer (a space or an invisible character); remove it.")
             starts = [int(w is not None and (t == 0 or word_ids[t - 1] != w)) for t, w in enumerate(word_ids)]
             encoded["word_starts"].append(starts)
@@ -116,10 +122,10 @@ def generate_dataset(path, split, tokenizer, args, labels=None, need_labels=True
                 continue
             tags = [name_of(tag) for tag in batch[TAGS][row] or []]
             if len(tags) != len(words):
-                raise UserError(f"{path}: row {i + 1}: {len(words)} words but {len(tags)} tags.")
+                raise UserError(f"{path}, {row_name(path, i)}: {len(words)} words but {len(tags)} tags.")
             for tag in tags:
                 if tag not in tag_ids:
-                    raise UserError(f"{path}: row {i + 1}: tag '{tag}' is not among the training tags "
+                    raise UserError(f"{path}, {row_name(path, i)}: tag '{tag}' is not among the training tags "
                                     f"({', '.join(labels)}).")
             encoded["labels"].append([tag_ids[tags[w]] if start else -100 for w, start in zip(word_ids, starts)])
         if not need_labels:

@@ -1,0 +1,296 @@
+"""The traps a new user hit: metric direction, a task without a tokenizer, a vocabulary for their own
+words, a plain nn.Module, a loss that is not a scalar, messages, two runs in one outdir.
+
+    pytest tests/test_traps.py
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+import dataset
+import train
+import utils
+from conftest import ROOT, data_args, read_json, tiny_tokenizer
+
+FAST = ["--batch_size", "32", "--epochs", "1"]
+
+
+def run(tiny_data, tmp_path, *extra):
+    train.main([*map(str, data_args(tiny_data)), *FAST, "--outdir", str(tmp_path / "model"), *map(str, extra)])
+    return tmp_path / "model"
+
+
+def refused(argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([str(a) for a in argv])
+    message = str(exit_info.value.code)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+# ---------------------------------------------------------------- --metric_for_best
+
+def test_an_unknown_metric_for_best_is_refused_before_the_first_step(tiny_data, tmp_path):
+    start = time.perf_counter()
+    refused([*data_args(tiny_data), *FAST, "--metric_for_best", "f1", "--outdir", tmp_path / "model"],
+            "--metric_for_best f1: not among the validation metrics (loss, accuracy, macro_f1)")
+    assert not (tmp_path / "model").exists()  # nothing trained, nothing written
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("name, greater", [("loss", False), ("mse", False), ("valid_rmse", False),
+                                           ("word_error_rate", False), ("perplexity", False), ("accuracy", True),
+                                           ("macro_f1", True)])
+def test_the_direction_of_a_metric_follows_its_name(name, greater, monkeypatch, tiny_data, tmp_path, capsys):
+    monkeypatch.setattr(train, "compute_metrics", lambda gathered: {name: 0.5} if name != "loss" else {})
+    args = train.parse_args([*map(str, data_args(tiny_data)), "--metric_for_best", name])
+    model = train.build_model(args.model_name_or_path, train.generate_dataset(
+        args.train_file, "train", tiny_tokenizer(), args))
+    valid_set = train.generate_dataset(args.valid_file, "validation", tiny_tokenizer(), args, ["negative", "neutral", "positive"])
+    assert train.check_first_batch(model, valid_set, args) is greater
+    args.greater_is_better = not greater  # the flag wins
+    assert train.check_first_batch(model, valid_set, args) is (not greater)
+
+
+def test_mse_keeps_the_lowest_epoch_in_best(tiny_data, tmp_path, monkeypatch, capfd):
+    """A made-up 'mse' that rises every epoch: best/ must stay at epoch 0 (it used to keep the worst)."""
+    values = iter([0.1, 0.5, 0.9, 0.2, 0.3])
+    monkeypatch.setattr(train, "compute_metrics", lambda gathered: {"mse": next(values)})
+    outdir = run(tiny_data, tmp_path, "--metric_for_best", "mse", "--epochs", 3)
+    assert "best/ keeps the epoch with the lowest valid mse" in capfd.readouterr().out
+    # 0.1 is the one-batch check before training; then 0.5, 0.9, 0.2 for epochs 0, 1, 2
+    state = read_json(outdir / "best" / "trainer_state.json")
+    assert state["best_metric"] == 0.2 and state["epoch"] == 3
+    assert read_json(outdir / "last" / "trainer_state.json")["bad_epochs"] == 0
+
+
+# ---------------------------------------------------------------- a task without a tokenizer
+
+class TableConfig(PretrainedConfig):
+    model_type = "test-table-regressor"
+
+    def __init__(self, features=3, **kwargs):
+        self.features = features
+        super().__init__(**kwargs)
+
+
+@dataclass
+class RegressionOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    prediction: torch.Tensor | None = None
+
+
+class TableModel(PreTrainedModel):
+    config_class = TableConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layer = nn.Linear(config.features, 1)
+        self.post_init()
+
+    def forward(self, x, y=None):
+        prediction = self.layer(x).squeeze(-1)
+        return RegressionOutput(loss=nn.functional.mse_loss(prediction, y) if y is not None else None,
+                                prediction=prediction)
+
+
+class TableDataset(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, generator=generator)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+        self.labels = None
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+    def collate(self, samples):
+        return {"x": torch.stack([s["x"] for s in samples]), "y": torch.stack([s["y"] for s in samples])}
+
+
+@pytest.fixture
+def table_task(monkeypatch):
+    """A tabular regression pair as a user would write it: no tokenizer anywhere."""
+    monkeypatch.delattr(dataset, "load_tokenizer")
+    monkeypatch.setattr(train, "generate_dataset", lambda path, split, tokenizer, args, labels=None:
+                        TableDataset(256 if split == "train" else 64, seed=0 if split == "train" else 1))
+    monkeypatch.setattr(train, "build_model", lambda name, train_set: TableModel(TableConfig()))
+    monkeypatch.setattr(train, "metric_inputs", lambda batch, outputs: {})
+    monkeypatch.setattr(train, "compute_metrics", lambda gathered: {})
+
+
+def test_a_task_without_a_tokenizer_trains_saves_and_resumes(table_task, tmp_path):
+    outdir = tmp_path / "model"
+    # The model folder is not even read by this task: a tokenizer is no longer loaded from it.
+    args = ["--model_name_or_path", tmp_path / "nothing-here", "--batch_size", 32, "--epochs", 2, "--lr", 0.05,
+            "--outdir", outdir]
+    train.main([*map(str, args), "--stop_after_steps", "12"])
+    train.main(["--resume", str(outdir / "last")])
+    files = {p.name for p in (outdir / "last").iterdir()}
+    assert not any(name.startswith(("tokenizer", "vocab", "special_tokens")) for name in files)
+    log = read_json(outdir / "log.json")
+    assert log["Epoch 1"]["valid_log"]["loss"] < log["Epoch 0"]["valid_log"]["loss"]
+    assert TableModel.from_pretrained(outdir / "best").layer.weight.shape == (1, 3)
+
+
+# ---------------------------------------------------------------- a vocabulary learnt from the data
+
+def test_training_from_scratch_learns_the_vocabulary_of_the_training_file(tmp_path):
+    words = ["zebra", "quantum", "marmalade", "kayak", "obsidian"]
+    train_file = tmp_path / "mine.jsonl"
+    train_file.write_text("".join(f'{{"text": "the {w} is {v}", "label": "{v}"}}\n'
+                                  for w in words for v in ("good", "bad")))
+    args = train.parse_args(["--train_file", str(train_file)])
+    tokenizer = dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", args)
+    assert tokenizer.unk_token_id not in tokenizer("The ZEBRA and the kayak are good")["input_ids"]
+    rows = utils.load_rows(train_file)
+    cache = utils.Path(dataset.datasets.config.HF_DATASETS_CACHE, "vocabularies",
+                       f"{rows._fingerprint}-{dataset.VOCABULARY_SIZE}.json")
+    assert cache.is_file()  # cached ...
+    before = cache.stat().st_mtime_ns
+    assert dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", args).get_vocab() == tokenizer.get_vocab()
+    assert cache.stat().st_mtime_ns == before  # ... and read back, not learnt again
+    model = train.build_model(args.model_name_or_path, dataset.generate_dataset(str(train_file), "train", tokenizer, args))
+    assert model.config.encoder["vocab_size"] == len(tokenizer)
+
+
+def test_the_checkpoint_carries_its_tokenizer_and_resume_uses_it(tiny_data, tmp_path):
+    outdir = run(tiny_data, tmp_path)
+    saved = dataset.load_tokenizer(outdir / "last", None)  # a checkpoint's own tokenizer, no data needed
+    assert saved.get_vocab() == dataset.load_tokenizer(ROOT / "assets" / "tiny-bert",
+                                                       train.parse_args(list(map(str, data_args(tiny_data))))).get_vocab()
+
+
+# ---------------------------------------------------------------- the model contract
+
+def test_a_plain_nn_module_is_refused_before_the_first_step(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda name, train_set: nn.Linear(2, 2))
+    refused([*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
+            "build_model() in modeling.py returned a Linear, not a transformers PreTrainedModel",
+            "Subclass PreTrainedModel")
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_loss_that_is_not_a_scalar_is_one_line(tiny_data, tmp_path, monkeypatch):
+    build = train.build_model
+
+    def per_example_loss(name, train_set):
+        model = build(name, train_set)
+        forward = model.forward
+        model.forward = lambda **batch: RegressionOutput(loss=nn.functional.cross_entropy(
+            forward(**batch).logits, batch["labels"], reduction="none"))
+        return model
+    monkeypatch.setattr(train, "build_model", per_example_loss)
+    refused([*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
+            "Model.forward() returned a loss of shape (2,): it must be a scalar tensor")
+
+
+def test_no_loss_says_which_keys_went_into_kwargs(tiny_data, tmp_path, monkeypatch):
+    class Swallowing(nn.Module):
+        def forward(self, target=None, **inputs):  # the batch has `labels`, so target stays None
+            return ModelOutput(logits=torch.zeros(2, 3))
+
+    class Model(TableModel):
+        forward = Swallowing.forward
+    monkeypatch.setattr(train, "build_model", lambda name, train_set: Model(TableConfig()))
+    refused([*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"], "returned no loss",
+            "input_ids, attention_mask, labels are not parameters of forward() and went into its **inputs")
+
+
+# ---------------------------------------------------------------- messages
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "per process; reduce if out of memory (default: 32)" in text and "(default: linear)" in text
+
+
+def test_csv_errors_count_lines_the_same_way(tiny_data, tmp_path):
+    """A CSV line with too many fields (the reader's error) and one with a missing label (ours): both
+    say the line an editor shows, header included."""
+    extra = tmp_path / "extra.csv"
+    extra.write_text("text,label\nthe food was great,positive\nthe food,was,bad\n")
+    refused(["--train_file", extra, "--outdir", tmp_path / "model"], "line 3")
+    missing = tmp_path / "missing.csv"
+    missing.write_text("text,label\nthe food was great,positive\nno label here\n")
+    refused(["--train_file", missing, "--outdir", tmp_path / "model"], "missing.csv, line 3:")
+
+
+def test_accelerate_launch_quiet_shows_our_line_only(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
+                             "--train_file", str(tmp_path / "missing.jsonl"), "--outdir", str(tmp_path / "model")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "missing.jsonl: no such data file" in result.stderr
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
+
+
+# ---------------------------------------------------------------- one run per outdir
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import utils
+utils.lock_outdir({outdir!r})
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_a_second_run_into_a_busy_outdir_is_refused_and_a_stale_lock_taken_over(extra, tiny_data, tmp_path):
+    outdir = tmp_path / "model"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), outdir=str(outdir))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused([*data_args(tiny_data), *FAST, "--outdir", outdir, *extra],
+                f"--outdir {outdir} is in use by another run (pid {holder.pid} on ")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (outdir / ".lock").read_text().startswith(f"pid {holder.pid}")  # left behind by the dead holder
+    run(tiny_data, tmp_path, *extra)  # stale: taken over
+    assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 1
+
+
+# ---------------------------------------------------------------- the launcher signalled alone
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_to_the_launcher_alone_saves_and_stops_the_training_processes(processes, tiny_data, tmp_path):
+    """Schedulers and `kill PID` often signal only `accelerate launch`: its train.py processes must
+    not train on orphaned, but save last/ and stop, printing a resume command that works as printed."""
+    from test_faults import start, wait_for_checkpoint
+    outdir = tmp_path / "model"
+    process = start(tiny_data, outdir, processes, "--save_steps", 3, "--log_every", 1)
+    wait_for_checkpoint(outdir, 3, process)
+    process.send_signal(signal.SIGTERM)  # the launcher only, not its process group
+    output, _ = process.communicate(timeout=120)  # EOF once every train.py holding the pipe has exited
+    assert f"Stopped by signal {int(signal.SIGTERM)}" in output
+    state = read_json(outdir / "last" / "trainer_state.json")
+    assert state["num_processes"] == processes and state["global_step"] < 40  # stopped early, not trained on
+    command = output.split("Continue with: ", 1)[1].splitlines()[0]
+    expected = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py" if processes == 2
+                else "accelerate launch train.py")
+    assert command == f"{expected} --resume {outdir}/last"
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    resumed = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 2
