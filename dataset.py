@@ -2,20 +2,21 @@
 or .parquet file (or a hub dataset, see --dataset_config) with a "text" and a "label" column;
 change TEXT and LABEL below if yours are named otherwise.
 
-What train.py and predict.py read from this file:
-  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch
-    Dataset (__len__, __getitem__). train.py calls it for --train_file (split "train") and for
-    --valid_file (split "validation"), passing the training set's `labels` the second time so that
-    both share what the training data decides (here: the label names and their ids). `args` holds
-    every option of train.py (args.max_len, ...). predict.py calls it with predicting=True: the
-    label column may then be absent, and every row must give one example.
-  * `Dataset.collate(samples)` turns a list of samples into a batch: a dict whose keys are the
-    arguments of Model.forward(). Padding happens here, per batch, not to a fixed length.
-  * `Dataset.lengths` (optional): the length of each sample, for --group_by_length.
+What train.py and predict.py read from this file (nothing else):
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` (required)
+    returns a torch Dataset (__len__, __getitem__). train.py calls it for --train_file (split
+    "train") and for --valid_file (split "validation"), passing the training set's `labels` the
+    second time so that both share what the training data decides (here: the label names and their
+    ids). `args` holds every option of train.py (args.max_len, ...). predict.py calls it with
+    predicting=True: the label column may then be absent, and every row must give one example.
   * `load_tokenizer(source, args)` (optional): the tokenizer (or any processor) that
     generate_dataset() receives, for `source` = --model_name_or_path, or the checkpoint on --resume
-    and in predict.py; it is saved into every checkpoint. Without this function, or when it returns
-    None, there is none (a tabular or image task, say).
+    and in predict.py; it is saved into every checkpoint. Without it there is none (a tabular or
+    image task, say).
+  * On the Dataset, all optional: `collate(samples)` turns a list of samples into a batch, a dict
+    whose keys are the arguments of Model.forward() (padding per batch, not to a fixed length;
+    default: torch's default_collate); `labels` is handed to the validation set (and to
+    build_model() with the training set); `lengths` (one per sample) serves --group_by_length.
   * Bad data raises UserError naming the file and line, so the user sees one clear message.
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with

@@ -1,23 +1,25 @@
 """USER EDITS: the model. The default is text classification: an encoder and a linear head.
 
-What train.py expects of this file:
-  * `build_model(model_name_or_path, train_set)` returns the model to train. `train_set` is what
-    dataset.generate_dataset() built from --train_file, so the data can size the model (here:
-    the label names become config.id2label).
-  * `Model.forward(**batch)` takes the keys the dataset's collate function yields and returns a
-    ModelOutput whose `.loss` is a scalar tensor.
-  * `Model` saves and loads with save_pretrained(dir) / from_pretrained(dir) like BertModel, so a
-    trained checkpoint loads with `Model.from_pretrained("model/best")` and no train.py.
-  * `metric_inputs(batch, outputs)` picks per-example tensors (first dimension = batch size) that
-    train.py gathers from all processes over the validation set; `compute_metrics(gathered)` turns
-    them into {"name": float}, shown in the VALID bar and stored in log.json next to the validation
-    loss. --metric_for_best picks one of them to decide best/: lower is better for names like loss,
-    error, mse, mae, rmse, perplexity, higher for the others (--greater_is_better overrides).
-  * `format_samples(model, tokenizer, batch, outputs, k)` shows k examples of a training batch as
-    text (input / prediction / gold) for --sample_every. It runs on the main process only, with the
-    RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).
-  * `predictions(config, batch, outputs)` turns a batch's outputs into one JSON-able dict per
-    example for predict.py; `outputs.embeddings` (optional) is what predict.py --embeddings writes.
+What train.py and predict.py read from this file (nothing else):
+  * `Model` (required): a transformers PreTrainedModel, so that it saves and loads with
+    save_pretrained(dir) / from_pretrained(dir) like BertModel: a trained checkpoint loads with
+    `Model.from_pretrained("model/best")` and no train.py. `Model.forward(**batch)` takes the keys
+    the dataset's collate function yields and returns a ModelOutput whose `.loss` is a scalar tensor.
+  * `build_model(model_name_or_path, train_set)` (required) returns the model to train. `train_set`
+    is what dataset.generate_dataset() built from --train_file, so the data can size the model
+    (here: the label names become config.id2label, the learnt vocabulary sizes the embeddings).
+  * `metric_inputs(batch, outputs)` and `compute_metrics(gathered)` (optional, both or neither): the
+    first picks per-example tensors (first dimension = batch size) that train.py gathers from all
+    processes over the validation set; the second turns them into {"name": float}, shown in the
+    VALID bar and stored in log.json next to the validation loss. Without them validation reports
+    the loss only. --metric_for_best picks one of them to decide best/: lower is better for names
+    like loss, error, mse, mae, rmse, perplexity, higher for the others (--greater_is_better overrides).
+  * `format_samples(model, tokenizer, batch, outputs, k)` (optional, for --sample_every) shows k
+    examples of a training batch as text (input / prediction / gold). It runs on the main process
+    only, with the RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).
+  * `predictions(config, batch, outputs)` (optional, for predict.py) turns a batch's outputs into one
+    JSON-able dict per example; without it predict.py writes the raw outputs. `outputs.embeddings`
+    (optional) is what predict.py --embeddings writes.
 
 To change the task, change the head and the loss in forward(), and the functions below it.
 """

@@ -5,7 +5,8 @@
     python predict.py --input_file nyu-mll/glue --dataset_config sst2 --split validation
 
 Each line is {"index": row, **predictions(...)} from modeling.py (default: {"label", "score"}), plus
-"embedding" with --embeddings. The data is prepared by dataset.py exactly as in training (max_len
+"embedding" with --embeddings; without predictions() in modeling.py, the model's raw outputs (every
+per-example tensor but the loss, as lists). The data is prepared by dataset.py exactly as in training (max_len
 and the other options come from the checkpoint's my_config.json). A label column is not needed; if
 there is one, dataset.py checks it against the training labels. One process, on the GPU if there
 is one, else the CPU (for a large file, split it and run one predict.py per GPU).
@@ -22,10 +23,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dataset
+import modeling
 import train
 import utils
 from dataset import generate_dataset
-from modeling import Model, predictions
+from modeling import Model
 from utils import UserError
 
 
@@ -89,8 +91,17 @@ def write_lines(path, lines):
         temporary.unlink(missing_ok=True)
 
 
+def raw_outputs(config, batch, outputs):
+    """For a modeling.py without predictions(): each per-example tensor of the outputs (not the loss)."""
+    size = len(next(iter(batch.values())))
+    tensors = {key: value for key, value in outputs.items()
+               if key != "loss" and torch.is_tensor(value) and value.dim() > 0 and len(value) == size}
+    return [{key: value[i].float().tolist() for key, value in tensors.items()} for i in range(size)]
+
+
 def predict(model, loader, device, with_embeddings):
     """Yields one dict per example, in the loader's order."""
+    predictions = getattr(modeling, "predictions", raw_outputs)
     index = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="[PREDICT]", dynamic_ncols=True):
@@ -128,7 +139,10 @@ def main(argv=None):
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)] or None
     data = generate_dataset(args.input_file, args.split, tokenizer, options, labels=labels, predicting=True)
     # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
-    loader = DataLoader(data, args.batch_size, collate_fn=data.collate)
+    loader = DataLoader(data, args.batch_size, collate_fn=getattr(data, "collate", None))
+    if not hasattr(modeling, "predictions"):
+        print("note: modeling.py has no predictions(config, batch, outputs): writing the model's raw outputs.",
+              file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     write_lines(args.output_file, predict(model, loader, device, args.embeddings))

@@ -22,10 +22,12 @@ from accelerate.utils import DistributedType, LoggerType, TorchDynamoPlugin, set
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
 
+import checkpoint
 import dataset
+import modeling
 import utils
 from dataset import generate_dataset
-from modeling import build_model, compute_metrics, format_samples, metric_inputs
+from modeling import build_model
 from utils import UserError
 
 
@@ -112,6 +114,21 @@ def parse_args(argv=None):
     return utils.parse_options(parser, argv)
 
 
+def has_metrics():
+    """Whether modeling.py has the optional metric_inputs() and compute_metrics() (else: the loss only)."""
+    return hasattr(modeling, "metric_inputs") and hasattr(modeling, "compute_metrics")
+
+
+def metrics_of(batch, outputs):
+    """modeling.metric_inputs(batch, outputs): per-example tensors to gather from every process."""
+    return modeling.metric_inputs(batch, outputs) if has_metrics() else {}
+
+
+def compute_metrics(gathered):
+    """modeling.compute_metrics(gathered): {name: value} over the whole validation set."""
+    return modeling.compute_metrics(gathered) if has_metrics() else {}
+
+
 def evaluate(accelerator, model, loader, desc):
     """Validation loss and metrics over the whole validation set, gathered from every process; the
     VALID bar ends showing them all."""
@@ -123,7 +140,7 @@ def evaluate(accelerator, model, loader, desc):
             outputs = model(**batch)
             batch_size = len(next(iter(batch.values())))
             losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(batch_size)))
-            for key, value in metric_inputs(batch, outputs).items():
+            for key, value in metrics_of(batch, outputs).items():
                 gathered[key].append(accelerator.gather_for_metrics(value))
             bar.update()
     model.train()
@@ -141,12 +158,13 @@ def check_first_batch(model, valid_set, args):
     """Before any training: one validation batch through the model, so that a forward without a
     scalar loss or a --metric_for_best that no metric has costs seconds, not an epoch. Returns
     whether a greater --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept."""
-    batch = valid_set.collate([valid_set[i] for i in range(min(2, len(valid_set)))])
+    collate = getattr(valid_set, "collate", torch.utils.data.default_collate)
+    batch = collate([valid_set[i] for i in range(min(2, len(valid_set)))])
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         outputs = model(**batch)
         check_loss(model, batch, outputs)
-        metrics = ["loss", *compute_metrics(metric_inputs(batch, outputs))]
+        metrics = ["loss", *compute_metrics(metrics_of(batch, outputs))]
     model.train()
     if args.metric_for_best not in metrics:
         raise UserError(f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
@@ -167,12 +185,25 @@ def check_loss(model, batch, outputs):
                 f"**{next(p.name for p in parameters.values() if p.kind is p.VAR_KEYWORD)}: is one of them "
                 f"meant as the labels?" if swallowed and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
                 else "")
-        raise UserError(f"Model.forward() returned no loss: return a ModelOutput with .loss set (see modeling.py)."
+        raise UserError("Model.forward() returned no loss: return a ModelOutput with .loss set (see modeling.py)."
                         + hint)
     if not torch.is_tensor(loss) or loss.dim() != 0:
         shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
         raise UserError(f"Model.forward() returned a loss of shape {shape}: it must be a scalar tensor (reduce it, "
                         f"e.g. with .mean()).")
+
+
+def show_samples(accelerator, model, tokenizer, batch, outputs, args, step, bar):
+    """--sample_every: modeling.format_samples() on the main process, in eval mode, without gradients,
+    with the RNG streams restored afterwards: showing samples (even with generate()) changes nothing."""
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model).eval()
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        samples = modeling.format_samples(unwrapped, tokenizer, batch, outputs, args.samples)
+    unwrapped.train()
+    bar.write(f"--- samples at step {step}:\n" + "\n".join(samples[:args.samples]))
 
 
 def resume_command(accelerator, outdir):
@@ -191,7 +222,7 @@ def resume_command(accelerator, outdir):
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.check_outdir(args.outdir, args.resume, args.overwrite)
+    checkpoint.check_outdir(args.outdir, args.resume, args.overwrite)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
     accelerator = Accelerator(
         gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
@@ -205,6 +236,14 @@ def main(argv=None):
         raise UserError(f"--resume under {accelerator.distributed_type.value} is not supported yet: the checkpoint "
                         f"holds one shard of the optimizer state (its weights are whole: Model.from_pretrained "
                         f"loads them).")
+    if args.resume:
+        if accelerator.is_main_process:
+            checkpoint.verify(args.resume)  # every file against the manifest, before anything is read
+        accelerator.wait_for_everyone()
+    if args.sample_every and not hasattr(modeling, "format_samples"):
+        raise UserError("--sample_every: modeling.py has no format_samples(model, tokenizer, batch, outputs, k).")
+    if not has_metrics():
+        accelerator.print("modeling.py has no metric_inputs() and compute_metrics(): validation reports the loss only.")
     set_seed(args.seed, device_specific=True)
 
     with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
@@ -212,7 +251,8 @@ def main(argv=None):
         load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
         tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
         train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
-        valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args, train_set.labels)
+        valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
+                                     getattr(train_set, "labels", None))
     model = build_model(args.model_name_or_path, train_set)
     if not isinstance(model, PreTrainedModel):
         raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a transformers "
@@ -223,7 +263,7 @@ def main(argv=None):
     accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
                       f"{args.metric_for_best} (--{'no-' if greater_is_better else ''}greater_is_better to change it).")
     if args.resume:
-        utils.load_weights(args.resume, model)
+        checkpoint.load_weights(args.resume, model)
     if args.freeze_backbone:
         model.base_model.requires_grad_(False)
     if args.lora_r:
@@ -245,14 +285,14 @@ def main(argv=None):
     num_workers = args.num_workers if args.num_workers is not None else 2 * torch.cuda.is_available()
     loader_options = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
                       "persistent_workers": num_workers > 0, "generator": torch.Generator()}
+    collate = getattr(train_set, "collate", None)  # None: torch's default_collate
     if args.group_by_length:
         sampler = utils.LengthGroupedSampler(args.batch_size, train_set, args.seed)
-        train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, collate_fn=train_set.collate,
-                                  **loader_options)
+        train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, collate_fn=collate, **loader_options)
     else:
-        train_loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=train_set.collate,
-                                  **loader_options)
-    valid_loader = DataLoader(valid_set, args.batch_size, collate_fn=valid_set.collate, **loader_options)
+        train_loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate, **loader_options)
+    valid_loader = DataLoader(valid_set, args.batch_size, collate_fn=getattr(valid_set, "collate", None),
+                              **loader_options)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
 
     # A prepared scheduler steps once per process at each optimizer step, so it is sized in those
@@ -264,42 +304,24 @@ def main(argv=None):
         num_training_steps=steps_per_epoch * args.epochs * accelerator.num_processes))
 
     if accelerator.is_main_process:
-        utils.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
-    state = utils.TrainState(num_processes=accelerator.num_processes)
-    per_process = {"loss_sum": torch.zeros((), dtype=torch.float64), "batches": torch.zeros((), dtype=torch.int64)}
+        checkpoint.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
+    state = checkpoint.TrainState(num_processes=accelerator.num_processes)
     if args.resume:
-        state = utils.load_training_state(args.resume, accelerator, optimizer, scheduler, args.ignore_mismatch)
-        per_process.update(utils.restore_rng(args.resume, accelerator))  # last: nothing may draw after it
+        state = checkpoint.load_training_state(args.resume, accelerator, optimizer, scheduler, args.ignore_mismatch)
+        checkpoint.restore_rng(args.resume, accelerator)  # last: nothing may draw after it
     elif args.overwrite:
-        utils.clear_outdir(accelerator, args.outdir)
+        checkpoint.clear_outdir(accelerator, args.outdir)
+    # The epoch's loss sums of each process, as saved: log.json's mean then comes out bitwise the same.
+    same_processes = len(state.loss_sums) == accelerator.num_processes
+    running = utils.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index] if same_processes
+                                else (0.0, 0))
     if args.report_to:
         accelerator.init_trackers("runs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                   for k, v in vars(args).items()})
-    # Sums kept on the device and read only every --log_every steps: reading one waits for the GPU.
-    loss_sum, batches = (per_process["loss_sum"].to(accelerator.device), per_process["batches"].to(accelerator.device))
-    window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, batches, non-finite steps
-
-    def save(names):
-        utils.save_checkpoint(accelerator, args.outdir, names, model, tokenizer, optimizer, scheduler, args, state,
-                              {"loss_sum": loss_sum.cpu(), "batches": batches.cpu()})
-
-    def log_window(epoch, bar):
-        """Shows and logs the mean loss since the last call; stops on non-finite gradients."""
-        loss, count, nonfinite = window.tolist()
-        window.zero_()
-        if nonfinite and not args.skip_nonfinite:
-            raise UserError(f"non-finite gradients in {int(nonfinite)} of the optimizer steps up to step "
-                            f"{state.global_step} (epoch {epoch}); no update was made with them. Lower --lr, check "
-                            f"the data, or pass --skip_nonfinite to skip such steps.")
-        state.skipped_steps += int(nonfinite)
-        if count:
-            values = {"loss": loss / count, "lr": scheduler.get_last_lr()[0]}
-            bar.set_postfix(values, refresh=False)
-            accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
 
     model.train()  # from_pretrained() returns a model in eval mode (dropout off)
-    stopped = preempted = False
     preemption = utils.Preemption()  # SIGTERM / SIGUSR1: finish the step, save last/, exit
+    stop = None  # why the run ends before --epochs: a signal number or "--stop_after_steps"
     for epoch in range(state.epoch, args.epochs):
         if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
             accelerator.print(f"Early stopping: valid {args.metric_for_best} has not improved on {state.best_metric:.4f} "
@@ -307,11 +329,10 @@ def main(argv=None):
             break
         state.epoch = epoch
         train_loader.set_epoch(epoch)
-        skipped = state.steps_done_in_epoch * args.accumulation
-        batches_left = accelerator.skip_first_batches(train_loader, skipped) if skipped else train_loader
-        bar = utils.progress(accelerator, batches_left, f"[Epoch {epoch}] [TRAIN]", initial=skipped,
-                             total=len(train_loader))
-        for batch in bar:
+        done = state.steps_done_in_epoch * args.accumulation  # batches of this epoch before a resume
+        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+        bar = utils.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=len(train_loader))
+        for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 check_loss(model, batch, outputs)  # attributes only: no wait for the GPU
@@ -323,73 +344,71 @@ def main(argv=None):
                     nonfinite = ~torch.isfinite(grad_norm)
                     if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite.float()  # fused AdamW: no update if 1
-                        window[2] += nonfinite
+                        running.nonfinite_steps += nonfinite
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-            loss = outputs.loss.detach()
-            finite = torch.isfinite(loss)
-            loss_sum += torch.where(finite, loss, 0.0)
-            batches += finite
-            window[0] += torch.where(finite, loss, 0.0)
-            window[1] += finite
+            running.add(outputs.loss.detach())
+            bar.update()  # by hand: the bar is closed before validation, inside the epoch's last step
             if not accelerator.sync_gradients:
                 continue
+
+            # One optimizer step done: show, validate at the end of the epoch, save, stop.
             state.global_step += 1
             state.steps_done_in_epoch += 1
             end_of_epoch = accelerator.gradient_state.end_of_dataloader
-            if args.sample_every and state.global_step % args.sample_every == 0 and accelerator.is_main_process:
-                # In eval mode, without gradients, and with the RNG streams restored afterwards: showing
-                # samples (even with generate()) changes nothing in the run.
-                unwrapped = accelerator.unwrap_model(model).eval()
-                cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-                with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                    samples = format_samples(unwrapped, tokenizer, batch, outputs, args.samples)
-                unwrapped.train()
-                bar.write(f"--- samples at step {state.global_step}:\n" + "\n".join(samples[:args.samples]))
-            saving = (args.save_steps and state.global_step % args.save_steps == 0
-                      or state.global_step == args.stop_after_steps)
-            if state.global_step % args.log_every == 0 or end_of_epoch or saving:
-                log_window(epoch, bar)  # before any save: nothing is saved after an unnoticed NaN
-                preempted = preemption.received(accelerator)
-            stopped = state.global_step == args.stop_after_steps or preempted
+            if args.sample_every and state.global_step % args.sample_every == 0:
+                show_samples(accelerator, model, tokenizer, batch, outputs, args, state.global_step, bar)
+            if state.global_step == args.stop_after_steps:
+                stop = "--stop_after_steps"
+            save = end_of_epoch or stop or (args.save_steps and state.global_step % args.save_steps == 0)
+            if save or state.global_step % args.log_every == 0:
+                # Before any save: nothing is saved after a non-finite step that went unnoticed.
+                loss, nonfinite = running.since_shown()
+                if nonfinite and not args.skip_nonfinite:
+                    raise UserError(f"non-finite gradients in {nonfinite} of the optimizer steps up to step "
+                                    f"{state.global_step} (epoch {epoch}); no update was made with them. Lower --lr, "
+                                    f"check the data, or pass --skip_nonfinite to skip such steps.")
+                state.skipped_steps += nonfinite
+                if loss is not None:
+                    values = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
+                    bar.set_postfix(values, refresh=False)
+                    accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
+                stop = stop or preemption.received(accelerator) or None
+                save = save or stop
+            improved = False
             if end_of_epoch:
-                continue  # the end-of-epoch save below serves --save_steps and --stop_after_steps too
-            if stopped or saving:
-                save(["last"])
-            if stopped:
+                bar.close()
+                valid_log = evaluate(accelerator, model, valid_loader, f"[Epoch {epoch}] [VALID]")
+                train_log = {"loss": running.epoch_mean(accelerator), "lr": scheduler.get_last_lr()[0]}
+                if args.skip_nonfinite:
+                    train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
+                state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
+                accelerator.log({f"valid/{k}": v for k, v in valid_log.items()}, step=state.global_step)
+                value = valid_log[args.metric_for_best]
+                improved = state.best_metric is None or (value > state.best_metric if greater_is_better
+                                                         else value < state.best_metric)
+                state.best_metric = value if improved else state.best_metric
+                state.bad_epochs = 0 if improved else state.bad_epochs + 1
+                state.epoch, state.steps_done_in_epoch = epoch + 1, 0
+                accelerator.print(f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
+                                  + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
+                                  + (" (best so far: saved best/)" if improved else ""))
+            if save:  # the periodic, the end-of-epoch and the final save are this one
+                state.loss_sums = running.per_process(accelerator)
+                checkpoint.save(accelerator, args.outdir, ["last", "best"] if improved else ["last"], model,
+                                tokenizer, optimizer, scheduler, args, state)
+            if stop:
                 break
         bar.close()
-        if state.steps_done_in_epoch < steps_per_epoch:  # stopped mid-epoch; last/ holds the position
+        if stop:
             break
-
-        valid_log = evaluate(accelerator, model, valid_loader, f"[Epoch {epoch}] [VALID]")
-        totals = accelerator.reduce(torch.stack([loss_sum, batches.to(loss_sum.dtype)]), reduction="sum")
-        train_log = {"loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
-        if args.skip_nonfinite:
-            train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
-        state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
-        accelerator.log({f"valid/{k}": v for k, v in valid_log.items()}, step=state.global_step)
-        loss_sum.zero_()
-        batches.zero_()
-        value = valid_log[args.metric_for_best]
-        improved = state.best_metric is None or (value > state.best_metric if greater_is_better
-                                                 else value < state.best_metric)
-        state.best_metric = value if improved else state.best_metric
-        state.bad_epochs = 0 if improved else state.bad_epochs + 1
-        state.epoch, state.steps_done_in_epoch = epoch + 1, 0
-        save(["last", "best"] if improved else ["last"])
-        accelerator.print(f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
-                          + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
-                          + (" (best so far: saved best/)" if improved else ""))
-        if stopped:
-            break
-    if stopped:
-        reason = f"signal {preempted}" if preempted else "--stop_after_steps"
-        accelerator.print(f"Stopped by {reason} after {state.global_step} optimizer steps; {args.outdir}/last holds "
-                          f"the full state. Continue with: {resume_command(accelerator, args.outdir)}")
+    if stop:
+        accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
+                          f"{state.global_step} optimizer steps; {args.outdir}/last holds the full state. "
+                          f"Continue with: {resume_command(accelerator, args.outdir)}")
     accelerator.end_training()
-    status = 128 + preempted if preempted else 0  # as if killed by the signal, so a scheduler sees a preemption
+    status = 128 + stop if isinstance(stop, int) else 0  # as if killed by the signal: a scheduler sees a preemption
     if accelerator.num_processes > 1:
         # Everything is saved and fsynced. Skipping interpreter shutdown avoids a rare hang in the
         # process-group threads at exit (seen about 1 in 30 two-process CPU runs with gloo).

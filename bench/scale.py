@@ -5,7 +5,7 @@ to save and to resume, for the shipped tiny model and for a ~100M-parameter BERT
     python bench/scale.py --rows 2000 4000 8000 16000 --big_layers 24
 
 Each run is a fresh `python train.py` process with a timer around the optimizer step, around
-utils.save_checkpoint (every file written, fsynced and renamed into place) and around what --resume
+checkpoint.save (every file written, fsynced and renamed into place) and around what --resume
 does before the first step (checking the manifest's sha256 of every file, loading the weights,
 optimizer, scheduler and RNG). Epoch time is taken from the first optimizer step to the last, so
 start-up, tokenization and validation are outside it.
@@ -31,8 +31,8 @@ def child(argv):
     sys.path.insert(0, str(ROOT))
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import checkpoint
     import train
-    import utils
     steps, timings = [], {"save": [], "resume": 0.0}
     register_optimizer_step_post_hook(lambda *_: steps.append(time.perf_counter()))
 
@@ -48,9 +48,9 @@ def child(argv):
                 else:
                     timings["resume"] += elapsed
         return wrapper
-    utils.save_checkpoint = timed(utils.save_checkpoint, "save")
-    for name in ("checkpoint_dir", "load_weights", "load_training_state", "restore_rng"):
-        setattr(utils, name, timed(getattr(utils, name), "resume"))
+    checkpoint.save = timed(checkpoint.save, "save")
+    for name in ("verify", "load_weights", "load_training_state", "restore_rng"):
+        setattr(checkpoint, name, timed(getattr(checkpoint, name), "resume"))
     train.main(argv)
     print("BENCH " + json.dumps({"steps": len(steps), "first_to_last_step_s": steps[-1] - steps[0], **timings}))
 

@@ -1,9 +1,13 @@
-"""Shared fixtures: a shrunk copy of the shipped task and a runner for the real CLI.
+"""Shared fixtures: a shrunk copy of the shipped task, and two ways to run the real entry point.
 
-Every end-to-end test launches `accelerate launch train.py ...` exactly as a user would, on 320
-training and 64 validation lines of the shipped sample data (20 optimizer steps per epoch at a
-global batch of 16), so one run takes a few seconds on 2 CPU cores.
+`run(...)` calls train.main() in this process (a second or less: nothing to import again), with one
+torch thread, as `accelerate launch` gives each process, so its runs are bitwise comparable with
+the CLI's. `launch(...)` runs `accelerate launch train.py ...` exactly as a user would; the tests
+that need it (several processes, signals, kills) are marked slow. The data is 320 training and 64
+validation lines of the shipped sample data: 20 optimizer steps per epoch at a global batch of 16.
 """
+import contextlib
+import io
 import json
 import os
 import socket
@@ -11,8 +15,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +42,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(*args, processes=1, check=True, cwd=ROOT, env=None):
+def launch(*args, processes=1, check=True, cwd=ROOT, env=None, script="train.py"):
     """Runs train.py under `accelerate launch`; returns the CompletedProcess (stdout + stderr as text)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("ACCELERATE_USE_CPU", None)
@@ -46,10 +52,28 @@ def launch(*args, processes=1, check=True, cwd=ROOT, env=None):
         # On a machine without GPUs this is what makes --multi_gpu start CPU processes over gloo.
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    result = subprocess.run(command + ["train.py", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+    result = subprocess.run(command + [script, *map(str, args)], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=240)  # a hung run fails the test instead of the whole CI job
     if check and result.returncode != 0:
         raise AssertionError(f"train.py exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def run(*args, processes=1, check=True):
+    """train.main(args) in this process when processes == 1, else launch(): a result like launch()'s."""
+    if processes > 1:
+        return launch(*args, processes=processes, check=check)
+    import train
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            train.main([str(a) for a in args])
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+            stderr.write(f"{e.code}\n" if not isinstance(e.code, int) else "")
+    result = SimpleNamespace(returncode=status, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"train.main exited {status}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
 
 
@@ -88,13 +112,14 @@ def reference(tiny_data, tmp_path_factory):
 
     def get(processes):
         if processes not in made:
-            launch(*common_args(tiny_data, processes), "--outdir", folder / str(processes), processes=processes)
+            run(*common_args(tiny_data, processes), "--outdir", folder / str(processes), processes=processes)
             made[processes] = folder / str(processes)
         return made[processes]
     return get
 
 
 sys.path.insert(0, str(ROOT))  # the tests import train, modeling and dataset like a user's script would
+torch.set_num_threads(1)  # as `accelerate launch` runs each process: in-process runs equal the CLI's bitwise
 
 
 def tiny_tokenizer():

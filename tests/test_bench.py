@@ -19,6 +19,7 @@ def bench(script, *args):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_speed_contenders_see_the_same_batches():
     out = bench("speed.py", "--rows", 256, "--batch_size", 16, "--repeats", 1, "--only", "bare", "template", "trainer", "original",
                 "--no-host_reads")

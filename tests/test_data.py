@@ -14,9 +14,15 @@ from torch.utils.data import BatchSampler
 
 import train
 import utils
-from conftest import ROOT
+from conftest import ROOT, tiny_tokenizer
 from dataset import generate_dataset
-from test_units import TOKENIZER, load
+
+TOKENIZER = tiny_tokenizer()
+
+
+def load(path, max_len=128, labels=None):
+    """dataset.py as train.py calls it, with the default options."""
+    return generate_dataset(path, "train", TOKENIZER, train.parse_args(["--max_len", str(max_len)]), labels)
 
 ROWS = [("the food was great", "positive"), ("it was fine i guess", "neutral"), ("awful, truly", "negative")]
 
@@ -124,3 +130,27 @@ def test_length_grouped_batches_are_split_between_two_processes_without_overlap(
 def test_a_dataset_without_lengths_is_refused_by_group_by_length():
     with pytest.raises(SystemExit, match="--group_by_length: the Dataset of dataset.py has no `lengths`"):
         utils.LengthGroupedSampler(2, [1, 2, 3], 0)
+
+
+def test_jsonl_csv_and_tsv_give_the_same_dataset(tmp_path):
+    rows = [("the food was great", "positive"), ('he said "meh', "neutral"), ("awful, truly", "negative")]
+    (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "{t.replace(chr(34), chr(92) + chr(34))}", "label": "{l}"}}\n'
+                                              for t, l in rows))
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f'"{t.replace(chr(34), 2 * chr(34))}",{l}\n' for t, l in rows))
+    # GLUE-style TSV: a UTF-8 BOM, an unbalanced quote, an extra column
+    (tmp_path / "a.tsv").write_text("\ufeffid\ttext\tlabel\n" + "".join(f"{i}\t{t}\t{l}\n" for i, (t, l) in enumerate(rows)),
+                                    encoding="utf-8")
+    datasets = [load(tmp_path / f"a.{ext}", 32) for ext in ("jsonl", "csv", "tsv")]
+    for dataset in datasets:
+        assert dataset.labels == ["negative", "neutral", "positive"]
+        assert [dataset[i] for i in range(3)] == [datasets[0][i] for i in range(3)]
+    assert datasets[0][0]["labels"] == 2
+
+
+def test_collate_pads_per_batch_not_to_max_len():
+    dataset = load(ROOT / "data" / "valid.jsonl")
+    batch = dataset.collate([dataset[i] for i in range(4)])
+    longest = max(len(dataset[i]["input_ids"]) for i in range(4))
+    assert batch["input_ids"].shape == (4, longest) and longest < 128
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["attention_mask"].sum().item() == sum(len(dataset[i]["input_ids"]) for i in range(4))

@@ -1,8 +1,8 @@
 """The task pairs of examples/, copied over modeling.py and dataset.py in a copy of the repository and
 trained end to end by the unchanged train.py: outputs, metrics, learning, samples, bitwise resume.
 
-    pytest tests/test_examples.py               # ~40 s on 2 cores
-    pytest tests/test_examples.py -m slow       # also: 2 processes gather the whole validation set
+    pytest tests/test_examples.py               # the examples' own functions, in this process
+    pytest tests/test_examples.py -m slow       # end to end (~40 s on 2 cores), 2 processes included
 """
 import importlib.util
 import json
@@ -111,6 +111,7 @@ def best_epoch_log(outdir):
 
 # ---------------------------------------------------------------- end to end, through train.py
 
+@pytest.mark.slow  # 3 launches per example
 def test_stopped_and_resumed_run_ends_bitwise_equal(example):
     repo = example.repo
     assert f"Stopped by --stop_after_steps after {STOP_AFTER} optimizer steps" in example.stopped.stdout
@@ -120,6 +121,7 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(example):
     assert read_json(repo / "full" / "log.json") == read_json(repo / "stopped" / "log.json")
 
 
+@pytest.mark.slow  # 3 launches per example
 def test_log_has_the_metric_and_the_model_learns(example):
     log = read_json(example.repo / "full" / "log.json")
     assert list(log) == ["Epoch 0", "Epoch 1"]
@@ -137,6 +139,7 @@ def test_log_has_the_metric_and_the_model_learns(example):
         assert valid[1]["f1"] > valid[0]["f1"] and valid[1]["accuracy"] > 0.8
 
 
+@pytest.mark.slow  # 3 launches per example
 def test_best_loads_with_from_pretrained_and_reproduces_its_metric(example):
     best = example.repo / "full" / "best"
     metrics, predictions, model = recompute(example.name, example.repo, best)
@@ -156,6 +159,7 @@ def test_best_loads_with_from_pretrained_and_reproduces_its_metric(example):
         assert all(tag in TAGS for p in predictions for tag in p["tags"])
 
 
+@pytest.mark.slow  # 3 launches per example
 def test_samples_show_generations_or_entities(example):
     out = example.full.stdout
     assert out.count("--- samples at step ") == 2  # steps 10 and 20
@@ -176,7 +180,7 @@ def test_two_processes_gather_the_whole_validation_set(name, tmp_path):
     """40 validation rows at 16 per process: the last batch is padded across the processes, and
     gather_for_metrics must drop exactly the padding for the metric to match a one-process count."""
     repo, options = fork_with_example(name, tmp_path)
-    result = launch(*options, "--epochs", 1, "--outdir", "model", cwd=repo, processes=2)
+    launch(*options, "--epochs", 1, "--outdir", "model", cwd=repo, processes=2)
     assert read_json(repo / "model" / "last" / "trainer_state.json")["num_processes"] == 2
     metrics, _, _ = recompute(name, repo, repo / "model" / "best")
     logged = best_epoch_log(repo / "model")

@@ -17,23 +17,25 @@ import time
 
 import pytest
 
+import checkpoint as checkpoint_module
 import train
-import utils
 from conftest import ROOT, assert_bitwise_equal, common_args, data_args, launch, read_json
 
-# Points of a save where TEMPLATE_CRASH_AT kills the process (see utils.fault_point). The 1st
-# save (step 7, no previous last/) has points 1-6, the 2nd (step 14) points 7-13:
-CRASHES = {9: "inside a save, optimizer.pt written, manifest not yet",
-           11: "between the two renames: last/ moved away, the new one not yet in place",
-           12: "right after the new last/ is in place, before the old one is removed",
-           13: "right after a complete save, before the next step"}
+# Moments of the 2nd save (step 14; the 1st is at step 7) where tests/crash.py kills the process:
+# right after the N-th rename onto NAME.
+CRASHES = {("trainer_state.json", 2): "inside a save, optimizer.pt written, manifest not yet",
+           (".old-last", 1): "between the two renames: last/ moved away, the new one not yet in place",
+           ("last", 2): "right after the new last/ is in place, before the old one is removed",
+           ("log.json", 2): "right after a complete save, before the next step"}
 
 
-@pytest.mark.parametrize("point", CRASHES, ids=[f"point{k}" for k in CRASHES])
-def test_killed_during_or_after_a_save_then_resumed_is_bitwise_the_uninterrupted_run(point, tiny_data, reference,
+@pytest.mark.slow
+@pytest.mark.parametrize("name, count", CRASHES, ids=[f"{name}-{count}" for name, count in CRASHES])
+def test_killed_during_or_after_a_save_then_resumed_is_bitwise_the_uninterrupted_run(name, count, tiny_data, reference,
                                                                                     tmp_path):
     outdir = tmp_path / "model"
-    crashed = launch(*common_args(tiny_data, 1), "--outdir", outdir, env={"TEMPLATE_CRASH_AT": str(point)}, check=False)
+    crashed = launch(name, count, *common_args(tiny_data, 1), "--outdir", outdir, script="tests/crash.py",
+                     check=False)
     assert crashed.returncode != 0, "the fault was not injected"
     assert not (outdir / "last").exists() or read_json(outdir / "last" / "manifest.json")["global_step"] in (7, 14)
     launch("--resume", outdir / "last")
@@ -64,6 +66,7 @@ def start(tiny_data, outdir, processes, *extra):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_sigkill_at_an_arbitrary_moment_after_a_checkpoint(tiny_data, reference, tmp_path):
     outdir = tmp_path / "model"
     process = start(tiny_data, outdir, 1)
@@ -74,6 +77,7 @@ def test_sigkill_at_an_arbitrary_moment_after_a_checkpoint(tiny_data, reference,
     assert_bitwise_equal(reference(1) / "last", outdir / "last")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_saves_last_then_resume_is_bitwise(processes, tiny_data, reference, tmp_path):
     outdir = tmp_path / "model"
@@ -88,6 +92,7 @@ def test_sigterm_saves_last_then_resume_is_bitwise(processes, tiny_data, referen
     assert_bitwise_equal(reference(processes) / "last", outdir / "last")
 
 
+@pytest.mark.slow
 def test_sigterm_exit_status_is_143(tiny_data, tmp_path):
     outdir = tmp_path / "model"
     process = subprocess.Popen([sys.executable, "train.py", *map(str, data_args(tiny_data)), "--outdir", str(outdir),
@@ -115,7 +120,7 @@ def test_a_damaged_checkpoint_file_is_refused_by_name(name, damage, reference, t
     shutil.copytree(reference(1) / "last", checkpoint)
     damage(checkpoint / name)
     with pytest.raises(SystemExit, match=f"{name} is missing, truncated or changed"):
-        train.parse_args(["--resume", str(checkpoint)])
+        checkpoint_module.verify(checkpoint)
 
 
 class Payload:
@@ -133,8 +138,8 @@ def test_a_malicious_lr_bin_is_refused_and_never_runs(reference, tmp_path):
     shutil.copytree(reference(1) / "last", checkpoint)
     (checkpoint / "lr.bin").write_bytes(pickle.dumps(Payload()))
     manifest = read_json(checkpoint / "manifest.json")  # as an attacker would: the manifest is no signature
-    manifest["files"]["lr.bin"] = utils.sha256(checkpoint / "lr.bin")
-    utils.write_json(checkpoint / "manifest.json", manifest)
+    manifest["files"]["lr.bin"] = checkpoint_module.sha256(checkpoint / "lr.bin")
+    checkpoint_module.write_json(checkpoint / "manifest.json", manifest)
     with pytest.raises(SystemExit, match="lr.bin: refused to load"):
         train.main(["--resume", str(checkpoint), "--outdir", str(tmp_path / "out")])
     assert not SENTINEL.exists()
@@ -142,7 +147,7 @@ def test_a_malicious_lr_bin_is_refused_and_never_runs(reference, tmp_path):
 
 def test_disk_full_during_a_save_leaves_the_previous_checkpoint_intact(tiny_data, tmp_path, monkeypatch):
     outdir = tmp_path / "model"
-    real_save, calls = utils.torch.save, []
+    real_save, calls = checkpoint_module.torch.save, []
 
     def save(obj, path, *args, **kwargs):
         calls.append(path)
@@ -150,12 +155,12 @@ def test_disk_full_during_a_save_leaves_the_previous_checkpoint_intact(tiny_data
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(utils.torch, "save", save)
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
     with pytest.raises(SystemExit, match="could not write a checkpoint .*No space left on device.* are intact"):
         train.main([*map(str, data_args(tiny_data)), "--outdir", str(outdir), "--save_steps", "3", "--batch_size", "32"])
     assert read_json(outdir / "last" / "manifest.json")["global_step"] == 3
-    monkeypatch.setattr(utils.torch, "save", real_save)
-    assert utils.checkpoint_dir(outdir / "last")  # every file matches the manifest
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    checkpoint_module.verify(outdir / "last")  # every file matches the manifest
     train.main(["--resume", str(outdir / "last")])
     assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 5
 

@@ -52,7 +52,7 @@ def test_an_unknown_metric_for_best_is_refused_before_the_first_step(tiny_data, 
                                            ("word_error_rate", False), ("perplexity", False), ("accuracy", True),
                                            ("macro_f1", True)])
 def test_the_direction_of_a_metric_follows_its_name(name, greater, monkeypatch, tiny_data, tmp_path, capsys):
-    monkeypatch.setattr(train, "compute_metrics", lambda gathered: {name: 0.5} if name != "loss" else {})
+    monkeypatch.setattr(train.modeling, "compute_metrics", lambda gathered: {name: 0.5} if name != "loss" else {})
     args = train.parse_args([*map(str, data_args(tiny_data)), "--metric_for_best", name])
     model = train.build_model(args.model_name_or_path, train.generate_dataset(
         args.train_file, "train", tiny_tokenizer(), args))
@@ -65,7 +65,7 @@ def test_the_direction_of_a_metric_follows_its_name(name, greater, monkeypatch, 
 def test_mse_keeps_the_lowest_epoch_in_best(tiny_data, tmp_path, monkeypatch, capfd):
     """A made-up 'mse' that rises every epoch: best/ must stay at epoch 0 (it used to keep the worst)."""
     values = iter([0.1, 0.5, 0.9, 0.2, 0.3])
-    monkeypatch.setattr(train, "compute_metrics", lambda gathered: {"mse": next(values)})
+    monkeypatch.setattr(train.modeling, "compute_metrics", lambda gathered: {"mse": next(values)})
     outdir = run(tiny_data, tmp_path, "--metric_for_best", "mse", "--epochs", 3)
     assert "best/ keeps the epoch with the lowest valid mse" in capfd.readouterr().out
     # 0.1 is the one-batch check before training; then 0.5, 0.9, 0.2 for epochs 0, 1, 2
@@ -128,8 +128,8 @@ def table_task(monkeypatch):
     monkeypatch.setattr(train, "generate_dataset", lambda path, split, tokenizer, args, labels=None:
                         TableDataset(256 if split == "train" else 64, seed=0 if split == "train" else 1))
     monkeypatch.setattr(train, "build_model", lambda name, train_set: TableModel(TableConfig()))
-    monkeypatch.setattr(train, "metric_inputs", lambda batch, outputs: {})
-    monkeypatch.setattr(train, "compute_metrics", lambda gathered: {})
+    monkeypatch.delattr(train.modeling, "metric_inputs")  # optional: validation reports the loss only
+    monkeypatch.delattr(train.modeling, "compute_metrics")
 
 
 def test_a_task_without_a_tokenizer_trains_saves_and_resumes(table_task, tmp_path):
@@ -245,8 +245,8 @@ def test_accelerate_launch_quiet_shows_our_line_only(tmp_path):
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import utils
-utils.lock_outdir({outdir!r})
+import checkpoint
+checkpoint.lock_outdir({outdir!r})
 print("locked", flush=True)
 time.sleep(120)
 """
