@@ -15,7 +15,8 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 
-from utils import UserError
+from utils import UserError, load_rows
 
 
 @dataclass
@@ -36,7 +37,65 @@ class TrainState:
     num_processes: int = 1
     skipped_steps: int = 0  # --skip_nonfinite: steps skipped in the current epoch
     loss_sums: list = field(default_factory=list)  # per process: [loss sum, batches] of the epoch in progress
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # which run: an outdir holds one
+    data: dict = field(default_factory=dict)  # what the data was: rows and fingerprint of each file
     log: dict = field(default_factory=dict)  # what log.json holds
+
+
+def read_state(directory):
+    """trainer_state.json of a checkpoint, checked: one line naming the file if it is damaged."""
+    path = Path(directory) / "trainer_state.json"
+    try:
+        values = json.loads(path.read_text())
+        state = TrainState(**values)
+    except (OSError, ValueError, TypeError) as e:  # missing, not JSON, unknown or missing keys
+        raise UserError(f"{path}: not a trainer_state.json of this template ({str(e).splitlines()[0][:200]}). "
+                        f"Resume from another checkpoint.") from None
+    for f in fields(TrainState):
+        value, kind = getattr(state, f.name), f.type if f.type in (int, str, list, dict) else None
+        if f.name == "best_metric":
+            kind = (float, int, type(None))
+        if kind and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise UserError(f"{path}: {f.name} is {value!r}, not a {f.type}. Resume from another checkpoint.")
+    return state
+
+
+def describe_data(path, split, config_name, rows):
+    """What a data file or hub split is, for the checkpoint to record: its number of examples and a
+    fingerprint (the sha256 of a local file's bytes; for a hub dataset, the datasets library's own)."""
+    if Path(path).is_file():
+        return {"path": str(path), "rows": rows, "sha256": sha256(path)}
+    return {"path": str(path), "split": split, "config": config_name, "rows": rows,
+            "fingerprint": load_rows(path, split, config_name)._fingerprint}
+
+
+def check_data(saved, now, resume, ignore_mismatch):
+    """--resume on other training data is refused (a different order, even another number of steps,
+    while claiming an exact continuation); other validation data is said, not refused."""
+    def same(a, b):
+        return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+    if saved.get("train") and not same(saved["train"], now["train"]) and not ignore_mismatch:
+        raise UserError(f"--resume {resume}: the training data changed since the checkpoint was saved: "
+                        f"{now['train']['path']} has {now['train']['rows']} examples and another fingerprint "
+                        f"than {saved['train']['path']} had ({saved['train']['rows']} examples). Resume with the "
+                        f"data it was trained on, or add --ignore_mismatch (the run is then not the one it continues).")
+    if saved.get("valid") and not same(saved["valid"], now["valid"]):
+        print(f"changed on resume: the validation data ({now['valid']['path']}, {now['valid']['rows']} examples)",
+              file=sys.stderr)
+
+
+def refuse_custom_code(folder, what):
+    """A model folder or checkpoint that asks to run code of its own (auto_map) is refused: this
+    template never runs code that came with a folder (and never asks whether it may)."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = Path(folder) / name
+        try:
+            asks = path.is_file() and "auto_map" in json.loads(path.read_text())
+        except (ValueError, TypeError):
+            continue  # not ours to judge here: loading it names the problem
+        if asks:
+            raise UserError(f"{what} {folder}: {name} asks to run code that came with the folder (auto_map); this "
+                            f"template never runs such code. Use a folder without custom code.")
 
 
 def find(path):
@@ -47,30 +106,63 @@ def find(path):
     return old if not path.exists() and (old / "manifest.json").is_file() else path
 
 
-def verify(path):
+def verify(path, option="--resume", recover=True):
     """Checks the checkpoint at `path` against its manifest (every file whole and unchanged), once,
     on the main process, before it is read; takes back a checkpoint a crash left as .old-<name>."""
     path = Path(path)
-    if find(path) != path:
+    if recover and find(path) != path:
         os.replace(find(path), path)
+    other = path.with_name("last" if path.name == "best" else "best")
     if not (path / "manifest.json").is_file():
-        raise UserError(f"--resume {path}: not a checkpoint of this template (no manifest.json). "
+        raise UserError(f"{option} {path}: not a checkpoint of this template (no manifest.json). "
                         f"Give a checkpoint directory such as model/last.")
-    with open(path / "manifest.json") as f:
-        files = json.load(f)["files"]
+    try:
+        files = json.loads((path / "manifest.json").read_text())["files"]
+        if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+            raise TypeError("'files' is not a mapping of names to digests")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{option} {path}: {path / 'manifest.json'} is damaged ({e}). Use another checkpoint, "
+                        f"e.g. {other}.") from None
+    expected = {"config.json", "model.safetensors", "my_config.json", "trainer_state.json"}
+    for name in sorted(expected - set(files)):  # a manifest rewritten to leave a file out
+        raise UserError(f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. {other}.")
     for name, digest in files.items():
-        if not (path / name).is_file() or sha256(path / name) != digest:
-            raise UserError(f"--resume {path}: {path / name} is missing, truncated or changed since it was "
-                            f"saved (it does not match manifest.json). Resume from another checkpoint, e.g. "
-                            f"{path.with_name('last' if path.name == 'best' else 'best')}.")
+        if Path(name).name != name or not (path / name).is_file() or sha256(path / name) != digest:
+            raise UserError(f"{option} {path}: {path / name} is missing, truncated or changed since it was "
+                            f"saved (it does not match manifest.json). Use another checkpoint, e.g. {other}.")
+
+
+def written_here(path):
+    """Whether `path` (last/, best/ or log.json in an outdir) is something this template wrote."""
+    if path.name == "log.json":
+        try:
+            log = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(log, dict) and all(key.startswith("Epoch ") for key in log)
+    return (path / "manifest.json").is_file()
 
 
 def check_outdir(outdir, resume, overwrite):
+    """Before anything is read or written: the outdir holds nothing of anyone else's, and no run
+    other than the one --resume continues (--overwrite replaces a run only once the new one has
+    saved its first checkpoint: see save())."""
     outdir = Path(outdir)
     held = [name for name in ("last", "best", "log.json") if (outdir / name).exists()]
-    if held and not resume and not overwrite:
+    foreign = [name for name in held if not written_here(outdir / name)]
+    if foreign:
+        raise UserError(f"--outdir {outdir} holds {', '.join(foreign)}, which this template did not write (no "
+                        f"manifest.json, or not a log.json of train.py); it never replaces what it did not write. "
+                        f"Move {'them' if len(foreign) > 1 else 'it'}, or pick another --outdir.")
+    if resume and (outdir / "last").exists() and Path(resume).resolve() != (outdir / "last").resolve():
+        if read_state(find(outdir / "last")).run_id != read_state(find(resume)).run_id:
+            raise UserError(f"--outdir {outdir} holds another run than the one --resume {resume} continues: "
+                            f"resuming there would mix the two. Give another --outdir (by default the folder "
+                            f"the checkpoint is in).")
+    elif held and not resume and not overwrite:
         raise UserError(f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
-                        f"--resume {outdir}/last, start over with --overwrite, or pick another --outdir.")
+                        f"--resume {outdir}/last, start over with --overwrite (the old run is replaced once the "
+                        f"new one has saved a checkpoint), or pick another --outdir.")
 
 
 HELD_LOCKS = {}  # outdir -> the open lock file of this process's run into it
@@ -101,15 +193,6 @@ def lock_outdir(outdir):
                f"{' '.join(sys.argv)}\n")
     lock.flush()
     HELD_LOCKS[key] = lock
-
-
-def clear_outdir(accelerator, outdir):
-    """For --overwrite: remove the previous run's outputs (only those) before the first save."""
-    if accelerator.is_main_process:
-        for name in ("last", "best", ".old-last", ".old-best", ".staging", ".staging-best"):
-            shutil.rmtree(Path(outdir) / name, ignore_errors=True)
-        (Path(outdir) / "log.json").unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
 
 
 def write_json(path, value):
@@ -179,14 +262,29 @@ def publish(staging, target):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, args, state):
+def save(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, args, state, replacing=False):
     """Writes one checkpoint, publishes it as outdir/<name> for each of `names` (last, and best), and log.json.
 
     Every process writes its files into a staging directory; the main process adds manifest.json
     (the sha256 of every file), fsyncs, and only then swaps it in by renames. A failed write (disk
-    full) on any process stops every process with the previous checkpoints untouched."""
+    full, whatever exception it comes as) or a process that died stops every process with one
+    message and the previous checkpoints untouched. `replacing`: the first save of an --overwrite
+    run, which then removes what the previous run left (its best/), once this checkpoint is in place."""
     outdir = Path(outdir)
     staging = outdir / ".staging"
+    try:
+        publish_checkpoint(accelerator, outdir, staging, names, model, tokenizer, optimizer, scheduler, args, state)
+    except BaseException:  # a write error, a second Ctrl-C: no half-written staging folder stays behind
+        if accelerator.is_main_process:
+            for folder in (staging, *(outdir / f".staging-{name}" for name in names[1:])):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if accelerator.is_main_process and replacing and "best" not in names and written_here(outdir / "best"):
+        shutil.rmtree(outdir / "best")  # the previous run's: this run's best/ comes with its first epoch
+    accelerator.wait_for_everyone()
+
+
+def publish_checkpoint(accelerator, outdir, staging, names, model, tokenizer, optimizer, scheduler, args, state):
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # what a crash during an earlier save left
         staging.mkdir(parents=True)
@@ -205,12 +303,18 @@ def save(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, arg
             write_json(staging / "trainer_state.json", asdict(state))
         tensors, metadata = rng_state()
         save_file(tensors, staging / f"rng_state_{accelerator.process_index}.safetensors", metadata=metadata)
-    except OSError as e:
+    except Exception as e:  # disk full is OSError from open(), RuntimeError from torch.save, ...
         error = e
-    if accelerator.gather(torch.tensor([int(error is not None)], device=accelerator.device)).any():
-        raise UserError(f"could not write a checkpoint into {staging} ({error or 'on another process'}). "
-                        f"The previous checkpoints in {outdir} are intact: free some space, then --resume "
-                        f"{outdir}/last.")
+    try:
+        failed = accelerator.gather(torch.tensor([int(error is not None)], device=accelerator.device)).any()
+    except Exception as e:  # a peer that died: the collective fails
+        raise UserError(f"could not save a checkpoint into {outdir}: another process stopped "
+                        f"({str(e).splitlines()[0][:200]}). The previous checkpoints in {outdir} are intact: "
+                        f"--resume {outdir}/last.") from None
+    if failed:
+        reason = str(error).splitlines()[0][:300] if error else "a write failed on another process"
+        raise UserError(f"could not write a checkpoint into {staging} ({reason}). The previous checkpoints in "
+                        f"{outdir} are intact: free some space, then --resume {outdir}/last.")
     if accelerator.is_main_process:
         manifest = {"global_step": state.global_step,
                     "files": {p.name: sha256(p) for p in sorted(staging.iterdir())}}
@@ -223,7 +327,6 @@ def save(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, arg
             publish(copy, outdir / name)
         publish(staging, outdir / names[0])
         write_json(outdir / "log.json", state.log)
-    accelerator.wait_for_everyone()
 
 
 def load_weights(directory, model):
@@ -255,8 +358,7 @@ def save_model(model, directory, weights):
 def load_training_state(directory, accelerator, optimizer, scheduler, ignore_mismatch):
     """Restores optimizer, scheduler and position; the RNG comes last, in restore_rng()."""
     directory = Path(directory)
-    with open(directory / "trainer_state.json") as f:
-        state = TrainState(**json.load(f))
+    state = read_state(directory)
     if state.num_processes != accelerator.num_processes and not ignore_mismatch:
         raise UserError(f"--resume {directory}: saved by {state.num_processes} process(es), resumed with "
                         f"{accelerator.num_processes}. Launch with --num_processes {state.num_processes}, or "
@@ -271,9 +373,13 @@ def load_tensors(path):
     """torch.load that unpickles tensors and plain containers only: a file that would run code is refused."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused to load, it holds more than tensors and numbers "
-                        f"({str(e).splitlines()[0][:200]}). Only load checkpoints you trust.") from None
+    except pickle.UnpicklingError:
+        # torch's own message goes on to suggest weights_only=False, which would run the pickle's code.
+        raise UserError(f"{path}: refused to load: it holds Python objects, not only tensors and numbers, and "
+                        f"loading them could run code. This template never writes such a file: the checkpoint "
+                        f"was made or changed elsewhere.") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"{path}: damaged, it cannot be read ({str(e).splitlines()[0][:200]}).") from None
 
 
 def restore_rng(directory, accelerator):

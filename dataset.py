@@ -23,10 +23,12 @@ Rows are read and tokenized with the `datasets` library: the result is cached (a
 the same file, tokenizer and max_len does not tokenize again) and memory-mapped, so memory does not
 grow with the size of the data.
 """
+import math
 import os
 from pathlib import Path
 
 import datasets
+import pyarrow
 import pyarrow.compute
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -108,7 +110,11 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
     feature = rows.features.get(LABEL)
     name_of = feature.int2str if isinstance(feature, datasets.ClassLabel) else str  # hub data: ids with names
     if need_labels and labels is None:  # the training data decides the classes: its label names, sorted
-        labels = sorted({name_of(label) for label in rows.unique(LABEL) if label not in (None, "")})
+        try:
+            labels = sorted({name_of(label) for label in rows.unique(LABEL) if label not in (None, "")})
+        except pyarrow.ArrowNotImplementedError:  # the reader found numbers and strings in one column
+            raise UserError(f"{path}: the '{LABEL}' column mixes numbers and strings (e.g. 1 and \"1\"): write "
+                            f"every label the same way.") from None
     label_ids = {name: i for i, name in enumerate(labels or [])}
     max_len = args.max_len  # not args itself: the cache key would then change with every option
 
@@ -119,7 +125,9 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
         encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_len)
         if need_labels:
             names = [None if label in (None, "") else name_of(label) for label in batch[LABEL]]
-            for i, name in zip(indices, names):
+            for i, label, name in zip(indices, batch[LABEL], names):
+                if isinstance(label, float) and not math.isfinite(label):
+                    raise UserError(f"{path}, {row_name(path, i)}: the '{LABEL}' field is {label}, not a class.")
                 if name is None:
                     raise UserError(f"{path}, {row_name(path, i)}: the '{LABEL}' field is missing or empty.")
                 if name not in label_ids:

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import checkpoint
 import dataset
 import modeling
 import train
@@ -32,16 +34,16 @@ from utils import UserError
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="model/best", help="a directory train.py wrote (model/best, model/last)")
     parser.add_argument("--input_file", required=True,
                         help="a data file like training's (.jsonl .csv ...; labels optional) or a hub dataset name")
     parser.add_argument("--output_file", default="predictions.jsonl")
     parser.add_argument("--split", default="validation", help="the split of a hub dataset (ignored for files)")
     parser.add_argument("--dataset_config", help="a hub dataset's configuration (default: the training run's)")
-    parser.add_argument("--batch_size", type=int, default=64, help="reduce if out of memory")
+    parser.add_argument("--batch_size", type=utils.number(int, 1), default=64, help="reduce if out of memory")
     parser.add_argument("--embeddings", action="store_true", help="also write outputs.embeddings as \"embedding\"")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output_file if it exists")
     return parser.parse_args(argv)
 
 
@@ -54,21 +56,36 @@ def load_checkpoint(directory):
     if not (directory / "config.json").is_file():
         raise UserError(f"--checkpoint {directory}: no config.json, so not a saved model. Give a checkpoint "
                         f"that train.py wrote, e.g. model/best.")
-    saved_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if (directory / "manifest.json").is_file():
+        checkpoint.verify(directory, "--checkpoint", recover=False)  # every file whole and unchanged
+    else:
+        print(f"note: {directory} has no manifest.json (not saved by train.py?): its files are not checked.",
+              file=sys.stderr)
+    checkpoint.refuse_custom_code(directory, "--checkpoint")
+    try:
+        saved_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"--checkpoint {directory}: {directory / 'config.json'} is damaged ({e}).") from None
     expected = getattr(getattr(Model, "config_class", None), "model_type", None)  # None: an Auto class
     if expected and saved_type != expected:
         raise UserError(f"--checkpoint {directory}: trained with another modeling.py (model_type {saved_type}; this "
                         f"modeling.py builds {expected}). Copy back the modeling.py and dataset.py it was "
                         f"trained with.")
-    options = vars(train.parse_args([]))  # for a checkpoint without my_config.json (saved by hand)
-    if (directory / "my_config.json").is_file():
-        options.update(utils.read_options_file(directory / "my_config.json"))
-    else:
-        print(f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
-              f"(--max_len {options['max_len']}).", file=sys.stderr)
-    options = argparse.Namespace(**options)
     try:
-        model = Model.from_pretrained(directory, trust_remote_code=False)
+        with safe_open(directory / "model.safetensors", "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors' errors have classes of their own
+        raise UserError(f"--checkpoint {directory}: {directory / 'model.safetensors'} is damaged or missing "
+                        f"({str(e).splitlines()[0][:200]}).") from None
+    if (directory / "my_config.json").is_file():  # read and checked as --resume reads it
+        options = train.parse_args(["--resume", str(directory)])
+    else:
+        options = train.parse_args([])  # a checkpoint saved by hand
+        print(f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
+              f"(--max_len {options.max_len}).", file=sys.stderr)
+    try:
+        # Weights from safetensors only (never a pickled .bin), no code from the folder.
+        model = Model.from_pretrained(directory, trust_remote_code=False, use_safetensors=True)
         load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
         tokenizer = load_tokenizer(directory, options)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
@@ -122,13 +139,25 @@ def predict(model, loader, device, with_embeddings):
                 index += 1
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: give 1 or more.")
-    if Path(args.output_file).is_dir():
+def check_output_file(args):
+    """Never over the input, a checkpoint's files, or (without --overwrite) any existing file."""
+    output = Path(args.output_file).resolve()
+    if output.is_dir():
         raise UserError(f"--output_file {args.output_file} is a directory; give a file name, e.g. "
                         f"{Path(args.output_file) / 'predictions.jsonl'}.")
+    if output == Path(args.input_file).resolve():
+        raise UserError(f"--output_file {args.output_file} is the input file; give another name.")
+    if output.parent == Path(args.checkpoint).resolve():
+        raise UserError(f"--output_file {args.output_file} is inside the checkpoint {args.checkpoint}; give a "
+                        f"file elsewhere.")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"--output_file {args.output_file} exists; add --overwrite to replace it, or give "
+                        f"another name.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_output_file(args)
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer, options = load_checkpoint(args.checkpoint)
     if Path(args.input_file).suffix in utils.FILE_TYPES and not Path(args.input_file).is_file():

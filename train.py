@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import transformers
@@ -41,8 +42,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                     allow_abbrev=False)  # so that a misspelled option is an error
+    parser = utils.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file of option defaults, e.g. configs/tiny.yaml; flags override it")
     data = parser.add_argument_group("data")
     data.add_argument("--train_file", default="data/train.jsonl",
@@ -51,34 +51,34 @@ def parse_args(argv=None):
     data.add_argument("--dataset_config", help="a hub dataset's configuration, e.g. sst2 for --train_file nyu-mll/glue")
     data.add_argument("--train_split", default="train", help="the split of a hub dataset to train on")
     data.add_argument("--valid_split", default="validation", help="the split of a hub dataset to validate on")
-    data.add_argument("--max_len", type=int, default=128, help="longer inputs are truncated (tokens)")
+    data.add_argument("--max_len", type=utils.number(int, 1), default=128, help="longer inputs are truncated (tokens)")
     data.add_argument("--group_by_length", action="store_true",
                       help="batches of similar length (less padding, faster); still random and resumable")
-    data.add_argument("--num_workers", type=int, help="DataLoader worker processes (default: 2 with CUDA, else 0)")
+    data.add_argument("--num_workers", type=utils.number(int, 0), help="DataLoader worker processes (default: 2 with CUDA, else 0)")
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default="assets/tiny-bert",
                        help="hub id (bert-base-cased) or local directory; a directory with only a "
                             "config.json trains that architecture from scratch")
     model.add_argument("--freeze_backbone", action="store_true", help="train only the head (model.base_model frozen)")
-    model.add_argument("--lora_r", type=int, default=0,
+    model.add_argument("--lora_r", type=utils.number(int, 0), default=0,
                        help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; 0 = off")
-    model.add_argument("--lora_alpha", type=float, default=16, help="LoRA scaling")
-    model.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA path")
+    model.add_argument("--lora_alpha", type=utils.number(float, 0), default=16, help="LoRA scaling")
+    model.add_argument("--lora_dropout", type=utils.number(float, 0, below=1), default=0.05, help="dropout on the LoRA path")
     model.add_argument("--lora_target_modules",
                        help="comma-separated module names, e.g. query,value (default: every Linear of the backbone)")
     model.add_argument("--gradient_checkpointing", action="store_true", help="less memory, ~30%% more compute")
     model.add_argument("--torch_compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--epochs", type=int, default=5, help="may be raised on --resume to train further")
-    optimisation.add_argument("--batch_size", type=int, default=32, help="per process; reduce if out of memory")
-    optimisation.add_argument("--accumulation", type=int, default=1, help="batches per optimizer step")
-    optimisation.add_argument("--lr", type=float, default=1e-3, help="peak learning rate; 2e-5 suits a pretrained BERT")
-    optimisation.add_argument("--weight_decay", type=float, default=0.01, help="on matrices only, not biases/norms")
-    optimisation.add_argument("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm; 0 = off")
+    optimisation.add_argument("--epochs", type=utils.number(int, 1), default=5, help="may be raised on --resume to train further")
+    optimisation.add_argument("--batch_size", type=utils.number(int, 1), default=32, help="per process; reduce if out of memory")
+    optimisation.add_argument("--accumulation", type=utils.number(int, 1), default=1, help="batches per optimizer step")
+    optimisation.add_argument("--lr", type=utils.number(float, 0), default=1e-3, help="peak learning rate; 2e-5 suits a pretrained BERT")
+    optimisation.add_argument("--weight_decay", type=utils.number(float, 0), default=0.01, help="on matrices only, not biases/norms")
+    optimisation.add_argument("--max_grad_norm", type=utils.number(float, 0), default=1.0, help="clip gradients to this norm; 0 = off")
     optimisation.add_argument("--lr_scheduler_type", default="linear", help="how the lr moves after warmup",
                               choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                        "constant_with_warmup"])
-    optimisation.add_argument("--num_warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
+    optimisation.add_argument("--num_warmup_steps", type=utils.number(int, 0), default=0, help="optimizer steps of linear warmup")
     optimisation.add_argument("--skip_nonfinite", action="store_true",
                               help="skip optimizer steps whose gradients are NaN/inf (counted in log.json) "
                                    "instead of stopping")
@@ -90,24 +90,24 @@ def parse_args(argv=None):
     evaluation.add_argument("--greater_is_better", action=argparse.BooleanOptionalAction,
                             help="for --metric_for_best (by default lower is better for names like loss, error, "
                                  "mse, mae, rmse, perplexity, higher for the others)")
-    evaluation.add_argument("--early_stopping_patience", type=int, default=0,
+    evaluation.add_argument("--early_stopping_patience", type=utils.number(int, 0), default=0,
                             help="stop after N epochs without a better --metric_for_best; 0 = off")
-    evaluation.add_argument("--sample_every", type=int, default=0,
+    evaluation.add_argument("--sample_every", type=utils.number(int, 0), default=0,
                             help="print --samples examples of the batch (input / prediction / gold) every N steps")
-    evaluation.add_argument("--samples", type=int, default=3, help="examples shown each --sample_every")
+    evaluation.add_argument("--samples", type=utils.number(int, 1), default=3, help="examples shown each --sample_every")
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=42, help="initialisation, dropout and data order")
+    run.add_argument("--seed", type=utils.number(int, 0), default=42, help="initialisation, dropout and data order")
     run.add_argument("--outdir", default="model", help="where best/, last/ and log.json go")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --outdir")
     run.add_argument("--resume", metavar="DIR", help="a checkpoint (model/last or model/best) to continue; "
                      "its my_config.json gives the defaults")
     run.add_argument("--ignore_mismatch", action="store_true",
                      help="resume even with another batch size, seed, model or number of processes")
-    run.add_argument("--save_steps", type=int, default=0, help="also save last/ every N optimizer steps")
-    run.add_argument("--stop_after_steps", type=int, default=0,
+    run.add_argument("--save_steps", type=utils.number(int, 0), default=0, help="also save last/ every N optimizer steps")
+    run.add_argument("--stop_after_steps", type=utils.number(int, 0), default=0,
                      help="save last/ and stop after N optimizer steps in all; the schedule still spans "
                           "--epochs, so --resume continues as if never stopped (time-limited jobs)")
-    run.add_argument("--log_every", type=int, default=10,
+    run.add_argument("--log_every", type=utils.number(int, 1), default=10,
                      help="optimizer steps between loss displays and tracker logs (each one waits for the GPU)")
     run.add_argument("--report_to", choices=[t for t in LoggerType.list() if t != "all"],
                      help="also log to this tracker (tensorboard: OUTDIR/runs); pip install it first")
@@ -154,15 +154,25 @@ def evaluate(accelerator, model, loader, desc):
 LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
 
 
-def check_first_batch(model, valid_set, args):
-    """Before any training: one validation batch through the model, so that a forward without a
-    scalar loss or a --metric_for_best that no metric has costs seconds, not an epoch. Returns
-    whether a greater --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept."""
+def check_first_batch(model, train_set, valid_set, args):
+    """Before any training: the first validation examples and the longest training example through
+    the model, so that a forward without a scalar loss, a --max_len beyond the model's positions or
+    a --metric_for_best that no metric has costs seconds, not an epoch. Returns whether a greater
+    --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept."""
     collate = getattr(valid_set, "collate", torch.utils.data.default_collate)
-    batch = collate([valid_set[i] for i in range(min(2, len(valid_set)))])
+    samples = [valid_set[i] for i in range(min(2, len(valid_set)))]
+    lengths = getattr(train_set, "lengths", None)
+    samples += [train_set[int(lengths.argmax())]] if lengths is not None else []
+    batch = collate(samples)
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        outputs = model(**batch)
+        try:
+            outputs = model(**batch)
+        except (RuntimeError, IndexError) as e:
+            longest = f"the longest, {int(lengths.max())} tokens, " if lengths is not None else ""
+            raise UserError(f"Model.forward() failed on a batch of validation and training examples ({longest}"
+                            f"--max_len {args.max_len}): {str(e).splitlines()[0][:300]}. If the model has fewer "
+                            f"positions, lower --max_len.") from None
         check_loss(model, batch, outputs)
         metrics = ["loss", *compute_metrics(metrics_of(batch, outputs))]
     model.train()
@@ -222,6 +232,9 @@ def resume_command(accelerator, outdir):
 
 def main(argv=None):
     args = parse_args(argv)
+    for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
+        if folder and Path(folder).is_dir():
+            checkpoint.refuse_custom_code(folder, option)
     checkpoint.check_outdir(args.outdir, args.resume, args.overwrite)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
     accelerator = Accelerator(
@@ -253,13 +266,19 @@ def main(argv=None):
         train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
         valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
                                      getattr(train_set, "labels", None))
+        data = {"train": checkpoint.describe_data(args.train_file, args.train_split, args.dataset_config,
+                                                  len(train_set)),
+                "valid": checkpoint.describe_data(args.valid_file, args.valid_split, args.dataset_config,
+                                                  len(valid_set))}
+    if args.resume:
+        checkpoint.check_data(checkpoint.read_state(args.resume).data, data, args.resume, args.ignore_mismatch)
     model = build_model(args.model_name_or_path, train_set)
     if not isinstance(model, PreTrainedModel):
         raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a transformers "
                         f"PreTrainedModel, so its checkpoints could not be saved and loaded with save_pretrained "
                         f"/ from_pretrained. Subclass PreTrainedModel with a PretrainedConfig as config_class, as "
                         f"the default Model does.")
-    greater_is_better = check_first_batch(model, valid_set, args)
+    greater_is_better = check_first_batch(model, train_set, valid_set, args)
     accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
                       f"{args.metric_for_best} (--{'no-' if greater_is_better else ''}greater_is_better to change it).")
     if args.resume:
@@ -309,8 +328,8 @@ def main(argv=None):
     if args.resume:
         state = checkpoint.load_training_state(args.resume, accelerator, optimizer, scheduler, args.ignore_mismatch)
         checkpoint.restore_rng(args.resume, accelerator)  # last: nothing may draw after it
-    elif args.overwrite:
-        checkpoint.clear_outdir(accelerator, args.outdir)
+    state.data = data
+    replacing = args.overwrite and not args.resume  # the previous run goes with this run's first checkpoint
     # The epoch's loss sums of each process, as saved: log.json's mean then comes out bitwise the same.
     same_processes = len(state.loss_sums) == accelerator.num_processes
     running = utils.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index] if same_processes
@@ -320,7 +339,7 @@ def main(argv=None):
                                                   for k, v in vars(args).items()})
 
     model.train()  # from_pretrained() returns a model in eval mode (dropout off)
-    preemption = utils.Preemption()  # SIGTERM / SIGUSR1: finish the step, save last/, exit
+    preemption = utils.Preemption(args.outdir)  # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save last/, exit
     stop = None  # why the run ends before --epochs: a signal number or "--stop_after_steps"
     for epoch in range(state.epoch, args.epochs):
         if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
@@ -397,7 +416,8 @@ def main(argv=None):
             if save:  # the periodic, the end-of-epoch and the final save are this one
                 state.loss_sums = running.per_process(accelerator)
                 checkpoint.save(accelerator, args.outdir, ["last", "best"] if improved else ["last"], model,
-                                tokenizer, optimizer, scheduler, args, state)
+                                tokenizer, optimizer, scheduler, args, state, replacing)
+                replacing = False
             if stop:
                 break
         bar.close()
@@ -407,6 +427,7 @@ def main(argv=None):
         accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
                           f"{state.global_step} optimizer steps; {args.outdir}/last holds the full state. "
                           f"Continue with: {resume_command(accelerator, args.outdir)}")
+    preemption.close()
     accelerator.end_training()
     status = 128 + stop if isinstance(stop, int) else 0  # as if killed by the signal: a scheduler sees a preemption
     if accelerator.num_processes > 1:

@@ -1,8 +1,11 @@
 """Helpers for train.py: options, data files, progress and signals, adapters. (Checkpoints and the
 output folder are in checkpoint.py.)"""
+import argparse
+import codecs
 import csv
 import ctypes
 import json
+import math
 import os
 import signal
 import sys
@@ -24,26 +27,82 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a misspelled option or a bad value as one line (not the whole usage) and no
+    abbreviations (--lr_s would silently mean --lr_scheduler_type)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} ({self.prog} --help lists the options)")
+
+
 # ---------------------------------------------------------------- options
 
-# Options a resumed run does not take over from the checkpoint's my_config.json.
-NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch"}
+# Options a resumed run does not take over from the checkpoint's my_config.json (--outdir: the
+# checkpoint's own folder, wherever it has been copied, unless given).
+NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch", "outdir"}
 # Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
-# (The optimizer and scheduler settings would be overridden by the saved optimizer and lr.bin anyway.)
+# Any other option given anew is allowed and printed as "changed on resume".
 MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len", "lr", "weight_decay",
-              "lr_scheduler_type", "num_warmup_steps", "group_by_length", "metric_for_best", "greater_is_better",
-              "freeze_backbone", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
+              "max_grad_norm", "lr_scheduler_type", "num_warmup_steps", "skip_nonfinite", "mixed_precision",
+              "torch_compile", "group_by_length", "metric_for_best", "greater_is_better", "freeze_backbone",
+              "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dataset_config", "train_split"]
+
+
+def number(kind, minimum, below=None):
+    """An argparse type: a finite int or float >= minimum (and < below); the same check for values
+    from a --config file or a checkpoint's my_config.json (see parse_options)."""
+    def convert(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < minimum or (below is not None and value >= below):
+            bounds = f">= {minimum}" + (f" and < {below}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is not a {'whole ' if kind is int else ''}number {bounds}")
+        return value
+    convert.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return convert
 
 
 def read_options_file(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such options file.")
-    with open(path) as f:
-        values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
+    except yaml.YAMLError as e:
+        where = f"line {e.problem_mark.line + 1}: " if getattr(e, "problem_mark", None) else ""
+        raise UserError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}).") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of option names to values.")
     return values
+
+
+def check_value(action, value, source):
+    """A value from a file, held to what the option takes on the command line: its type, range and choices."""
+    def refuse(expected):
+        raise UserError(f"{source}: {action.dest}: {value!r} is not {expected}.")
+    if value is None and action.default is None:
+        return
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            refuse("true or false")
+    elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        refuse("a " + (action.type.__name__ if action.type else "string"))
+    elif action.type is not None:
+        if isinstance(value, str) or (action.type.__name__ == "int" and not isinstance(value, int)):
+            refuse(f"a number ({action.type.__name__})")
+        try:
+            action.type(str(value))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{source}: {action.dest}: {e}.") from None
+    elif not isinstance(value, str):
+        refuse("a string")
+    if action.choices is not None and value not in action.choices:
+        refuse(f"one of {', '.join(map(str, action.choices))}")
 
 
 def parse_options(parser, argv=None):
@@ -61,18 +120,29 @@ def parse_options(parser, argv=None):
         defaults.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
     if known.config:
         defaults.update(read_options_file(known.config))
-    names = {action.dest for action in parser._actions}
-    for key in defaults:
-        if key not in names:
-            source = known.config if key not in saved else f"{known.resume}/my_config.json"
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in defaults.items():
+        source = known.config if key not in saved or saved[key] != value else f"{known.resume}/my_config.json"
+        if key not in actions:
             parser.error(f"{source}: unknown option '{key}'")
+        check_value(actions[key], value, source)
+    if saved:
+        defaults.setdefault("outdir", str(Path(known.resume).parent))  # the folder the checkpoint is in
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    for key in MUST_MATCH if saved and not args.ignore_mismatch else []:
-        if key in saved and getattr(args, key) != saved[key]:
-            raise UserError(f"--{key} {getattr(args, key)} differs from {known.resume}'s {saved[key]}, so the "
+    changed = []
+    for key, value in saved.items() if saved else []:
+        if key in NOT_RESUMED or key not in actions or getattr(args, key) == value:
+            continue
+        if key in MUST_MATCH and not args.ignore_mismatch:
+            raise UserError(f"--{key} {getattr(args, key)} differs from {known.resume}'s {value}, so the "
                             f"resumed run would not continue the same run. Drop the option, or add "
                             f"--ignore_mismatch to resume anyway (data order and results then differ).")
+        changed.append(f"--{key} {value} -> {getattr(args, key)}")
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"changed on resume: {', '.join(changed)}", file=sys.stderr)
+    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
+        raise UserError(f"--outdir {args.outdir} is a file; give a folder (it is created if missing).")
     return args
 
 
@@ -92,6 +162,8 @@ def load_rows(path, split="train", config_name=None):
                 raise UserError(f"{path}: no such data file. Check --train_file / --valid_file.")
             if Path(path).stat().st_size == 0:
                 raise UserError(f"{path}: the file holds no examples.")
+            if suffix != ".parquet" and not is_utf8(path):  # pyarrow's JSON reader lets bad bytes through
+                raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.")
             options = {}
             if suffix in (".csv", ".tsv"):
                 # Everything stays a string ("NA", "null" too), and TSV is split on tabs only:
@@ -104,7 +176,11 @@ def load_rows(path, split="train", config_name=None):
             raise UserError(f"{path}: unknown file type '{suffix}'. Give a {', '.join(FILE_TYPES)} file.")
         else:
             rows = datasets.load_dataset(path, config_name, split=split)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.") from None
     except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, UnicodeDecodeError):
+            raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.") from None
         bad = bad_line(path)
         raise UserError(f"{path}, {bad}" if bad else f"{path}: {e.__cause__ or e}") from None
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # OSError: hub unreachable too
@@ -130,6 +206,29 @@ def bad_line(path):
             except ValueError as e:
                 return f"line {number}: not a JSON object ({e}). Each line must be one object like {{\"text\": \"...\"}}."
     return None
+
+
+def is_utf8(path):
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def not_utf8_line(path):
+    """`line N` of the first line of a file that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number}"
+    return "somewhere"
 
 
 def row_name(path, index):
@@ -221,13 +320,15 @@ class RunningLoss:
 
 
 class Preemption:
-    """SIGTERM and SIGUSR1 (what Slurm, Kubernetes and most schedulers send) only set a flag; the
-    loop asks at each optimizer step, so the step in progress finishes and last/ is saved whole."""
+    """SIGTERM and SIGUSR1 (what Slurm, Kubernetes and most schedulers send) and Ctrl-C only set a
+    flag; the loop asks every --log_every steps, so the step in progress finishes and last/ is saved
+    whole. A second Ctrl-C stops at once (a save in progress is abandoned: the previous checkpoint
+    stays as it was)."""
 
-    def __init__(self):
-        self.signal = 0
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self.handler)
+    def __init__(self, outdir):
+        self.signal, self.outdir = 0, outdir
+        self.previous = {signum: signal.signal(signum, self.handler)
+                         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         if sys.platform == "linux" and LAUNCHED:
             # A scheduler or `kill` often signals only the top process, `accelerate launch`, which then
             # dies and leaves this process training on unseen: have the kernel send SIGTERM when it goes.
@@ -236,7 +337,16 @@ class Preemption:
                 self.signal = signal.SIGTERM
 
     def handler(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise UserError(f"stopped at once by a second Ctrl-C; {self.outdir}/last is the last checkpoint that "
+                            f"was saved whole (if any): --resume {self.outdir}/last")
+        if signum == signal.SIGINT:
+            os.write(2, b"\nCtrl-C: finishing this step and saving last/ (Ctrl-C again to stop at once)\n")
         self.signal = signum
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def received(self, accelerator):
         """The signal number once any process got one (the same answer on every process), else 0."""

@@ -24,7 +24,8 @@ def test_resume_takes_the_checkpoints_options_and_refuses_a_changed_one(tmp_path
     (checkpoint / "my_config.json").write_text('{"epochs": 4, "batch_size": 8, "outdir": "elsewhere", '
                                                '"stop_after_steps": 3}')
     args = train.parse_args(["--resume", str(checkpoint), "--epochs", "6"])
-    assert (args.epochs, args.batch_size, args.outdir, args.stop_after_steps) == (6, 8, "elsewhere", 0)
+    # --outdir: the folder the checkpoint is in now, not the one it was saved from ("elsewhere")
+    assert (args.epochs, args.batch_size, args.outdir, args.stop_after_steps) == (6, 8, str(tmp_path), 0)
     with pytest.raises(SystemExit, match="--batch_size 16 differs from .*'s 8"):
         train.parse_args(["--resume", str(checkpoint), "--batch_size", "16"])
     assert train.parse_args(["--resume", str(checkpoint), "--batch_size", "16", "--ignore_mismatch"]).batch_size == 16

@@ -127,14 +127,14 @@ def test_failure_midway_leaves_previous_output_whole(outdir, tiny_data, tmp_path
     monkeypatch.setattr(predict.modeling, "predictions", fails_on_second_batch)
     with pytest.raises(RuntimeError, match="boom"):
         predict.main(["--checkpoint", str(outdir / "best"), "--input_file", str(tiny_data / "valid.jsonl"),
-                      "--output_file", str(output), "--batch_size", "8"])
+                      "--output_file", str(output), "--batch_size", "8", "--overwrite"])
     assert output.read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]  # no temporary file left behind
 
 
 def test_bad_options_are_one_line(outdir, tiny_data, tmp_path):
     base = ["--checkpoint", str(outdir / "best"), "--input_file", str(tiny_data / "valid.jsonl")]
-    with pytest.raises(SystemExit, match=r"--batch_size 0: give 1 or more"):
+    with pytest.raises(SystemExit, match=r"--batch_size: 0 is not a whole number >= 1"):
         predict.main([*base, "--batch_size", "0", "--output_file", str(tmp_path / "out.jsonl")])
     with pytest.raises(SystemExit, match=r"--output_file .* is a directory; give a file name"):
         predict.main([*base, "--output_file", str(tmp_path)])

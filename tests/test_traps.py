@@ -57,9 +57,10 @@ def test_the_direction_of_a_metric_follows_its_name(name, greater, monkeypatch, 
     model = train.build_model(args.model_name_or_path, train.generate_dataset(
         args.train_file, "train", tiny_tokenizer(), args))
     valid_set = train.generate_dataset(args.valid_file, "validation", tiny_tokenizer(), args, ["negative", "neutral", "positive"])
-    assert train.check_first_batch(model, valid_set, args) is greater
+    train_set = train.generate_dataset(args.train_file, "train", tiny_tokenizer(), args)
+    assert train.check_first_batch(model, train_set, valid_set, args) is greater
     args.greater_is_better = not greater  # the flag wins
-    assert train.check_first_batch(model, valid_set, args) is (not greater)
+    assert train.check_first_batch(model, train_set, valid_set, args) is (not greater)
 
 
 def test_mse_keeps_the_lowest_epoch_in_best(tiny_data, tmp_path, monkeypatch, capfd):
@@ -195,7 +196,7 @@ def test_a_loss_that_is_not_a_scalar_is_one_line(tiny_data, tmp_path, monkeypatc
         return model
     monkeypatch.setattr(train, "build_model", per_example_loss)
     refused([*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
-            "Model.forward() returned a loss of shape (2,): it must be a scalar tensor")
+            "Model.forward() returned a loss of shape (3,): it must be a scalar tensor")
 
 
 def test_no_loss_says_which_keys_went_into_kwargs(tiny_data, tmp_path, monkeypatch):
