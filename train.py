@@ -96,6 +96,9 @@ def parse_args(argv=None):
                             help="print --samples examples of the batch (input / prediction / gold) every N steps")
     evaluation.add_argument("--samples", type=utils.number(int, 1), default=3, help="examples shown each --sample_every")
     run = parser.add_argument_group("run")
+    run.add_argument("--check", action="store_true",
+                     help="check modeling.py and dataset.py on this data in seconds (PASS / WARN / FAIL), then exit; "
+                          "writes nothing")
     run.add_argument("--seed", type=utils.number(int, 0), default=42, help="initialisation, dropout and data order")
     run.add_argument("--outdir", default="model", help="where best/, last/ and log.json go")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --outdir")
@@ -235,7 +238,8 @@ def main(argv=None):
     for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
         if folder and Path(folder).is_dir():
             checkpoint.refuse_custom_code(folder, option)
-    checkpoint.check_outdir(args.outdir, args.resume, args.overwrite)
+    if not args.check:
+        checkpoint.check_outdir(args.outdir, args.resume, args.overwrite)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
     accelerator = Accelerator(
         gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
@@ -278,6 +282,9 @@ def main(argv=None):
                         f"PreTrainedModel, so its checkpoints could not be saved and loaded with save_pretrained "
                         f"/ from_pretrained. Subclass PreTrainedModel with a PretrainedConfig as config_class, as "
                         f"the default Model does.")
+    if args.check:  # a few seconds of checks on the two user files instead of the run
+        import check
+        sys.exit(check.run(accelerator, model, train_set, valid_set, args))
     greater_is_better = check_first_batch(model, train_set, valid_set, args)
     accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
                       f"{args.metric_for_best} (--{'no-' if greater_is_better else ''}greater_is_better to change it).")

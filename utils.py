@@ -42,7 +42,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # Options a resumed run does not take over from the checkpoint's my_config.json (--outdir: the
 # checkpoint's own folder, wherever it has been copied, unless given).
-NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch", "outdir"}
+NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch", "outdir", "check"}
 # Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
 # Any other option given anew is allowed and printed as "changed on resume".
 MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len", "lr", "weight_decay",

@@ -1,0 +1,308 @@
+"""`train.py --check`: is the pair of user files wired right? A few seconds of checks on the real data
+and model instead of a run, one line each (PASS / WARN / FAIL, the figure measured, what to look
+at), nothing written into --outdir. The exit status is 0 only if no check failed.
+
+    accelerate launch train.py --check                      # with any options of a normal run
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --check
+
+The checks follow the well-known recipe for training neural networks: look at a batch, check the
+initial loss, that every layer gets a gradient, that padding changes nothing, that one batch can be
+learnt by heart, that the model survives save_pretrained / from_pretrained, and what the time goes to.
+"""
+import copy
+import inspect
+import math
+import tempfile
+import time
+from collections import Counter
+
+import torch
+from torch.utils.data import DataLoader
+
+PADDING_TOLERANCE = 1e-4  # float32 outputs of one example, alone and padded in a batch (absolute)
+OVERFIT_STEPS, OVERFIT_FACTOR = 40, 0.5  # steps on one batch; the loss must end below half its start
+LEARNING_FACTOR = 0.9  # the validation loss after as many steps on distinct batches, against its start
+
+
+class Report:
+    def __init__(self, accelerator):
+        self.accelerator, self.failed = accelerator, 0
+
+    def __call__(self, verdict, name, text):
+        self.failed += verdict == "FAIL"
+        if self.accelerator.is_main_process:
+            print(f"{verdict:4}  {name:<10} {text}", flush=True)
+        elif verdict == "FAIL":  # another process's own failure: said, with its rank
+            print(f"FAIL  {name:<10} (process {self.accelerator.process_index}) {text}", flush=True)
+
+
+def first_tensor(outputs):
+    """The output that stands for the model's answer: logits if there are any, else the first tensor but the loss."""
+    if getattr(outputs, "logits", None) is not None:
+        return outputs.logits
+    return next(v for k, v in outputs.items() if k != "loss" and torch.is_tensor(v))
+
+
+def run(accelerator, model, train_set, valid_set, args):
+    report = Report(accelerator)
+    collate = getattr(train_set, "collate", None) or torch.utils.data.default_collate
+    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(args.seed))
+    batch = next(iter(loader))
+
+    # 1. Data: the first batch, its padding, the labels, and the batch's keys against forward()'s parameters.
+    shapes = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in batch.items()
+                       if torch.is_tensor(v))
+    padding = (f"; padding {1 - batch['attention_mask'].float().mean().item():.0%} of the tokens"
+               if "attention_mask" in batch else "")
+    report("PASS", "data", f"{len(train_set)} training and {len(valid_set)} validation examples; first batch: "
+                           f"{shapes}{padding}")
+    labels = label_counts(train_set, collate)
+    if labels is None:
+        report("PASS", "labels", "no integer `labels` in the batches: no class distribution to check")
+    elif len(labels) > 50:
+        report("PASS", "labels", f"{len(labels)} distinct label values (token ids?): no class distribution")
+    else:
+        total, names = sum(labels.values()), getattr(train_set, "labels", None) or []
+        name = lambda k: names[k] if 0 <= k < len(names) else k  # noqa: E731  (the class name where known)
+        shares = ", ".join(f"{name(k)}: {v / total:.1%}" for k, v in sorted(labels.items()))
+        rare = [name(k) for k, v in labels.items() if v / total < 0.01]
+        verdict = "WARN" if len(labels) == 1 or rare else "PASS"
+        hint = (" only one class: nothing to learn" if len(labels) == 1 else
+                f" classes under 1%: {rare}" if rare else "")
+        report(verdict, "labels", f"training labels {shares}{';' if hint else ''}{hint}")
+    parameters = inspect.signature(type(model).forward).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    unknown = [k for k in batch if k not in parameters and not takes_any]
+    required = [name for name, p in parameters.items() if p.default is p.empty
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self" and name not in batch]
+    if unknown or required:
+        report("FAIL", "keys", f"the batch has {unknown or 'no extra keys'} that forward() does not take, and "
+                               f"lacks {required or 'nothing'} that it requires: the collate function and "
+                               f"Model.forward() must agree on names")
+    else:
+        report("PASS", "keys", f"forward() takes every key of the batch ({', '.join(batch)})")
+
+    device = accelerator.device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    model = copy.deepcopy(model).to(device)  # the checks train it: the run's model stays as built
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        checks = {"forward": forward_and_gradients, "padding": padding_invariance, "overfit": overfit,
+                  "learning": learning, "round-trip": round_trip, "speed": throughput}
+        for name, check in checks.items():
+            try:
+                check(report, accelerator, model, batch, train_set, valid_set, collate, args)
+            except Exception as e:  # a check that crashes is a failure of the files under test, not of --check
+                report("FAIL", name, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    if accelerator.num_processes > 1:
+        processes(report, accelerator, model, train_set, collate, args)
+    failed = int(accelerator.reduce(torch.tensor(report.failed, device=accelerator.device), reduction="sum"))
+    accelerator.print(f"--check: {failed} failed" if failed else "--check: every check passed")
+    return 1 if failed else 0
+
+
+def label_counts(train_set, collate, limit=2000):
+    """Counts of the integer labels of (up to `limit`) training examples, -100 (ignored) left out."""
+    counts = Counter()
+    for start in range(0, min(len(train_set), limit), 256):
+        batch = collate([train_set[i] for i in range(start, min(start + 256, len(train_set), limit))])
+        labels = batch.get("labels") if hasattr(batch, "get") else None
+        if not torch.is_tensor(labels) or labels.is_floating_point():
+            return None
+        counts.update(labels[labels != -100].tolist())
+    return counts
+
+
+def forward_and_gradients(report, accelerator, model, batch, train_set, valid_set, collate, args):
+    """2. The loss: a finite scalar that requires grad, near ln(classes) at first. 3. Every trainable
+    parameter gets a finite, non-zero gradient (those that do not are what DDP calls unused)."""
+    model.train()
+    model.zero_grad()
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None or not torch.is_tensor(loss) or loss.dim() != 0:
+        report("FAIL", "forward", f"the loss is {None if loss is None else tuple(loss.shape)}, not a scalar: "
+                                  f"return ModelOutput(loss=...) reduced to one number")
+        return
+    if not loss.requires_grad:
+        report("FAIL", "forward", f"the loss {loss.item():.4f} does not require grad (computed from detached "
+                                  f"tensors, or under torch.no_grad()?): nothing would train")
+        return
+    if not torch.isfinite(loss):
+        report("FAIL", "forward", f"the initial loss is {loss.item()}: look for a log of 0 or a division by 0")
+        return
+    classes = getattr(model.config, "num_labels", 0) if getattr(train_set, "labels", None) else 0
+    if classes > 1:
+        expected = math.log(classes)
+        verdict = "WARN" if loss.item() > 3 * expected else "PASS"
+        report(verdict, "forward", f"initial loss {loss.item():.4f} (ln {classes} = {expected:.4f} for a uniform "
+                                   f"guess{'; far above it: the head starts too confident' if verdict == 'WARN' else ''})")
+    else:
+        report("PASS", "forward", f"initial loss {loss.item():.4f}, a finite scalar that requires grad")
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None or not p.grad.any()]
+    nonfinite = [n for n, p in trainable if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if missing or nonfinite:
+        report("FAIL", "gradients", f"{len(missing)} of {len(trainable)} parameters get no gradient (unused: DDP "
+                                    f"fails on them, or they stay random): {', '.join(missing[:5])}"
+                                    + (f"; non-finite gradients: {', '.join(nonfinite[:5])}" if nonfinite else ""))
+    else:
+        report("PASS", "gradients", f"all {len(trainable)} trainable parameters get a finite, non-zero gradient")
+    model.zero_grad()
+
+
+def padding_invariance(report, accelerator, model, batch, train_set, valid_set, collate, args):
+    """4. An example's outputs alone and padded inside a batch with a longer one agree."""
+    if "attention_mask" not in batch:
+        report("WARN", "padding", "the batches have no attention_mask: padding not checked")
+        return
+    samples = [train_set[i] for i in range(min(32, len(train_set)))]
+    collate_copies = lambda chosen: collate(copy.deepcopy(chosen))  # noqa: E731  (a collate may pop from its samples)
+    lengths = [int(collate_copies([s])["attention_mask"].sum()) for s in samples]
+    if min(lengths) == max(lengths):
+        report("WARN", "padding", "the first examples all have one length: padding not checked")
+        return
+    short, long = samples[lengths.index(min(lengths))], samples[lengths.index(max(lengths))]
+    move = lambda b: {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    padded_batch = move(collate_copies([short, long]))
+    model.eval()
+    with torch.no_grad():
+        mine = first_tensor(model(**move(collate_copies([short]))))[0]
+        padded = first_tensor(model(**padded_batch))[0]
+    model.train()
+    if padded.dim() and padded.shape[0] == padded_batch["attention_mask"].shape[1]:  # per token: the real ones
+        padded = padded[padded_batch["attention_mask"][0].bool()]
+    difference = (mine.float() - padded.float()).abs().max().item() if mine.shape == padded.shape else math.inf
+    if difference > PADDING_TOLERANCE:
+        report("FAIL", "padding", f"an example's outputs change by {difference:.3g} when it is padded in a batch "
+                                  f"(tolerance {PADDING_TOLERANCE}): is the attention_mask passed to the encoder?")
+    else:
+        report("PASS", "padding", f"outputs alone and padded agree to {difference:.1e} (tolerance {PADDING_TOLERANCE})")
+
+
+def overfit(report, accelerator, model, batch, train_set, valid_set, collate, args):
+    """5. A few dozen steps on one batch drive its loss down: else the loss is detached from the
+    model, the lr is 0, or the labels have nothing to do with the inputs."""
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
+    curve = []
+    for _ in range(OVERFIT_STEPS):
+        loss = trained(**batch).loss
+        curve.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    first, last = curve[0], min(curve[-5:])
+    if last < OVERFIT_FACTOR * first:
+        report("PASS", "overfit", f"{OVERFIT_STEPS} steps on one batch: loss {first:.4f} -> {last:.4f}")
+    else:
+        report("FAIL", "overfit", f"{OVERFIT_STEPS} steps on one batch at --lr {args.lr}: loss {first:.4f} -> "
+                                  f"{last:.4f}, not below {OVERFIT_FACTOR:g}x: a loss detached from the model, "
+                                  f"an lr of 0, or a layer that cuts the gradient?")
+
+
+def learning(report, accelerator, model, batch, train_set, valid_set, collate, args):
+    """5b. As many steps on distinct training batches lower the loss of held-out validation examples:
+    else what is learnt does not carry over (labels shuffled against their inputs, say)."""
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
+    valid_collate = getattr(valid_set, "collate", None) or collate
+    held_out = valid_collate([valid_set[i] for i in range(min(64, len(valid_set)))])
+    held_out = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in held_out.items()}
+    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(args.seed))
+    before, steps = evaluation_loss(trained, held_out), 0
+    while steps < OVERFIT_STEPS:
+        for batch in loader:
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            trained(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            steps += 1
+            if steps == OVERFIT_STEPS:
+                break
+    after = evaluation_loss(trained, held_out)
+    if after < LEARNING_FACTOR * before:
+        report("PASS", "learning", f"{OVERFIT_STEPS} steps on training batches: validation loss {before:.4f} -> "
+                                   f"{after:.4f}")
+    else:
+        report("FAIL", "learning", f"{OVERFIT_STEPS} steps on training batches: validation loss {before:.4f} -> "
+                                   f"{after:.4f}, not below {LEARNING_FACTOR:g}x: do the labels belong to their "
+                                   f"inputs (shuffled or misaligned in dataset.py)? Or raise --lr")
+
+
+def evaluation_loss(model, batch):
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    model.train()
+    return loss
+
+
+def round_trip(report, accelerator, model, batch, train_set, valid_set, collate, args):
+    """6. save_pretrained, then from_pretrained: the same outputs, exactly (eval mode)."""
+    if not accelerator.is_main_process:
+        return  # transformers writes from rank 0 only: the main process checks its copy
+    model.eval()
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        model.save_pretrained(folder)
+        loaded = type(model).from_pretrained(folder, trust_remote_code=False).to(accelerator.device).eval()
+        before, after = first_tensor(model(**batch)), first_tensor(loaded(**batch))
+    model.train()
+    if before.shape != after.shape or not torch.equal(before, after):
+        difference = (before - after).abs().max().item() if before.shape == after.shape else "another shape"
+        report("FAIL", "round-trip", f"from_pretrained(save_pretrained(model)) gives other outputs ({difference}): "
+                                     f"something the model needs is not in its config (set it in the config "
+                                     f"class, not on the model)")
+    else:
+        report("PASS", "round-trip", "save_pretrained / from_pretrained reproduces the outputs exactly")
+
+
+def throughput(report, accelerator, model, batch, train_set, valid_set, collate, args):
+    """7. Per batch: the time to load it against the time of a training step."""
+    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
+                        num_workers=args.num_workers or 0, generator=torch.Generator().manual_seed(args.seed))
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
+    load_time = step_time = 0.0
+    batches = iter(loader)
+    count = min(8, len(loader))
+    for _ in range(count):
+        start = time.perf_counter()
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        loaded = time.perf_counter()
+        trained(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        load_time, step_time = load_time + loaded - start, step_time + time.perf_counter() - loaded
+    verdict = "WARN" if load_time > step_time else "PASS"
+    hint = ": the data loader is the bottleneck (--num_workers, or tokenize in generate_dataset, not in __getitem__)" \
+        if load_time > step_time else ""
+    report(verdict, "speed", f"per batch of {args.batch_size}: loading {1000 * load_time / count:.1f} ms, training "
+                             f"step {1000 * step_time / count:.1f} ms{hint}")
+
+
+def processes(report, accelerator, model, train_set, collate, args):
+    """8. With several processes: each sees other batches, and one DDP step leaves the weights equal."""
+    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(args.seed))
+    ddp_model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in ddp_model.parameters() if p.requires_grad], lr=args.lr)
+    ddp_model, optimizer, loader = accelerator.prepare(ddp_model, optimizer, loader)
+    batch = next(iter(loader))
+    first = next(v for v in batch.values() if torch.is_tensor(v))
+    digests = accelerator.gather(torch.tensor([hash(first.cpu().numpy().tobytes()) % (1 << 62)],
+                                              device=accelerator.device))
+    accelerator.backward(ddp_model(**batch).loss)
+    optimizer.step()
+    weights = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(ddp_model).parameters()]).sum()
+    sums = accelerator.gather(weights[None])
+    distinct = len(set(digests.tolist())) == accelerator.num_processes
+    report("PASS" if distinct else "FAIL", "processes",
+           f"{accelerator.num_processes} processes see {'different' if distinct else 'THE SAME'} batches")
+    same = bool((sums == sums[0]).all())
+    report("PASS" if same else "FAIL", "processes",
+           f"weights after one step are {'identical' if same else 'DIFFERENT'} on every process"
+           + ("" if same else ": gradients are not all-reduced (a parameter outside DDP?)"))
