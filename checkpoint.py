@@ -35,6 +35,7 @@ class TrainState:
     best_metric: float | None = None  # the best value of --metric_for_best so far (what best/ holds)
     bad_epochs: int = 0  # epochs since it last improved, for --early_stopping_patience
     num_processes: int = 1
+    distributed_type: str = "NO"  # how those processes ran: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
     skipped_steps: int = 0  # --skip_nonfinite: steps skipped in the current epoch
     loss_sums: list = field(default_factory=list)  # per process: [loss sum, batches] of the epoch in progress
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # which run: an outdir holds one
@@ -355,16 +356,41 @@ def save_model(model, directory, weights):
             model._hf_peft_config_loaded = True
 
 
-def load_training_state(directory, accelerator, optimizer, scheduler, ignore_mismatch):
+def elastic_accumulation(directory, accumulation, processes, ignore_mismatch):
+    """--accumulation for resuming on `processes` processes a run saved on another number: the global
+    batch (processes x accumulation) stays, and so does the data each optimizer step takes (process i
+    gets batches i, i+P, ... of the seeded order, so a step always takes the next P x accumulation
+    batches). Refused when no whole accumulation keeps it."""
+    saved = read_state(directory).num_processes
+    if saved == processes:
+        return accumulation
+    batches = saved * accumulation
+    if batches % processes:
+        if ignore_mismatch:
+            return accumulation
+        counts = ", ".join(str(n) for n in range(1, batches + 1) if batches % n == 0)
+        raise UserError(f"--resume {directory}: saved by {saved} process(es) x --accumulation {accumulation} = "
+                        f"{batches} batches per optimizer step, which {processes} processes cannot share; resume "
+                        f"with {counts} processes, or add --ignore_mismatch (the global batch then changes).")
+    print(f"resuming on {processes} process(es) instead of {saved}: --accumulation {accumulation} -> "
+          f"{batches // processes}, the same {batches} batches per optimizer step", file=sys.stderr)
+    return batches // processes
+
+
+def load_training_state(directory, accelerator, optimizer, scheduler):
     """Restores optimizer, scheduler and position; the RNG comes last, in restore_rng()."""
     directory = Path(directory)
     state = read_state(directory)
-    if state.num_processes != accelerator.num_processes and not ignore_mismatch:
-        raise UserError(f"--resume {directory}: saved by {state.num_processes} process(es), resumed with "
-                        f"{accelerator.num_processes}. Launch with --num_processes {state.num_processes}, or "
-                        f"add --ignore_mismatch (data order and results then differ).")
     optimizer.load_state_dict(load_tensors(directory / "optimizer.pt"))
-    scheduler.load_state_dict(load_tensors(directory / "lr.bin"))
+    schedule = load_tensors(directory / "lr.bin")
+    if state.num_processes != accelerator.num_processes:
+        # A prepared scheduler steps once per process at each optimizer step: count in the new unit.
+        schedule["last_epoch"] = schedule["last_epoch"] // state.num_processes * accelerator.num_processes
+        schedule["_step_count"] = schedule["last_epoch"] + 1
+        # The epoch's loss sums, all on the main process: the epoch's mean comes out the same.
+        totals = [sum(column) for column in zip(*state.loss_sums)] if state.loss_sums else [0.0, 0]
+        state.loss_sums = [totals] + [[0.0, 0]] * (accelerator.num_processes - 1)
+    scheduler.load_state_dict(schedule)
     state.num_processes = accelerator.num_processes
     return state
 

@@ -241,6 +241,9 @@ def main(argv=None):
     if not args.check:
         checkpoint.check_outdir(args.outdir, args.resume, args.overwrite)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
+    if args.resume:  # on another number of processes: the same global batch, by --accumulation
+        args.accumulation = checkpoint.elastic_accumulation(args.resume, args.accumulation,
+                                                            int(os.environ.get("WORLD_SIZE", 1)), args.ignore_mismatch)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
@@ -320,6 +323,9 @@ def main(argv=None):
     valid_loader = DataLoader(valid_set, args.batch_size, collate_fn=getattr(valid_set, "collate", None),
                               **loader_options)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
+    # Taken again after prepare(): FSDP2 replaces every parameter by a sharded one (a DTensor), and the
+    # old ones would never see a gradient (nothing clipped, no NaN noticed).
+    trained = [p for p in model.parameters() if p.requires_grad]
 
     # A prepared scheduler steps once per process at each optimizer step, so it is sized in those
     # units; with the loader's length taken after prepare (per process), the schedule comes out the
@@ -333,9 +339,9 @@ def main(argv=None):
         checkpoint.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
     state = checkpoint.TrainState(num_processes=accelerator.num_processes)
     if args.resume:
-        state = checkpoint.load_training_state(args.resume, accelerator, optimizer, scheduler, args.ignore_mismatch)
+        state = checkpoint.load_training_state(args.resume, accelerator, optimizer, scheduler)
         checkpoint.restore_rng(args.resume, accelerator)  # last: nothing may draw after it
-    state.data = data
+    state.data, state.distributed_type = data, accelerator.distributed_type.value
     replacing = args.overwrite and not args.resume  # the previous run goes with this run's first checkpoint
     # The epoch's loss sums of each process, as saved: log.json's mean then comes out bitwise the same.
     same_processes = len(state.loss_sums) == accelerator.num_processes
@@ -367,8 +373,9 @@ def main(argv=None):
                     # After backward() every process holds the same (all-reduced) gradients, so all of
                     # them skip the same steps. fp16's scaler does this itself.
                     grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
-                    nonfinite = ~torch.isfinite(grad_norm)
-                    if accelerator.scaler is None:
+                    # DeepSpeed clips and skips overflowing steps itself, and returns None or a float.
+                    if torch.is_tensor(grad_norm) and accelerator.scaler is None:
+                        nonfinite = ~torch.isfinite(grad_norm)
                         optimizer.optimizer.found_inf = nonfinite.float()  # fused AdamW: no update if 1
                         running.nonfinite_steps += nonfinite
                     optimizer.step()

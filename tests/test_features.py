@@ -193,3 +193,31 @@ def test_torch_compile_trains_the_same_model(tiny_data, tmp_path):
     # are not the same run; they must still learn the same task about as well.
     valid = [read_json(tmp_path / run / "log.json")["Epoch 0"]["valid_log"]["loss"] for run in ("eager", "compiled")]
     assert valid[1] == pytest.approx(valid[0], rel=0.1)
+
+
+def test_a_tiny_max_grad_norm_clips_the_gradients_the_optimizer_uses(tiny_data, tmp_path, monkeypatch):
+    """The clipped parameters are the prepared model's (FSDP2 swaps them for sharded ones in prepare())."""
+    from accelerate import Accelerator
+    norms, clip = [], Accelerator.clip_grad_norm_
+
+    def recording(self, parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        total = clip(self, parameters, max_norm, norm_type)
+        norms.append(torch.stack([p.grad.norm() for p in parameters]).norm().item())  # after clipping
+        assert all(p.grad is not None for p in parameters)  # the parameters that got the gradients
+        return total
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording)
+    run(*data_args(tiny_data), *FAST, "--epochs", 1, "--max_grad_norm", 1e-3, "--outdir", tmp_path / "model")
+    assert len(norms) == STEPS_PER_EPOCH and max(norms) == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("returned", [None, 0.5])
+def test_deepspeeds_clip_return_values_do_not_break_the_step(returned, tiny_data, tmp_path, monkeypatch):
+    """Under DeepSpeed accelerator.clip_grad_norm_ returns None or a float (DeepSpeed clips and skips
+    overflowing steps itself): a stand-in for that return-value contract only."""
+    from accelerate import Accelerator
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm, norm_type=2: returned)
+    run(*data_args(tiny_data), *FAST, "--epochs", 1, "--outdir", tmp_path / "model")
+    log = read_json(tmp_path / "model" / "log.json")
+    assert log["Epoch 0"]["train_log"]["loss"] > 0 and read_json(tmp_path / "model" / "last" / "trainer_state.json")[
+        "global_step"] == STEPS_PER_EPOCH

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from conftest import STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json, run
+import train
+from conftest import STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json, run, weights
 
 
 @pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
@@ -42,14 +43,59 @@ def test_schedule_is_the_same_for_1_and_2_processes_and_accumulation(reference):
     assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)
 
 
+def recorded(prefix, processes):
+    """Per optimizer step, the examples it took on all processes together (see tests/record.py)."""
+    per_rank = [read_json(f"{prefix}.{rank}.json") for rank in range(processes)]
+    return [sorted(sum((steps[k] for steps in per_rank), [])) for k in range(len(per_rank[0]))]
+
+
+def relative_difference(a, b):
+    """|a - b| / |b| over all the weights together."""
+    wa, wb = weights(a), weights(b)
+    return (sum((wa[k] - wb[k]).pow(2).sum() for k in wa) / sum(wb[k].pow(2).sum() for k in wb)).sqrt().item()
+
+
 @pytest.mark.slow
-def test_resuming_with_another_number_of_processes_is_refused(reference):
-    ref = reference(2)
-    before = (ref / "last" / "trainer_state.json").read_bytes()
-    result = launch("--resume", ref / "last", "--epochs", 3, processes=1, check=False)
-    assert result.returncode != 0
-    assert "saved by 2 process(es), resumed with 1" in result.stderr
-    assert (ref / "last" / "trainer_state.json").read_bytes() == before
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)])
+def test_resume_on_another_number_of_processes_takes_the_same_examples_per_step(before, after, tiny_data,
+                                                                                tmp_path):
+    """Elastic resume: 1 process x accumulation 2 <-> 2 processes x 1. From the stop on, every optimizer
+    step takes exactly the examples the uninterrupted run's step took; the weights differ only by
+    float sums and dropout draws (process 1 has no RNG state to restore when it was not there)."""
+    args = [*data_args(tiny_data), "--epochs", 2, "--num_warmup_steps", 5, "--batch_size", 8]
+    for processes in (before, after):  # both uninterrupted runs: the same examples at every step
+        launch(*args, "--accumulation", 3 - processes, "--outdir", tmp_path / f"whole{processes}", processes=processes,
+               script="tests/record.py", env={"RECORD": str(tmp_path / f"whole{processes}")})
+    whole = recorded(tmp_path / f"whole{before}", before)
+    assert len(whole) == 2 * STEPS_PER_EPOCH and whole == recorded(tmp_path / f"whole{after}", after)
+
+    outdir = tmp_path / "model"
+    launch(*args, "--accumulation", 3 - before, "--outdir", outdir, "--stop_after_steps", 13, processes=before)
+    result = launch("--resume", outdir / "last", processes=after, script="tests/record.py",
+                    env={"RECORD": str(tmp_path / "resumed")})
+    assert f"resuming on {after} process(es) instead of {before}: --accumulation {3 - before} -> {3 - after}" in result.stderr
+    assert recorded(tmp_path / "resumed", after) == whole[13:]
+    state = read_json(outdir / "last" / "trainer_state.json")
+    assert (state["global_step"], state["num_processes"]) == (40, after)
+    assert read_json(outdir / "last" / "my_config.json")["accumulation"] == 3 - after
+    lrs = [entry["train_log"]["lr"] for entry in read_json(outdir / "log.json").values()]
+    assert lrs == pytest.approx([1e-3 * 20 / 35, 0.0], rel=1e-9)  # the schedule went on where it was
+    # The tolerance: how far the two uninterrupted runs (1 and 2 processes, the same examples at every
+    # step, other dropout draws) end apart. The resumed run must end no farther from either.
+    runs_apart = relative_difference(tmp_path / "whole1" / "last", tmp_path / "whole2" / "last")
+    resumed = [relative_difference(outdir / "last", tmp_path / f"whole{p}" / "last") for p in (before, after)]
+    print(f"relative weight difference: 1 vs 2 processes uninterrupted {runs_apart:.2e}; resumed {before}->{after} "
+          f"vs uninterrupted on {before}: {resumed[0]:.2e}, on {after}: {resumed[1]:.2e}")
+    assert max(resumed) <= 1.5 * runs_apart
+
+
+def test_another_number_of_processes_that_cannot_keep_the_global_batch_is_refused(tiny_data, tmp_path, monkeypatch):
+    outdir = tmp_path / "model"
+    run(*data_args(tiny_data), "--batch_size", 16, "--accumulation", 2, "--epochs", 1, "--outdir", outdir)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it for 3 processes
+    with pytest.raises(SystemExit, match=r"saved by 1 process\(es\) x --accumulation 2 = 2 batches per optimizer "
+                                         r"step, which 3 processes cannot share; resume with 1, 2 processes"):
+        train.main(["--resume", str(outdir / "last"), "--epochs", "2"])
 
 
 def test_best_is_not_replaced_by_a_worse_model_after_resume(tiny_data, tmp_path):

@@ -119,3 +119,13 @@ def test_deepspeed_configs(name, stage):
     assert "gradient_accumulation_steps" not in config and "train_micro_batch_size_per_gpu" not in config
     # ZeRO-3: train.py saves gathered weights, which DeepSpeed refuses unless this is on.
     assert config.get("zero3_save_16bit_model", False) == (stage == 3)
+
+
+def test_gpu_check_skips_in_one_line_without_cuda():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run python tools/gpu_check.py itself")
+    result = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.strip().splitlines() == ["gpu_check: no CUDA GPU on this machine; nothing was checked."]

@@ -1,0 +1,40 @@
+"""Runs train.py and records which training examples each optimizer step took on this process.
+
+    RECORD=/tmp/run accelerate launch tests/record.py [train.py options ...]   # writes /tmp/run.<rank>.json
+
+An example is named by its token ids (padding left out), so records of runs with other numbers of
+processes, batch splits and padding compare. No hook of this kind ships in train.py.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.argv = ["train.py", *sys.argv[1:]]
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+import modeling  # noqa: E402
+import train  # noqa: E402
+
+steps, current = [], []
+forward = modeling.Model.forward
+output = Path(f"{os.environ['RECORD']}.{os.environ.get('RANK', '0')}.json")
+
+
+def recording(self, **batch):
+    if self.training:  # not validation, not the checks before the first step
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+            current.append(" ".join(str(i) for i, m in zip(ids, mask) if m))
+    return forward(self, **batch)
+
+
+def stepped(*_):
+    steps.append(sorted(current))
+    current.clear()
+    output.write_text(json.dumps(steps))  # at every step: several processes end with os._exit
+
+
+modeling.Model.forward = recording
+register_optimizer_step_post_hook(stepped)
+train.main()
