@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 from utils import UserError, load_rows
 
@@ -292,13 +294,14 @@ def publish_checkpoint(accelerator, outdir, staging, names, model, tokenizer, op
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every rank calls it
     weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # --torch_compile's wrapper
+    moments = optimizer_state(model, optimizer)  # a collective under FSDP2 too
     error = None
     try:
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model, keep_torch_compile=False), staging, weights)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(moments, staging / "optimizer.pt")
             torch.save(scheduler.state_dict(), staging / "lr.bin")
             write_json(staging / "my_config.json", vars(args))
             write_json(staging / "trainer_state.json", asdict(state))
@@ -377,11 +380,23 @@ def elastic_accumulation(directory, accumulation, processes, ignore_mismatch):
     return batches // processes
 
 
-def load_training_state(directory, accelerator, optimizer, scheduler):
+def optimizer_state(model, optimizer):
+    """The whole optimizer state as plain tensors keyed by parameter name, whatever the processes hold
+    (under FSDP2 each holds a shard: they are gathered, a collective), so that any number of
+    processes, sharded or not, loads it back (set_optimizer_state_dict reshards it)."""
+    return get_optimizer_state_dict(model, optimizer.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, saved):
+    set_optimizer_state_dict(model, optimizer.optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def load_training_state(directory, accelerator, optimizer, scheduler, model):
     """Restores optimizer, scheduler and position; the RNG comes last, in restore_rng()."""
     directory = Path(directory)
     state = read_state(directory)
-    optimizer.load_state_dict(load_tensors(directory / "optimizer.pt"))
+    load_optimizer_state(model, optimizer, load_tensors(directory / "optimizer.pt"))
     schedule = load_tensors(directory / "lr.bin")
     if state.num_processes != accelerator.num_processes:
         # A prepared scheduler steps once per process at each optimizer step: count in the new unit.

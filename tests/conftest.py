@@ -42,13 +42,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(*args, processes=1, check=True, cwd=ROOT, env=None, script="train.py"):
-    """Runs train.py under `accelerate launch`; returns the CompletedProcess (stdout + stderr as text)."""
+def launch(*args, processes=1, check=True, cwd=ROOT, env=None, script="train.py", config=None):
+    """Runs train.py under `accelerate launch` (with configs/accelerate/CONFIG if given: 2 CPU
+    processes); returns the CompletedProcess (stdout + stderr as text)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
-    if processes > 1:
+    if config:
+        env["ACCELERATE_USE_CPU"] = "1"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "configs" / "accelerate" / config), "--main_process_port", str(free_port())]
+    elif processes > 1:
         # On a machine without GPUs this is what makes --multi_gpu start CPU processes over gloo.
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--main_process_port", str(free_port())]

@@ -1,0 +1,90 @@
+"""FSDP2, sharded for real on 2 CPU processes over gloo (configs/accelerate/fsdp_cpu.yaml): training,
+clipping and non-finite detection on the sharded gradients, full weights in best/ and last/, exact
+resume, a kill inside a save, and resuming on another number of processes or without sharding.
+
+    pytest -m slow tests/test_fsdp.py
+"""
+import pytest
+import torch
+
+from conftest import STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json, weights
+from modeling import Model
+
+pytestmark = pytest.mark.slow
+CONFIG = "fsdp_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_data, tmp_path_factory):
+    """The uninterrupted FSDP2 run: 2 epochs, a checkpoint every 7 steps."""
+    outdir = tmp_path_factory.mktemp("fsdp") / "whole"
+    launch(*common_args(tiny_data, 2), "--outdir", outdir, config=CONFIG)
+    return outdir
+
+
+def test_it_is_sharded_and_saves_whole_weights(whole):
+    state = read_json(whole / "last" / "trainer_state.json")
+    assert (state["distributed_type"], state["num_processes"], state["global_step"]) == ("FSDP", 2, 2 * STEPS_PER_EPOCH)
+    for name in ("best", "last"):
+        model = Model.from_pretrained(whole / name)  # whole weights, gathered at save
+        assert model.head.weight.shape == (3, 64)
+    optimizer = torch.load(whole / "last" / "optimizer.pt", weights_only=True)
+    assert all("encoder." in key or "head." in key for key in optimizer["state"])  # whole, keyed by name
+
+
+def test_stopped_at_a_save_steps_checkpoint_and_resumed_is_bitwise(whole, tiny_data, tmp_path):
+    outdir = tmp_path / "model"
+    launch(*common_args(tiny_data, 2), "--outdir", outdir, "--stop_after_steps", STEPS_PER_EPOCH + 7, config=CONFIG)
+    launch("--resume", outdir / "last", config=CONFIG)
+    assert_bitwise_equal(whole / "last", outdir / "last")
+    assert_bitwise_equal(whole / "best", outdir / "best")
+    assert read_json(outdir / "log.json") == read_json(whole / "log.json")
+
+
+def test_killed_inside_a_save_then_resumed_is_bitwise(whole, tiny_data, tmp_path):
+    outdir = tmp_path / "model"
+    crashed = launch("trainer_state.json", 2, *common_args(tiny_data, 2), "--outdir", outdir, config=CONFIG,
+                     script="tests/crash.py", check=False)
+    assert crashed.returncode != 0 and read_json(outdir / "last" / "manifest.json")["global_step"] == 7
+    launch("--resume", outdir / "last", config=CONFIG)
+    assert_bitwise_equal(whole / "last", outdir / "last")
+
+
+def test_a_tiny_max_grad_norm_clips_the_sharded_gradients(tiny_data, tmp_path):
+    args = [*data_args(tiny_data), "--batch_size", 16, "--epochs", 1]
+    launch(*args, "--outdir", tmp_path / "off", "--max_grad_norm", 0, config=CONFIG)
+    launch(*args, "--outdir", tmp_path / "clipped", "--max_grad_norm", 1e-6, config=CONFIG)
+    off, clipped = (weights(tmp_path / run / "last")["head.weight"] for run in ("off", "clipped"))
+    assert not torch.equal(off, clipped)  # before: the clipped parameters were the unsharded originals
+
+
+def test_non_finite_gradients_are_caught_on_the_sharded_parameters(tiny_data, tmp_path):
+    result = launch(*data_args(tiny_data), "--batch_size", 16, "--lr", "1e30", "--max_grad_norm", 0, "--log_every", 1,
+                    "--outdir", tmp_path / "model", config=CONFIG, check=False)
+    assert result.returncode != 0 and "non-finite gradients in 1 of the optimizer steps up to step 2" in result.stderr
+    assert not (tmp_path / "model" / "last").exists()
+
+
+def test_an_fsdp2_checkpoint_resumes_on_one_process_without_sharding(whole, tiny_data, tmp_path):
+    outdir = tmp_path / "model"
+    launch(*common_args(tiny_data, 2), "--outdir", outdir, "--stop_after_steps", 13, config=CONFIG)
+    result = launch("--resume", outdir / "last", processes=1)
+    assert "resuming on 1 process(es) instead of 2: --accumulation 1 -> 2" in result.stderr
+    state = read_json(outdir / "last" / "trainer_state.json")
+    assert (state["distributed_type"], state["global_step"]) == ("NO", 2 * STEPS_PER_EPOCH)
+    wa, wb = weights(outdir / "last"), weights(whole / "last")
+    difference = (sum((wa[k] - wb[k]).pow(2).sum() for k in wa) / sum(wb[k].pow(2).sum() for k in wb)).sqrt().item()
+    print(f"relative weight difference, FSDP2 2 processes -> 1 process vs uninterrupted FSDP2: {difference:.2e}")
+    assert difference < 0.2
+
+
+def test_a_ddp_checkpoint_resumes_sharded(whole, tiny_data, tmp_path):
+    """One checkpoint format: whole weights, the whole optimizer state by parameter name."""
+    outdir = tmp_path / "model"
+    launch(*common_args(tiny_data, 2), "--outdir", outdir, "--stop_after_steps", 13, processes=2)
+    assert read_json(outdir / "last" / "trainer_state.json")["distributed_type"] == "MULTI_CPU"
+    launch("--resume", outdir / "last", config=CONFIG)
+    state = read_json(outdir / "last" / "trainer_state.json")
+    assert (state["distributed_type"], state["global_step"]) == ("FSDP", 2 * STEPS_PER_EPOCH)
+    log, expected = read_json(outdir / "log.json"), read_json(whole / "log.json")
+    assert [e["train_log"]["lr"] for e in log.values()] == [e["train_log"]["lr"] for e in expected.values()]
