@@ -30,6 +30,8 @@ def recording(self, **batch):
 
 
 def stepped(*_):
+    if not current:  # not a training step: torch.distributed.checkpoint's set_optimizer_state_dict
+        return       # runs an empty one to create the optimizer's state before loading it
     steps.append(sorted(current))
     current.clear()
     output.write_text(json.dumps(steps))  # at every step: several processes end with os._exit

@@ -9,6 +9,7 @@ import torch
 
 from conftest import STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, launch, read_json, weights
 from modeling import Model
+from test_resume import recorded
 
 pytestmark = pytest.mark.slow
 CONFIG = "fsdp_cpu.yaml"
@@ -18,7 +19,8 @@ CONFIG = "fsdp_cpu.yaml"
 def whole(tiny_data, tmp_path_factory):
     """The uninterrupted FSDP2 run: 2 epochs, a checkpoint every 7 steps."""
     outdir = tmp_path_factory.mktemp("fsdp") / "whole"
-    launch(*common_args(tiny_data, 2), "--outdir", outdir, config=CONFIG)
+    launch(*common_args(tiny_data, 2), "--outdir", outdir, config=CONFIG, script="tests/record.py",
+           env={"RECORD": str(outdir.parent / "whole")})
     return outdir
 
 
@@ -68,8 +70,11 @@ def test_non_finite_gradients_are_caught_on_the_sharded_parameters(tiny_data, tm
 def test_an_fsdp2_checkpoint_resumes_on_one_process_without_sharding(whole, tiny_data, tmp_path):
     outdir = tmp_path / "model"
     launch(*common_args(tiny_data, 2), "--outdir", outdir, "--stop_after_steps", 13, config=CONFIG)
-    result = launch("--resume", outdir / "last", processes=1)
+    result = launch("--resume", outdir / "last", processes=1, script="tests/record.py",
+                    env={"RECORD": str(tmp_path / "resumed")})
     assert "resuming on 1 process(es) instead of 2: --accumulation 1 -> 2" in result.stderr
+    # From the stop on, each optimizer step takes the examples the uninterrupted FSDP2 run's step took.
+    assert recorded(tmp_path / "resumed", 1) == recorded(whole.parent / "whole", 2)[13:]
     state = read_json(outdir / "last" / "trainer_state.json")
     assert (state["distributed_type"], state["global_step"]) == ("NO", 2 * STEPS_PER_EPOCH)
     wa, wb = weights(outdir / "last"), weights(whole / "last")
@@ -78,12 +83,15 @@ def test_an_fsdp2_checkpoint_resumes_on_one_process_without_sharding(whole, tiny
     assert difference < 0.2
 
 
-def test_a_ddp_checkpoint_resumes_sharded(whole, tiny_data, tmp_path):
-    """One checkpoint format: whole weights, the whole optimizer state by parameter name."""
+def test_a_one_process_checkpoint_resumes_sharded_on_two(whole, tiny_data, tmp_path):
+    """One checkpoint format (whole weights, the whole optimizer state by parameter name): 1 process
+    x accumulation 2 resumes as FSDP2 on 2 processes x 1, taking the same examples per step."""
     outdir = tmp_path / "model"
-    launch(*common_args(tiny_data, 2), "--outdir", outdir, "--stop_after_steps", 13, processes=2)
-    assert read_json(outdir / "last" / "trainer_state.json")["distributed_type"] == "MULTI_CPU"
-    launch("--resume", outdir / "last", config=CONFIG)
+    launch(*data_args(tiny_data), "--epochs", 2, "--num_warmup_steps", 5, "--save_steps", 7, "--batch_size", 8,
+           "--accumulation", 2, "--outdir", outdir, "--stop_after_steps", 13)
+    assert read_json(outdir / "last" / "trainer_state.json")["distributed_type"] == "NO"
+    launch("--resume", outdir / "last", config=CONFIG, script="tests/record.py", env={"RECORD": str(tmp_path / "resumed")})
+    assert recorded(tmp_path / "resumed", 2) == recorded(whole.parent / "whole", 2)[13:]
     state = read_json(outdir / "last" / "trainer_state.json")
     assert (state["distributed_type"], state["global_step"]) == ("FSDP", 2 * STEPS_PER_EPOCH)
     log, expected = read_json(outdir / "log.json"), read_json(whole / "log.json")
