@@ -37,7 +37,8 @@ class TrainState:
     best_metric: float | None = None  # the best value of --metric_for_best so far (what best/ holds)
     bad_epochs: int = 0  # epochs since it last improved, for --early_stopping_patience
     num_processes: int = 1
-    distributed_type: str = "NO"  # how those processes ran: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+    distributed_type: str = "NO"  # how those processes ran: NO, MULTI_CPU, MULTI_GPU, FSDP
+    threads: int = 0  # torch's CPU threads per process: another number sums floats in another order
     skipped_steps: int = 0  # --skip_nonfinite: steps skipped in the current epoch
     loss_sums: list = field(default_factory=list)  # per process: [loss sum, batches] of the epoch in progress
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # which run: an outdir holds one

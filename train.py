@@ -266,6 +266,9 @@ def main(argv=None):
         if accelerator.is_main_process:
             checkpoint.verify(args.resume)  # every file against the manifest, before anything is read
         accelerator.wait_for_everyone()
+    threads = utils.cpu_threads(accelerator)
+    if accelerator.device.type == "cpu":
+        accelerator.print(f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the command to choose).")
     if args.sample_every and not hasattr(modeling, "format_samples"):
         raise UserError("--sample_every: modeling.py has no format_samples(model, tokenizer, batch, outputs, k).")
     if not has_metrics():
@@ -347,7 +350,10 @@ def main(argv=None):
     if args.resume:
         state = checkpoint.load_training_state(args.resume, accelerator, optimizer, scheduler, model)
         checkpoint.restore_rng(args.resume, accelerator)  # last: nothing may draw after it
-    state.data, state.distributed_type = data, accelerator.distributed_type.value
+    if args.resume and state.threads and state.threads != threads and accelerator.device.type == "cpu":
+        accelerator.print(f"changed on resume: {state.threads} -> {threads} CPU threads per process; float sums "
+                          f"come in another order, so the continuation is close to, not bitwise, the run it continues.")
+    state.data, state.distributed_type, state.threads = data, accelerator.distributed_type.value, threads
     replacing = args.overwrite and not args.resume  # the previous run goes with this run's first checkpoint
     # The epoch's loss sums of each process, as saved: log.json's mean then comes out bitwise the same.
     same_processes = len(state.loss_sums) == accelerator.num_processes

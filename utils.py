@@ -319,6 +319,28 @@ class RunningLoss:
         return mean
 
 
+def cpu_threads(accelerator):
+    """Torch threads for this process. On CPU under `accelerate launch`, which gives each process one
+    (OMP_NUM_THREADS=1, a single process too), every core is used: physical cores / processes on
+    this machine, unless the user chose (OMP_NUM_THREADS set, or --num_cpu_threads_per_process)."""
+    if accelerator.device.type == "cpu" and LAUNCHED and not threads_chosen_by_user():
+        import psutil  # an accelerate dependency
+        cores = min(psutil.cpu_count(logical=False) or os.cpu_count(), len(os.sched_getaffinity(0)))
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return torch.get_num_threads()
+
+
+def threads_chosen_by_user():
+    """Whether the launcher was started with OMP_NUM_THREADS or --num_cpu_threads_per_process: its own
+    environment and command line, as the user gave them (Linux /proc; elsewhere: assume they chose)."""
+    try:
+        environment = Path(f"/proc/{PARENT}/environ").read_bytes().split(b"\0")
+        command = Path(f"/proc/{PARENT}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return any(v.startswith(b"OMP_NUM_THREADS=") for v in environment) or b"--num_cpu_threads_per_process" in command
+
+
 class Preemption:
     """SIGTERM and SIGUSR1 (what Slurm, Kubernetes and most schedulers send) and Ctrl-C only set a
     flag; the loop asks every --log_every steps, so the step in progress finishes and last/ is saved

@@ -124,7 +124,10 @@ def reference(tiny_data, tmp_path_factory):
 
 
 sys.path.insert(0, str(ROOT))  # the tests import train, modeling and dataset like a user's script would
-torch.set_num_threads(1)  # as `accelerate launch` runs each process: in-process runs equal the CLI's bitwise
+# One torch thread, in this process and (chosen as a user would) in every process the tests start:
+# in-process runs and CLI runs then compare bitwise.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_tokenizer():

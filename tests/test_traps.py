@@ -3,6 +3,7 @@ words, a plain nn.Module, a loss that is not a scalar, messages, two runs in one
 
     pytest tests/test_traps.py
 """
+import json
 import os
 import signal
 import subprocess
@@ -295,3 +296,42 @@ def test_sigterm_to_the_launcher_alone_saves_and_stops_the_training_processes(pr
     resumed = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 2
+
+
+# ---------------------------------------------------------------- every core
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes, chosen", [(1, None), (2, None), (1, "1")])
+def test_every_core_under_accelerate_launch_unless_the_user_chose(processes, chosen, tmp_path):
+    """accelerate launch gives each process one thread; train.py takes physical cores / processes."""
+    import psutil
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ACCELERATE_USE_CPU")}
+    if chosen:
+        env["OMP_NUM_THREADS"] = chosen
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        command += ["--multi_gpu", "--main_process_port", "0"]
+    result = subprocess.run([*command, "train.py", "--train_file", str(tmp_path / "missing.jsonl"), "--outdir",
+                             str(tmp_path / "model")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    cores = min(psutil.cpu_count(logical=False) or os.cpu_count(), len(os.sched_getaffinity(0)))
+    expected = int(chosen) if chosen else max(1, cores // processes)
+    assert f"{expected} CPU thread(s) per process" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_another_thread_count_on_resume_is_said(tiny_data, tmp_path):
+    outdir = tmp_path / "model"
+    train.main([*map(str, data_args(tiny_data)), "--batch_size", "32", "--epochs", "2", "--outdir", str(outdir),
+                "--stop_after_steps", "3"])
+    state = read_json(outdir / "last" / "trainer_state.json")
+    assert state["threads"] == 1  # the tests' one thread
+    state["threads"] = 4
+    (outdir / "last" / "trainer_state.json").write_text(json.dumps(state))
+    manifest = read_json(outdir / "last" / "manifest.json")
+    import checkpoint
+    manifest["files"]["trainer_state.json"] = checkpoint.sha256(outdir / "last" / "trainer_state.json")
+    checkpoint.write_json(outdir / "last" / "manifest.json", manifest)
+    from conftest import run as run_in_process
+    result = run_in_process("--resume", outdir / "last")
+    assert "changed on resume: 4 -> 1 CPU threads per process" in result.stdout
