@@ -365,7 +365,7 @@ def elastic_accumulation(directory, accumulation, processes, ignore_mismatch):
     batch (processes x accumulation) stays, and so does the data each optimizer step takes (process i
     gets batches i, i+P, ... of the seeded order, so a step always takes the next P x accumulation
     batches). Refused when no whole accumulation keeps it."""
-    saved = read_state(directory).num_processes
+    saved = read_state(find(directory)).num_processes  # before verify() has taken back a .old-last
     if saved == processes:
         return accumulation
     batches = saved * accumulation
