@@ -324,11 +324,9 @@ def main(argv=None):
     loader_options = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
                       "persistent_workers": num_workers > 0, "generator": torch.Generator()}
     collate = getattr(train_set, "collate", None)  # None: torch's default_collate
-    if args.group_by_length:
-        sampler = utils.LengthGroupedSampler(args.batch_size, train_set, args.seed)
-        train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, collate_fn=collate, **loader_options)
-    else:
-        train_loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate, **loader_options)
+    sampler = (utils.LengthGroupedSampler(args.batch_size, train_set, args.seed) if args.group_by_length
+               else utils.ShuffledSampler(len(train_set), args.seed))
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, collate_fn=collate, **loader_options)
     valid_loader = DataLoader(valid_set, args.batch_size, collate_fn=getattr(valid_set, "collate", None),
                               **loader_options)
     model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)

@@ -242,6 +242,26 @@ def row_name(path, index):
     return f"row {index + 1}"
 
 
+class ShuffledSampler(torch.utils.data.Sampler):
+    """A random order of the examples that is a function of (seed, epoch) only, like accelerate's
+    seedable sampler (so a resumed epoch replays it), held as one int64 tensor (8 bytes an example)
+    and handed out in chunks: the list of Python ints that sampler makes costs ~36 bytes an example."""
+
+    def __init__(self, size, seed):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for chunk in order.split(1 << 16):
+            yield from chunk.tolist()
+
+
 class LengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSampler):
     """--group_by_length: Trainer's sampler (random chunks of 50 batches, each sorted by length, the
     longest batch first), with the permutation a function of (seed, epoch) like accelerate's

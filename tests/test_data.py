@@ -154,3 +154,22 @@ def test_collate_pads_per_batch_not_to_max_len():
     assert batch["input_ids"].shape == (4, longest) and longest < 128
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["attention_mask"].sum().item() == sum(len(dataset[i]["input_ids"]) for i in range(4))
+
+
+def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate():
+    """train.py's default order: every example once per epoch, another order each epoch, the same
+    order for the same (seed, epoch) after a restart, and set_epoch reaching it through prepare()."""
+    from accelerate import Accelerator
+    accelerator = Accelerator()
+
+    def orders(seed):
+        loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(50)), 8,
+                                                                 sampler=utils.ShuffledSampler(50, seed)))
+        result = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            result.append([int(i) for batch in loader for i in batch])
+        return result
+    first, again, other = orders(42), orders(42), orders(7)
+    assert sorted(first[0]) == sorted(first[1]) == list(range(50)) and first[0] != first[1]
+    assert first == again and first != other
