@@ -9,7 +9,6 @@ Writes OUTDIR/best/ (best validation loss), OUTDIR/last/ (end of each epoch, eve
 and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, not the loop.
 """
 import argparse
-import inspect
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
 
+import check
 import checkpoint
 import dataset
 import modeling
@@ -34,17 +34,8 @@ from modeling import build_model
 from utils import UserError
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the description's layout and shows every option's default."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return f"{action.help or ''} (default: %(default)s)"
-
-
 def parse_args(argv=None):
-    parser = utils.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = utils.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file of option defaults, e.g. configs/tiny.yaml; flags override it")
     data = parser.add_argument_group("data")
     data.add_argument("--train_file", default="data/train.jsonl",
@@ -156,85 +147,6 @@ def evaluate(accelerator, model, loader, desc):
     return metrics
 
 
-LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
-
-
-def check_first_batch(model, train_set, valid_set, args):
-    """Before any training: the first validation examples and the longest training example through
-    the model, so that a forward without a scalar loss, a --max_len beyond the model's positions or
-    a --metric_for_best that no metric has costs seconds, not an epoch. Returns whether a greater
-    --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept."""
-    collate = getattr(valid_set, "collate", torch.utils.data.default_collate)
-    samples = [valid_set[i] for i in range(min(2, len(valid_set)))]
-    lengths = getattr(train_set, "lengths", None)
-    samples += [train_set[int(lengths.argmax())]] if lengths is not None else []
-    batch = collate(samples)
-    model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        try:
-            outputs = model(**batch)
-        except (RuntimeError, IndexError) as e:
-            longest = f"the longest, {int(lengths.max())} tokens, " if lengths is not None else ""
-            raise UserError(f"Model.forward() failed on a batch of validation and training examples ({longest}"
-                            f"--max_len {args.max_len}): {str(e).splitlines()[0][:300]}. If the model has fewer "
-                            f"positions, lower --max_len.") from None
-        check_loss(model, batch, outputs)
-        metrics = ["loss", *compute_metrics(metrics_of(batch, outputs))]
-    model.train()
-    if args.metric_for_best not in metrics:
-        raise UserError(f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
-                        f"({', '.join(metrics)}); compute_metrics() in modeling.py makes them.")
-    greater = args.greater_is_better
-    if greater is None:  # lower is better for losses, errors and perplexities
-        greater = not LOWER_IS_BETTER & set(args.metric_for_best.lower().replace("-", "_").split("_"))
-    return greater
-
-
-def check_loss(model, batch, outputs):
-    """One clear line for a forward() whose loss is missing or not a scalar."""
-    loss = getattr(outputs, "loss", None)
-    if loss is None:
-        parameters = inspect.signature(type(getattr(model, "module", model)).forward).parameters  # DDP: .module
-        swallowed = [k for k in batch if k not in parameters]
-        hint = (f" The batch's keys {', '.join(swallowed)} are not parameters of forward() and went into its "
-                f"**{next(p.name for p in parameters.values() if p.kind is p.VAR_KEYWORD)}: is one of them "
-                f"meant as the labels?" if swallowed and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-                else "")
-        raise UserError("Model.forward() returned no loss: return a ModelOutput with .loss set (see modeling.py)."
-                        + hint)
-    if not torch.is_tensor(loss) or loss.dim() != 0:
-        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
-        raise UserError(f"Model.forward() returned a loss of shape {shape}: it must be a scalar tensor (reduce it, "
-                        f"e.g. with .mean()).")
-
-
-def show_samples(accelerator, model, tokenizer, batch, outputs, args, step, bar):
-    """--sample_every: modeling.format_samples() on the main process, in eval mode, without gradients,
-    with the RNG streams restored afterwards: showing samples (even with generate()) changes nothing."""
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model).eval()
-    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-        samples = modeling.format_samples(unwrapped, tokenizer, batch, outputs, args.samples)
-    unwrapped.train()
-    bar.write(f"--- samples at step {step}:\n" + "\n".join(samples[:args.samples]))
-
-
-def resume_command(accelerator, outdir):
-    """The full command that continues this run, launch options included."""
-    launch = "accelerate launch"
-    if accelerator.num_processes > 1:
-        launch = f"accelerate launch --multi_gpu --num_processes {accelerator.num_processes}"
-        if accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
-            launch += " --num_machines N --machine_rank R --main_process_ip IP (as before)"
-        if accelerator.device.type == "cpu":
-            launch = f"ACCELERATE_USE_CPU=1 {launch}"
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        launch = "accelerate launch --config_file (the one this run used)"
-    return f"{launch} train.py --resume {outdir}/last"
-
-
 def main(argv=None):
     args = parse_args(argv)
     for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
@@ -250,7 +162,8 @@ def main(argv=None):
         gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
         log_with=utils.tracker(args.report_to), project_dir=args.outdir,
-        # The sampler's permutation is a function of (data_seed, epoch) only, so it can be replayed.
+        # Any sampler's permutation a function of (seed, epoch) only, so a resumed epoch replays it
+        # (train.py's own samplers are built that way too).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
         # FSDP2 on CPU: accelerate maps an FSDP config to plain DDP when there is no GPU, though
@@ -295,9 +208,9 @@ def main(argv=None):
                         f"/ from_pretrained. Subclass PreTrainedModel with a PretrainedConfig as config_class, as "
                         f"the default Model does.")
     if args.check:  # a few seconds of checks on the two user files instead of the run
-        import check
         sys.exit(check.run(accelerator, model, train_set, valid_set, args))
-    greater_is_better = check_first_batch(model, train_set, valid_set, args)
+    greater_is_better = check.first_batch(model, train_set, valid_set, args, lambda batch, outputs: compute_metrics(
+        metrics_of(batch, outputs)))
     accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
                       f"{args.metric_for_best} (--{'no-' if greater_is_better else ''}greater_is_better to change it).")
     if args.resume:
@@ -377,7 +290,7 @@ def main(argv=None):
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
-                check_loss(model, batch, outputs)  # attributes only: no wait for the GPU
+                check.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients:
                     # After backward() every process holds the same (all-reduced) gradients, so all of
@@ -403,7 +316,8 @@ def main(argv=None):
             state.steps_done_in_epoch += 1
             end_of_epoch = accelerator.gradient_state.end_of_dataloader
             if args.sample_every and state.global_step % args.sample_every == 0:
-                show_samples(accelerator, model, tokenizer, batch, outputs, args, state.global_step, bar)
+                utils.show_samples(accelerator, modeling.format_samples, model, tokenizer, batch, outputs, args.samples,
+                                   state.global_step, bar)
             if state.global_step == args.stop_after_steps:
                 stop = "--stop_after_steps"
             save = end_of_epoch or stop or (args.save_steps and state.global_step % args.save_steps == 0)
@@ -452,7 +366,7 @@ def main(argv=None):
     if stop:
         accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
                           f"{state.global_step} optimizer steps; {args.outdir}/last holds the full state. "
-                          f"Continue with: {resume_command(accelerator, args.outdir)}")
+                          f"Continue with: {utils.resume_command(accelerator, args.outdir)}")
     preemption.close()
     accelerator.end_training()
     status = 128 + stop if isinstance(stop, int) else 0  # as if killed by the signal: a scheduler sees a preemption

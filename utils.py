@@ -16,6 +16,7 @@ import torch
 import transformers
 import yaml
 from accelerate.tracking import get_available_trackers
+from accelerate.utils import DistributedType
 from packaging import version
 from tqdm.auto import tqdm
 
@@ -25,6 +26,15 @@ class UserError(SystemExit):
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows every option's default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -287,6 +297,33 @@ class LengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSampler):
 def progress(accelerator, iterable, desc, **kwargs):
     """A tqdm bar on the main process only: `[Epoch 0] [TRAIN]:  12%|█▏  | 520/4387 [..., loss=2.56, lr=7.8e-6]`."""
     return tqdm(iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
+
+
+def show_samples(accelerator, format_samples, model, tokenizer, batch, outputs, k, step, bar):
+    """--sample_every: modeling.py's format_samples() on the main process, in eval mode, without gradients,
+    with the RNG streams restored afterwards: showing samples (even with generate()) changes nothing."""
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model).eval()
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        samples = format_samples(unwrapped, tokenizer, batch, outputs, k)
+    unwrapped.train()
+    bar.write(f"--- samples at step {step}:\n" + "\n".join(samples[:k]))
+
+
+def resume_command(accelerator, outdir):
+    """The full command that continues this run, launch options included."""
+    launch = "accelerate launch"
+    if accelerator.num_processes > 1:
+        launch = f"accelerate launch --multi_gpu --num_processes {accelerator.num_processes}"
+        if accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+            launch += " --num_machines N --machine_rank R --main_process_ip IP (as before)"
+        if accelerator.device.type == "cpu":
+            launch = f"ACCELERATE_USE_CPU=1 {launch}"
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        launch = "accelerate launch --config_file (the one this run used)"
+    return f"{launch} train.py --resume {outdir}/last"
 
 
 def tracker(name):
