@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 from safetensors.torch import load_model, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -295,14 +297,18 @@ def publish_checkpoint(accelerator, outdir, staging, names, model, tokenizer, op
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every rank calls it
     weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # --torch_compile's wrapper
-    moments = optimizer_state(model, optimizer)  # a collective under FSDP2 too
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    moments = optimizer_state(model, optimizer, sharded)
     error = None
     try:
+        if sharded:  # each process its own shard: nothing is gathered
+            torch.save(moments, staging / f"optimizer_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model, keep_torch_compile=False), staging, weights)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            torch.save(moments, staging / "optimizer.pt")
+            if not sharded:
+                torch.save(moments, staging / "optimizer.pt")
             torch.save(scheduler.state_dict(), staging / "lr.bin")
             write_json(staging / "my_config.json", vars(args))
             write_json(staging / "trainer_state.json", asdict(state))
@@ -381,23 +387,50 @@ def elastic_accumulation(directory, accumulation, processes, ignore_mismatch):
     return batches // processes
 
 
-def optimizer_state(model, optimizer):
-    """The whole optimizer state as plain tensors keyed by parameter name, whatever the processes hold
-    (under FSDP2 each holds a shard: they are gathered, a collective), so that any number of
-    processes, sharded or not, loads it back (set_optimizer_state_dict reshards it)."""
-    return get_optimizer_state_dict(model, optimizer.optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def optimizer_state(model, optimizer, sharded):
+    """The optimizer state as plain tensors keyed by parameter name: whole (optimizer.pt), or under
+    FSDP2 this process's shard of each tensor (optimizer_<rank>.pt: its rows of dim 0)."""
+    if not sharded:
+        return get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True))
+    state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=False))
+    return {"state": {name: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in values.items()}
+                      for name, values in state["state"].items()}, "param_groups": state["param_groups"]}
 
 
-def load_optimizer_state(model, optimizer, saved):
-    set_optimizer_state_dict(model, optimizer.optimizer, saved, options=StateDictOptions(full_state_dict=True))
+def load_optimizer_state(directory, accelerator, model, optimizer, saved_processes):
+    """Loads optimizer.pt, or the shards: as they are when FSDP2 runs on as many processes again,
+    else joined into the whole state, which set_optimizer_state_dict reshards (or not) as this run is."""
+    directory = Path(directory)
+    if (directory / "optimizer.pt").is_file():
+        whole = load_tensors(directory / "optimizer.pt")
+    else:
+        files = [directory / f"optimizer_{rank}.pt" for rank in range(saved_processes)]
+        for path in files:
+            if not path.is_file():
+                raise UserError(f"--resume {directory}: {path} is missing: the optimizer state is incomplete. Resume "
+                                f"from another checkpoint.")
+        if accelerator.distributed_type == DistributedType.FSDP and saved_processes == accelerator.num_processes:
+            shard = load_tensors(files[accelerator.process_index])
+            parameters = dict(model.named_parameters())
+            shard["state"] = {name: {k: DTensor.from_local(v.to(parameters[name].device), parameters[name].device_mesh,
+                                                           parameters[name].placements, shape=parameters[name].shape,
+                                                           stride=parameters[name].stride())
+                                     if v.dim() and isinstance(parameters[name], DTensor) else v
+                                     for k, v in values.items()} for name, values in shard["state"].items()}
+            set_optimizer_state_dict(model, optimizer.optimizer, shard, options=StateDictOptions(full_state_dict=False))
+            return
+        shards = [load_tensors(path) for path in files]  # FSDP2 shards dim 0 in rank order: join them
+        whole = {"param_groups": shards[0]["param_groups"],
+                 "state": {name: {k: torch.cat([s["state"][name][k] for s in shards]) if v.dim() else v
+                                  for k, v in values.items()} for name, values in shards[0]["state"].items()}}
+    set_optimizer_state_dict(model, optimizer.optimizer, whole, options=StateDictOptions(full_state_dict=True))
 
 
 def load_training_state(directory, accelerator, optimizer, scheduler, model):
     """Restores optimizer, scheduler and position; the RNG comes last, in restore_rng()."""
     directory = Path(directory)
     state = read_state(directory)
-    load_optimizer_state(model, optimizer, load_tensors(directory / "optimizer.pt"))
+    load_optimizer_state(directory, accelerator, model, optimizer, state.num_processes)
     schedule = load_tensors(directory / "lr.bin")
     if state.num_processes != accelerator.num_processes:
         # A prepared scheduler steps once per process at each optimizer step: count in the new unit.

@@ -30,8 +30,12 @@ def test_it_is_sharded_and_saves_whole_weights(whole):
     for name in ("best", "last"):
         model = Model.from_pretrained(whole / name)  # whole weights, gathered at save
         assert model.head.weight.shape == (3, 64)
-    optimizer = torch.load(whole / "last" / "optimizer.pt", weights_only=True)
-    assert all("encoder." in key or "head." in key for key in optimizer["state"])  # whole, keyed by name
+    # The optimizer state is saved sharded, each process its rows of each tensor, keyed by name.
+    shards = [torch.load(whole / "last" / f"optimizer_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert not (whole / "last" / "optimizer.pt").exists()
+    moments = [shard["state"]["head.weight"]["exp_avg"] for shard in shards]
+    assert [m.shape for m in moments] == [(2, 64), (1, 64)]  # 3 rows over 2 processes
+    assert all(all(key.startswith(("encoder.", "head.")) for key in shard["state"]) for shard in shards)
 
 
 def test_stopped_at_a_save_steps_checkpoint_and_resumed_is_bitwise(whole, tiny_data, tmp_path):
@@ -96,3 +100,16 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two(whole, tiny_data, tmp_p
     assert (state["distributed_type"], state["global_step"]) == ("FSDP", 2 * STEPS_PER_EPOCH)
     log, expected = read_json(outdir / "log.json"), read_json(whole / "log.json")
     assert [e["train_log"]["lr"] for e in log.values()] == [e["train_log"]["lr"] for e in expected.values()]
+
+
+def test_a_missing_shard_is_refused_by_name(whole, tmp_path):
+    import shutil
+
+    import checkpoint
+    folder = tmp_path / "last"
+    shutil.copytree(whole / "last", folder)
+    (folder / "optimizer_1.pt").unlink()
+    files = {p.name: checkpoint.sha256(p) for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+    checkpoint.write_json(folder / "manifest.json", {"global_step": 40, "files": files})  # rewritten to match
+    result = launch("--resume", folder, "--epochs", 3, "--outdir", tmp_path / "out", config=CONFIG, check=False)
+    assert result.returncode != 0 and f"{folder / 'optimizer_1.pt'} is missing: the optimizer state is incomplete" in result.stderr
