@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from utils import UserError
@@ -143,7 +144,7 @@ def run(accelerator, model, train_set, valid_set, args):
         report("PASS", "keys", f"forward() takes every key of the batch ({', '.join(batch)})")
 
     device = accelerator.device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = send_to_device(batch, device)
     model = copy.deepcopy(model).to(device)  # the checks train it: the run's model stays as built
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         checks = {"forward": forward_and_gradients, "padding": padding_invariance, "overfit": overfit,
@@ -222,11 +223,10 @@ def padding_invariance(report, accelerator, model, batch, train_set, valid_set, 
         report("WARN", "padding", "the first examples all have one length: padding not checked")
         return
     short, long = samples[lengths.index(min(lengths))], samples[lengths.index(max(lengths))]
-    move = lambda b: {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
-    padded_batch = move(collate_copies([short, long]))
+    padded_batch = send_to_device(collate_copies([short, long]), accelerator.device)
     model.eval()
     with torch.no_grad():
-        mine = first_tensor(model(**move(collate_copies([short]))))[0]
+        mine = first_tensor(model(**send_to_device(collate_copies([short]), accelerator.device)))[0]
         padded = first_tensor(model(**padded_batch))[0]
     model.train()
     if padded.dim() and padded.shape[0] == padded_batch["attention_mask"].shape[1]:  # per token: the real ones
@@ -242,8 +242,7 @@ def padding_invariance(report, accelerator, model, batch, train_set, valid_set, 
 def overfit(report, accelerator, model, batch, train_set, valid_set, collate, args):
     """5. A few dozen steps on one batch drive its loss down: else the loss is detached from the
     model, the lr is 0, or the labels have nothing to do with the inputs."""
-    trained = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
+    trained, optimizer = trainable_copy(model, args.lr)
     curve = []
     for _ in range(OVERFIT_STEPS):
         loss = trained(**batch).loss
@@ -263,17 +262,16 @@ def overfit(report, accelerator, model, batch, train_set, valid_set, collate, ar
 def learning(report, accelerator, model, batch, train_set, valid_set, collate, args):
     """5b. As many steps on distinct training batches lower the loss of held-out validation examples:
     else what is learnt does not carry over (labels shuffled against their inputs, say)."""
-    trained = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
+    trained, optimizer = trainable_copy(model, args.lr)
     valid_collate = getattr(valid_set, "collate", None) or collate
     held_out = valid_collate([valid_set[i] for i in range(min(64, len(valid_set)))])
-    held_out = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in held_out.items()}
+    held_out = send_to_device(held_out, accelerator.device)
     loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(args.seed))
     before, steps = evaluation_loss(trained, held_out), 0
     while steps < OVERFIT_STEPS:
         for batch in loader:
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = send_to_device(batch, accelerator.device)
             trained(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -288,6 +286,12 @@ def learning(report, accelerator, model, batch, train_set, valid_set, collate, a
         report("FAIL", "learning", f"{OVERFIT_STEPS} steps on training batches: validation loss {before:.4f} -> "
                                    f"{after:.4f}, not below {LEARNING_FACTOR:g}x: do the labels belong to their "
                                    f"inputs (shuffled or misaligned in dataset.py)? Or raise --lr")
+
+
+def trainable_copy(model, lr):
+    """A copy of the model in train mode and an AdamW over its trainable parameters: checks train it."""
+    trained = copy.deepcopy(model).train()
+    return trained, torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=lr)
 
 
 def evaluation_loss(model, batch):
@@ -321,14 +325,13 @@ def throughput(report, accelerator, model, batch, train_set, valid_set, collate,
     """7. Per batch: the time to load it against the time of a training step."""
     loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=args.num_workers or 0, generator=torch.Generator().manual_seed(args.seed))
-    trained = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
+    trained, optimizer = trainable_copy(model, args.lr)
     load_time = step_time = 0.0
     batches = iter(loader)
     count = min(8, len(loader))
     for _ in range(count):
         start = time.perf_counter()
-        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        batch = send_to_device(next(batches), accelerator.device)
         loaded = time.perf_counter()
         trained(**batch).loss.backward()
         optimizer.step()
@@ -347,8 +350,7 @@ def processes(report, accelerator, model, train_set, collate, args):
     """8. With several processes: each sees other batches, and one DDP step leaves the weights equal."""
     loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(args.seed))
-    ddp_model = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW([p for p in ddp_model.parameters() if p.requires_grad], lr=args.lr)
+    ddp_model, optimizer = trainable_copy(model, args.lr)
     ddp_model, optimizer, loader = accelerator.prepare(ddp_model, optimizer, loader)
     batch = next(iter(loader))
     first = next(v for v in batch.values() if torch.is_tensor(v))

@@ -149,10 +149,10 @@ def written_here(path):
     return (path / "manifest.json").is_file()
 
 
-def check_outdir(outdir, resume, overwrite):
+def check_outdir(outdir, resume, resumed, overwrite):
     """Before anything is read or written: the outdir holds nothing of anyone else's, and no run
-    other than the one --resume continues (--overwrite replaces a run only once the new one has
-    saved its first checkpoint: see save())."""
+    other than the one --resume continues (`resumed`: its TrainState; --overwrite replaces a run only
+    once the new one has saved its first checkpoint: see save())."""
     outdir = Path(outdir)
     held = [name for name in ("last", "best", "log.json") if (outdir / name).exists()]
     foreign = [name for name in held if not written_here(outdir / name)]
@@ -161,7 +161,7 @@ def check_outdir(outdir, resume, overwrite):
                         f"manifest.json, or not a log.json of train.py); it never replaces what it did not write. "
                         f"Move {'them' if len(foreign) > 1 else 'it'}, or pick another --outdir.")
     if resume and (outdir / "last").exists() and Path(resume).resolve() != (outdir / "last").resolve():
-        if read_state(find(outdir / "last")).run_id != read_state(find(resume)).run_id:
+        if read_state(find(outdir / "last")).run_id != resumed.run_id:
             raise UserError(f"--outdir {outdir} holds another run than the one --resume {resume} continues: "
                             f"resuming there would mix the two. Give another --outdir (by default the folder "
                             f"the checkpoint is in).")
@@ -178,9 +178,7 @@ def lock_outdir(outdir):
     """Makes OUTDIR/.lock this run's for as long as the process lives: a second run into the same
     folder is refused, naming the holder. The lock is the kernel's (flock), so a run that died holds
     none: its stale .lock file is simply taken over."""
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise UserError(f"--outdir {outdir} is a file; give a folder (it is created if missing).")
+    outdir = Path(outdir)  # not a file: parse_options() refused that
     outdir.mkdir(parents=True, exist_ok=True)
     key = str(outdir.resolve())
     if key in HELD_LOCKS:  # an earlier run of this same process (train.main() called again)
@@ -298,7 +296,8 @@ def publish_checkpoint(accelerator, outdir, staging, names, model, tokenizer, op
     weights = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every rank calls it
     weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # --torch_compile's wrapper
     sharded = accelerator.distributed_type == DistributedType.FSDP
-    moments = optimizer_state(model, optimizer, sharded)
+    # Each process its shard under FSDP2; else the main process alone (the others would only discard it).
+    moments = optimizer_state(model, optimizer, sharded) if sharded or accelerator.is_main_process else None
     error = None
     try:
         if sharded:  # each process its own shard: nothing is gathered
@@ -366,12 +365,11 @@ def save_model(model, directory, weights):
             model._hf_peft_config_loaded = True
 
 
-def elastic_accumulation(directory, accumulation, processes, ignore_mismatch):
-    """--accumulation for resuming on `processes` processes a run saved on another number: the global
-    batch (processes x accumulation) stays, and so does the data each optimizer step takes (process i
-    gets batches i, i+P, ... of the seeded order, so a step always takes the next P x accumulation
-    batches). Refused when no whole accumulation keeps it."""
-    saved = read_state(find(directory)).num_processes  # before verify() has taken back a .old-last
+def elastic_accumulation(directory, saved, accumulation, processes, ignore_mismatch):
+    """--accumulation for resuming on `processes` processes a run saved on `saved` processes: the
+    global batch (processes x accumulation) stays, and so does the data each optimizer step takes
+    (process i gets batches i, i+P, ... of the seeded order, so a step always takes the next P x
+    accumulation batches). Refused when no whole accumulation keeps it."""
     if saved == processes:
         return accumulation
     batches = saved * accumulation
@@ -426,10 +424,10 @@ def load_optimizer_state(directory, accelerator, model, optimizer, saved_process
     set_optimizer_state_dict(model, optimizer.optimizer, whole, options=StateDictOptions(full_state_dict=True))
 
 
-def load_training_state(directory, accelerator, optimizer, scheduler, model):
-    """Restores optimizer, scheduler and position; the RNG comes last, in restore_rng()."""
+def load_training_state(directory, state, accelerator, optimizer, scheduler, model):
+    """Restores optimizer and scheduler; fits the position `state` (read_state()) to this run's
+    number of processes. The RNG comes last, in restore_rng()."""
     directory = Path(directory)
-    state = read_state(directory)
     load_optimizer_state(directory, accelerator, model, optimizer, state.num_processes)
     schedule = load_tensors(directory / "lr.bin")
     if state.num_processes != accelerator.num_processes:
@@ -441,7 +439,6 @@ def load_training_state(directory, accelerator, optimizer, scheduler, model):
         state.loss_sums = [totals] + [[0.0, 0]] * (accelerator.num_processes - 1)
     scheduler.load_state_dict(schedule)
     state.num_processes = accelerator.num_processes
-    return state
 
 
 def load_tensors(path):

@@ -152,11 +152,14 @@ def main(argv=None):
     for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
         if folder and Path(folder).is_dir():
             checkpoint.refuse_custom_code(folder, option)
+    # The resumed run's position, read once (from .old-last if a crash left it there: verify() below
+    # takes that back).
+    resumed = checkpoint.read_state(checkpoint.find(args.resume)) if args.resume else None
     if not args.check:
-        checkpoint.check_outdir(args.outdir, args.resume, args.overwrite)
+        checkpoint.check_outdir(args.outdir, args.resume, resumed, args.overwrite)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
-    if args.resume:  # on another number of processes: the same global batch, by --accumulation
-        args.accumulation = checkpoint.elastic_accumulation(args.resume, args.accumulation,
+    if resumed:  # on another number of processes: the same global batch, by --accumulation
+        args.accumulation = checkpoint.elastic_accumulation(args.resume, resumed.num_processes, args.accumulation,
                                                             int(os.environ.get("WORLD_SIZE", 1)), args.ignore_mismatch)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
@@ -199,8 +202,8 @@ def main(argv=None):
                                                   len(train_set)),
                 "valid": checkpoint.describe_data(args.valid_file, args.valid_split, args.dataset_config,
                                                   len(valid_set))}
-    if args.resume:
-        checkpoint.check_data(checkpoint.read_state(args.resume).data, data, args.resume, args.ignore_mismatch)
+    if resumed:
+        checkpoint.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
     model = build_model(args.model_name_or_path, train_set)
     if not isinstance(model, PreTrainedModel):
         raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a transformers "
@@ -257,9 +260,9 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         checkpoint.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
-    state = checkpoint.TrainState(num_processes=accelerator.num_processes)
-    if args.resume:
-        state = checkpoint.load_training_state(args.resume, accelerator, optimizer, scheduler, model)
+    state = resumed or checkpoint.TrainState(num_processes=accelerator.num_processes)
+    if resumed:
+        checkpoint.load_training_state(args.resume, state, accelerator, optimizer, scheduler, model)
         checkpoint.restore_rng(args.resume, accelerator)  # last: nothing may draw after it
     if args.resume and state.threads and state.threads != threads and accelerator.device.type == "cpu":
         accelerator.print(f"changed on resume: {state.threads} -> {threads} CPU threads per process; float sums "
@@ -267,8 +270,7 @@ def main(argv=None):
     state.data, state.distributed_type, state.threads = data, accelerator.distributed_type.value, threads
     replacing = args.overwrite and not args.resume  # the previous run goes with this run's first checkpoint
     # The epoch's loss sums of each process, as saved: log.json's mean then comes out bitwise the same.
-    same_processes = len(state.loss_sums) == accelerator.num_processes
-    running = utils.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index] if same_processes
+    running = utils.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index] if state.loss_sums
                                 else (0.0, 0))
     if args.report_to:
         accelerator.init_trackers("runs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -120,9 +120,8 @@ def parse_options(parser, argv=None):
     known, _ = parser.parse_known_args(argv)
     defaults, saved = {}, {}
     if known.resume:
-        folder = Path(known.resume)
-        if not folder.exists():  # a crash between the two renames of a save left it as .old-<name>
-            folder = folder.with_name(f".old-{folder.name}")
+        from checkpoint import find  # here: checkpoint.py imports this module
+        folder = find(known.resume)  # or .old-<name>, where a crash between the two renames of a save left it
         if not (folder / "my_config.json").is_file():
             raise UserError(f"--resume {known.resume}: not a checkpoint of this template (no my_config.json). "
                             f"Give a checkpoint directory such as model/last.")
