@@ -53,21 +53,30 @@ def load_tokenizer(source, args):
 
 
 def learn_vocabulary(args):
-    """BERT-style lower-cased WordPiece over the training texts, cached by the data's fingerprint (a
-    second run on the same file reads it back)."""
+    """BERT-style lower-cased WordPiece over the training texts: every character (alone and as a
+    ##continuation) and the most frequent words, cached by the data's fingerprint (a second run on
+    the same file reads it back). Built from word counts, ties broken by the word, so every machine
+    learns the same vocabulary; tokenizers' WordPieceTrainer breaks ties in hash order, so two fresh
+    machines got different token ids and, from the same seed, different results."""
     rows = load_rows(args.train_file, args.train_split, args.dataset_config)
     if TEXT not in rows.column_names:
         raise UserError(f"{args.train_file}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
                         f"Rename it, or change TEXT in dataset.py.")
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / f"{rows._fingerprint}-{VOCABULARY_SIZE}.json"
+    name = f"{rows._fingerprint}-wordpiece-{VOCABULARY_SIZE}.json"
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / name
     if not cache.is_file():
-        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        counter = Tokenizer(models.WordLevel(unk_token="[UNK]"))  # counts words: most frequent first, then by word
+        counter.normalizer = normalizers.BertNormalizer(lowercase=True)
+        counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        texts = ([t for t in batch[TEXT] if isinstance(t, str)] for batch in rows.iter(batch_size=10_000))
+        counter.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=2**31 - 1, special_tokens=[]))
+        words = sorted(counter.get_vocab(), key=counter.get_vocab().get)
+        characters = sorted({c for word in words for c in word})
+        tokens = list(dict.fromkeys(SPECIAL_TOKENS + characters + [f"##{c}" for c in characters] + words))
+        tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens[:VOCABULARY_SIZE])},
+                                               unk_token="[UNK]"))
+        tokenizer.normalizer, tokenizer.pre_tokenizer = counter.normalizer, counter.pre_tokenizer
         tokenizer.decoder = decoders.WordPiece()
-        texts = ([t for t in batch[TEXT] if isinstance(t, str)] for batch in rows.iter(batch_size=1000))
-        tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=VOCABULARY_SIZE,
-                                                                       special_tokens=SPECIAL_TOKENS))
         cls, sep = (tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]"))
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -81,7 +90,7 @@ def learn_vocabulary(args):
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, labels, tokenizer):
-        self.rows = rows  # a datasets.Dataset with input_ids, attention_mask, ... and labels (class ids)
+        self.rows = rows  # a datasets.Dataset with input_ids and labels (class ids)
         self.labels = labels  # index = class id; build_model() puts them in the model config
         self.tokenizer = tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
         self.collate = DataCollatorWithPadding(tokenizer)
@@ -122,7 +131,10 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
         for i, text in zip(indices, batch[TEXT]):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"{path}, {row_name(path, i)}: the '{TEXT}' field is empty or not a string.")
-        encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_len)
+        # Token ids only: the attention mask (all ones before padding) is made per batch by collate(), and
+        # token type ids (all zeros for one text) are the model's default. A third of the cache to read.
+        encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_len, return_attention_mask=False,
+                            return_token_type_ids=False)
         if need_labels:
             names = [None if label in (None, "") else name_of(label) for label in batch[LABEL]]
             for i, label, name in zip(indices, batch[LABEL], names):
@@ -138,6 +150,7 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
 
     # The cache key is the data's fingerprint plus a hash of encode() with everything it uses
     # (tokenizer, max_len, label ids): change any of them and the data is tokenized again.
-    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    desc=f"Tokenizing {path}")
+    # 10,000 rows a batch, one record batch of the cache file each (see ROWS_PER_RECORD_BATCH in utils.py).
+    rows = rows.map(encode, batched=True, batch_size=10_000, writer_batch_size=10_000, with_indices=True,
+                    remove_columns=rows.column_names, desc=f"Tokenizing {path}")
     return Dataset(rows, labels, tokenizer)

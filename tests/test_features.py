@@ -160,7 +160,8 @@ def test_lora_adapters_train_resume_bitwise_and_load_back(tiny_data, pretrained,
         model.disable_adapters()
         without_adapters = loss()
     logged = read_json(best / "trainer_state.json")["best_metric"]
-    assert with_adapters == pytest.approx(logged, rel=1e-5) and without_adapters != pytest.approx(logged, rel=1e-4)
+    assert with_adapters == pytest.approx(logged, rel=1e-6)
+    assert abs(without_adapters - logged) > 20 * abs(with_adapters - logged)  # a few steps of LoRA: a small change
 
     # predict.py loads best/ the same way: its scores are those of the model with the adapters on.
     predict.main(["--checkpoint", str(best), "--input_file", str(tiny_data / "valid.jsonl"),

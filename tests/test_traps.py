@@ -159,13 +159,21 @@ def test_training_from_scratch_learns_the_vocabulary_of_the_training_file(tmp_pa
     assert tokenizer.unk_token_id not in tokenizer("The ZEBRA and the kayak are good")["input_ids"]
     rows = utils.load_rows(train_file)
     cache = utils.Path(dataset.datasets.config.HF_DATASETS_CACHE, "vocabularies",
-                       f"{rows._fingerprint}-{dataset.VOCABULARY_SIZE}.json")
+                       f"{rows._fingerprint}-wordpiece-{dataset.VOCABULARY_SIZE}.json")
     assert cache.is_file()  # cached ...
     before = cache.stat().st_mtime_ns
     assert dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", args).get_vocab() == tokenizer.get_vocab()
     assert cache.stat().st_mtime_ns == before  # ... and read back, not learnt again
     model = train.build_model(args.model_name_or_path, dataset.generate_dataset(str(train_file), "train", tokenizer, args))
     assert model.config.encoder["vocab_size"] == len(tokenizer)
+    # Learnt again in another process (tokenizers seeds its hash maps per process), into an empty cache:
+    # the same file, byte for byte, so the same seed gives the same run on every machine.
+    learn = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dataset, train; "
+             f"dataset.load_tokenizer({str(ROOT / 'assets' / 'tiny-bert')!r}, train.parse_args(['--train_file', "
+             f"{str(train_file)!r}]))")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "another-cache")}
+    subprocess.run([sys.executable, "-c", learn], env=env, check=True, capture_output=True)
+    assert (tmp_path / "another-cache" / "vocabularies" / cache.name).read_bytes() == cache.read_bytes()
 
 
 def test_the_checkpoint_carries_its_tokenizer_and_resume_uses_it(tiny_data, tmp_path):
@@ -208,7 +216,7 @@ def test_no_loss_says_which_keys_went_into_kwargs(tiny_data, tmp_path, monkeypat
         forward = Swallowing.forward
     monkeypatch.setattr(train, "build_model", lambda name, train_set: Model(TableConfig()))
     refused([*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"], "returned no loss",
-            "input_ids, attention_mask, labels are not parameters of forward() and went into its **inputs")
+            "input_ids, labels, attention_mask are not parameters of forward() and went into its **inputs")
 
 
 # ---------------------------------------------------------------- messages
