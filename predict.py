@@ -11,6 +11,8 @@ and the other options come from the checkpoint's my_config.json). A label column
 there is one, dataset.py checks it against the training labels. One process, on the GPU if there
 is one, else the CPU (for a large file, split it and run one predict.py per GPU).
 """
+import gc
+gc.disable()  # no collections while torch and transformers import (~1 s); see train.py
 import argparse
 import json
 import os
@@ -31,6 +33,9 @@ import utils
 from dataset import generate_dataset
 from modeling import Model
 from utils import UserError
+
+gc.freeze()
+gc.enable()
 
 
 def parse_args(argv=None):

@@ -1,13 +1,19 @@
 """Host memory per training row: peak RSS of the default job stopped after its first optimizer step
 (`python train.py --stop_after_steps 1`, one process), on generated training files of 10k and 1M
 rows, each measured on a warm cache (tokenized and vocabulary built once before), and
-(peak(1M) - peak(10k)) / 990k printed: what each row costs beyond the fixed cost.
+(peak(1M) - peak(10k)) / 990k printed: what each row costs beyond the fixed cost. bench/speed.py
+runs it too.
 
-    python bench/row_memory.py              # ~3 minutes on 2 cores (the 1M-row file is tokenized once)
+Peak RSS (VmHWM) counts the pages of the memory-mapped cache files that the process has touched:
+clean file pages, which the kernel drops when it needs the memory. Each random row read maps
+64 KiB of the file around it (the kernel's fault-around), so the first batches map ~20 MiB of a
+large file, against the whole of a 10k-row file (~1 MiB): a fixed cost that the 10k run cannot
+show. The peak of anonymous memory (RssAnon, sampled every 5 ms) is what the process itself holds.
+
+    python bench/row_memory.py              # ~2 minutes on 2 cores (the 1M-row file is tokenized once)
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -17,36 +23,69 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_rss import write_data  # noqa: E402  (the same generated rows)
 
 ROOT = Path(__file__).resolve().parent.parent
+PROBE = """
+import runpy, sys, threading
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+peak_anon, done = [0.0], threading.Event()
+def sample():
+    while not done.wait(0.005):
+        peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+threading.Thread(target=sample, daemon=True).start()
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+done.set()
+print("PEAK", status("VmHWM"), max(peak_anon[0], status("RssAnon")))
+"""
 
 
-def peak_rss_mib(command, env):
-    """Runs `command` in a child that reports its own peak RSS (VmHWM) in MiB."""
-    probe = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
-             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    result = subprocess.run([sys.executable, "-c", probe, *command], cwd=ROOT, env=env, capture_output=True, text=True)
-    peaks = [float(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("PEAK")]
+def peaks_mib(command, env):
+    """Runs train.py in a child that reports its own peak RSS (VmHWM) and peak RssAnon, in MiB."""
+    result = subprocess.run([sys.executable, "-c", PROBE, *command], cwd=ROOT, env=env, capture_output=True, text=True)
+    peaks = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PEAK")]
     if result.returncode != 0 or not peaks:
         sys.exit(result.stderr[-3000:])
-    return peaks[-1]
+    return tuple(map(float, peaks[-1]))
+
+
+def measure(rows=(10_000, 1_000_000), progress=print):
+    """{rows: (peak RSS MiB, peak RssAnon MiB)} of the default job stopped after one step, warm cache."""
+    work = Path(tempfile.mkdtemp(prefix="bench-rows-"))
+    env = {**os.environ, "HF_DATASETS_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+    peaks = {}
+    for n in rows:
+        data = work / f"train-{n}.jsonl"
+        write_data(data, n)
+        command = ["train.py", "--train_file", str(data), "--stop_after_steps", "1", "--epochs", "1"]
+        peaks_mib([*command, "--outdir", str(work / f"warm-{n}")], env)  # tokenize, learn the vocabulary
+        peaks[n] = peaks_mib([*command, "--outdir", str(work / f"model-{n}")], env)
+        progress(f"  memory: {n:>9} rows: peak RSS {peaks[n][0]:.0f} MiB, peak RssAnon {peaks[n][1]:.0f} MiB")
+    return peaks
+
+
+def per_row(peaks):
+    """Bytes per row beyond a fixed cost, (RSS, RssAnon), between the smallest and the largest file."""
+    small, large = min(peaks), max(peaks)
+    return tuple((peaks[large][i] - peaks[small][i]) * 2**20 / (large - small) for i in (0, 1))
+
+
+def report(peaks):
+    rss, anon = per_row(peaks)
+    for n, (peak, peak_anon) in sorted(peaks.items()):
+        print(f"  {n:>9} rows: peak RSS {peak:6.0f} MiB, peak RssAnon {peak_anon:6.0f} MiB")
+    print(f"  {'bytes per training row beyond a fixed cost (peak RSS)':58s} {rss:6.1f}   target <= 16")
+    print(f"  {'bytes per training row beyond a fixed cost (peak RssAnon)':58s} {anon:6.1f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs=2, default=[10_000, 1_000_000])
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-rows-"))
-    env = {**os.environ, "HF_DATASETS_CACHE": str(work / "cache")}
-    peaks = {}
-    for rows in args.rows:
-        data = work / f"train-{rows}.jsonl"
-        write_data(data, rows)
-        command = ["train.py", "--train_file", str(data), "--stop_after_steps", "1", "--epochs", "1"]
-        peak_rss_mib([*command, "--outdir", str(work / f"warm-{rows}")], env)  # tokenize, learn the vocabulary
-        peaks[rows] = peak_rss_mib([*command, "--outdir", str(work / f"model-{rows}")], env)
-        print(f"{rows:>9} rows: peak RSS {peaks[rows]:.0f} MiB", flush=True)
-    small, large = args.rows
-    print(f"bytes per row beyond a fixed cost: {(peaks[large] - peaks[small]) * 2**20 / (large - small):.1f}")
+    report(measure(args.rows))
 
 
 if __name__ == "__main__":

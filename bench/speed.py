@@ -1,7 +1,14 @@
-"""Training speed of train.py, side by side with a bare PyTorch loop, Hugging Face Trainer and the
-original template's data path: the same model, data, batch order and optimizer settings.
+"""Speed of train.py where users run it, every ratio printed in one run, in four sections:
 
-    python bench/speed.py                                   # tiny BERT from scratch, ~3 min on 2 CPU cores
+    throughput  training speed side by side with a bare PyTorch loop, Hugging Face Trainer and the
+                original template's data path: the same model, data, batch order and optimizer settings
+    startup     the default job (shipped data, tiny BERT) to its first optimizer step and a checkpoint,
+                wall time of the whole process, against HF Trainer doing the same; `import train`
+    threads     `accelerate launch train.py` against `python train.py` on a MiniLM-sized model (threads.py)
+    memory      bytes of host memory per training row, 10k against 1M rows (row_memory.py)
+
+    python bench/speed.py                                   # all four, ~8 min on 2 CPU cores
+    python bench/speed.py --sections throughput             # the training-speed table only, ~3 min
     python bench/speed.py --repeats 5 --rows 40000          # steadier figures
     python bench/speed.py --only bare template              # a subset of the contenders
     python bench/speed.py --model_name_or_path bert-base-cased --rows 2000 --batch_size 16 --max_len 256
@@ -62,6 +69,7 @@ CONTENDERS = {  # name: (loop, data path, grouped by length)
     "alt-grouped": ("template", "dataset.py", True),
 }
 DEFAULT = ["bare", "template", "trainer", "original", "template-grouped", "trainer-grouped"]
+SECTIONS = ["throughput", "startup", "threads", "memory"]
 
 
 def parse_args(argv=None):
@@ -91,6 +99,11 @@ def parse_args(argv=None):
                         help="torch threads in every contender; 1 is what `accelerate launch` gives a CPU process, "
                              "and it is steadier than 2 on a machine shared with other jobs; 0 = torch's default")
     parser.add_argument("--workdir", help="where data, caches and outputs go (default: a temporary folder)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="NAME",
+                        help=f"what to measure, of: {' '.join(SECTIONS)}")
+    parser.add_argument("--threads_steps", type=int, default=30, help="threads: optimizer steps per run")
+    parser.add_argument("--memory_rows", type=int, nargs=2, default=[10_000, 1_000_000],
+                        help="memory: the two sizes of training file compared")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 
@@ -556,23 +569,98 @@ def report(args, spec, info, results, loads):
         print("CPU time: the process's own CPU seconds in the same window (other jobs on the machine do not count).")
 
 
+# ---------------------------------------------------------------- start-up
+
+def trainer_job(outdir):
+    """What the default job does in its first step, with HF Trainer: the shipped data through dataset.py,
+    the tiny BERT of modeling.py, one optimizer step of train.py's default batch and lr, one checkpoint."""
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    from types import SimpleNamespace
+    from transformers import Trainer, TrainingArguments, set_seed
+    from dataset import generate_dataset, load_tokenizer
+    from modeling import build_model
+    set_seed(42)
+    options = SimpleNamespace(max_len=128, dataset_config=None, train_file="data/train.jsonl", train_split="train")
+    tokenizer = load_tokenizer("assets/tiny-bert", options)
+    train_set = generate_dataset("data/train.jsonl", "train", tokenizer, options)
+    model = build_model("assets/tiny-bert", train_set)
+    args = TrainingArguments(output_dir=outdir, per_device_train_batch_size=32, learning_rate=1e-3, weight_decay=0.01,
+                             max_steps=1, save_strategy="steps", save_steps=1, eval_strategy="no", report_to="none",
+                             remove_unused_columns=False, seed=42)
+    Trainer(model=model, args=args, train_dataset=train_set.rows, processing_class=tokenizer).train()
+
+
+def measure_startup(repeats, workdir, progress=print):
+    """{contender: median seconds of the whole process}, rotated order; caches warmed first, untimed."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "startup-cache"), "HF_HUB_OFFLINE": "1"}
+    contenders = {
+        "template": lambda out: [sys.executable, "train.py", "--stop_after_steps", "1", "--outdir", out],
+        "trainer": lambda out: [sys.executable, __file__, "--trainer_job", out],
+        "import train": lambda out: [sys.executable, "-c", "import train"],
+        "import transformers' BERT": lambda out: [sys.executable, "-c", "import gc; gc.disable(); "
+                                                  "import transformers.models.bert.modeling_bert"],
+    }
+    for name in ("template", "trainer"):
+        subprocess.run(contenders[name](str(workdir / f"startup-warm-{name}")), cwd=ROOT, env=env, check=True,
+                       capture_output=True)
+    times = {name: [] for name in contenders}
+    for repeat in range(repeats):
+        names = list(contenders)[repeat % len(contenders):] + list(contenders)[:repeat % len(contenders)]
+        for name in names:
+            start = time.perf_counter()
+            result = subprocess.run(contenders[name](str(workdir / f"startup-{name}-{repeat}")), cwd=ROOT, env=env,
+                                    capture_output=True, text=True)
+            times[name].append(time.perf_counter() - start)
+            if result.returncode != 0:
+                sys.exit(f"start-up: {name} failed:\n{result.stderr[-2000:]}")
+            progress(f"  start-up, repeat {repeat + 1}/{repeats}: {name:26s} {times[name][-1]:6.2f} s")
+    return {name: median(t) for name, t in times.items()}
+
+
+def report_startup(medians):
+    print("  default job to its first optimizer step and a checkpoint, whole process (medians):")
+    for name, seconds in medians.items():
+        print(f"    {name:26s} {seconds:6.2f} s")
+    print(f"  {'start-up to step 1 and a checkpoint: template / trainer':58s} "
+          f"{medians['template'] / medians['trainer']:6.3f}   target <= 0.6")
+    floor = medians["import transformers' BERT"] / medians["trainer"]
+    print(f"  {'importing transformers BERT alone, GC off / trainer':58s} {floor:6.3f}   (what any run of the model pays)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     names = list(dict.fromkeys(args.only))
     if (args.alt_train or args.alt_args) and args.only == DEFAULT:
         names += ["alt", "alt-grouped"]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import row_memory
+    import threads
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         workdir = Path(args.workdir or tmp).resolve()
-        print(f"preparing data in {workdir} ...")
-        spec, env, info = prepare(args, workdir)
-        loads = [load()]
-        results = run_all(args, names, spec, env, workdir)
-        loads.append(load())
-        reads = [n for n in ("template", "trainer") if n in names] if args.host_reads else []
-        counts = count_reads(reads, spec, workdir, env) if reads else {}
-        report(args, spec, info, results, loads)
-        if counts:
-            report_reads(counts)
+        if "throughput" in args.sections:
+            print(f"throughput: preparing data in {workdir} ...")
+            spec, env, info = prepare(args, workdir)
+            loads = [load()]
+            results = run_all(args, names, spec, env, workdir)
+            loads.append(load())
+            reads = [n for n in ("template", "trainer") if n in names] if args.host_reads else []
+            counts = count_reads(reads, spec, workdir, env) if reads else {}
+        startup = measure_startup(args.repeats, workdir) if "startup" in args.sections else None
+        cores = threads.measure(args.threads_steps, args.repeats) if "threads" in args.sections else None
+        memory = row_memory.measure(args.memory_rows) if "memory" in args.sections else None
+        if "throughput" in args.sections:
+            report(args, spec, info, results, loads)
+            if counts:
+                report_reads(counts)
+        for title, figures, show in [("start-up", startup, report_startup),
+                                     ("threads (MiniLM-sized model, `accelerate launch` vs `python`)", cores,
+                                      lambda m: threads.report(m, args.threads_steps)),
+                                     ("memory per training row (default job stopped after one step)", memory,
+                                      row_memory.report)]:
+            if figures:
+                print(f"\n{title}:")
+                show(figures)
 
 
 if __name__ == "__main__":
@@ -580,5 +668,7 @@ if __name__ == "__main__":
         child(json.loads(sys.argv[2]))
     elif len(sys.argv) == 3 and sys.argv[1] == "--warm":
         warm(json.loads(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--trainer_job":
+        trainer_job(sys.argv[2])
     else:
         main()
