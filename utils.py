@@ -274,31 +274,36 @@ class ShuffledSampler(torch.utils.data.Sampler):
     def __len__(self):
         return self.size
 
+    def order(self):
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch),
+                              dtype=torch.int32 if self.size < 2**31 else torch.int64)
+
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                               dtype=torch.int32 if self.size < 2**31 else torch.int64)
-        for chunk in order.split(1 << 16):
+        for chunk in self.order().split(1 << 16):
             yield from chunk.tolist()
 
 
-class LengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSampler):
-    """--group_by_length: Trainer's sampler (random chunks of 50 batches, each sorted by length, the
-    longest batch first), with the permutation a function of (seed, epoch) like accelerate's
-    seedable sampler, so that a resumed epoch replays the same batches."""
+class LengthGroupedSampler(ShuffledSampler):
+    """--group_by_length: Trainer's order (the shuffled order cut into chunks of 50 batches, each
+    sorted by length, longest first, and the longest example moved to the very front: the indices of
+    transformers' get_length_grouped_indices), as a function of (seed, epoch) like ShuffledSampler,
+    so that a resumed epoch replays the same batches. Written here because Trainer's makes Python
+    lists of every index and length (~70 bytes an example); this one holds int32 tensors."""
 
     def __init__(self, batch_size, dataset, seed):
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
             raise UserError("--group_by_length: the Dataset of dataset.py has no `lengths` (one length per sample).")
-        super().__init__(batch_size, lengths=[int(n) for n in lengths], generator=torch.Generator())
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size = torch.as_tensor(lengths, dtype=torch.int32), batch_size
 
     def __iter__(self):
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+        chunk = max(min(self.size // (self.batch_size * 4), 50), 1) * self.batch_size
+        chunks = [c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in self.order().split(chunk)]
+        longest = int(torch.stack([self.lengths[c[0]] for c in chunks]).argmax())  # the first, on ties
+        chunks[0][0], chunks[longest][0] = int(chunks[longest][0]), int(chunks[0][0])
+        for c in chunks:
+            yield from c.tolist()
 
 
 # ---------------------------------------------------------------- display and signals

@@ -118,6 +118,20 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch():
     assert padded(order(1, 0)) < 0.7 * padded(shuffled)  # 27048 vs 44392 padded tokens
 
 
+@pytest.mark.parametrize("n, batch_size, seed", [(500, 8, 1), (97, 4, 7), (5, 8, 3), (3000, 32, 42)])
+def test_length_grouped_order_is_transformers_own(n, batch_size, seed):
+    """The same indices as Trainer's get_length_grouped_indices (ties kept in shuffled order, the
+    longest example first), held in int32 tensors instead of Python lists."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+    lengths = torch.randint(3, 12, (n,), generator=torch.Generator().manual_seed(n)).tolist()  # many ties
+    lengths[n // 2] = 40  # one longest example, to be moved to the front
+    sampler = utils.LengthGroupedSampler(batch_size, Lengths(lengths), seed)
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        expected = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed + epoch))
+        assert list(sampler) == expected
+
+
 def test_length_grouped_batches_are_split_between_two_processes_without_overlap():
     """What accelerator.prepare() does to the train loader with 2 processes."""
     sampler = utils.LengthGroupedSampler(8, Lengths(random_lengths(96)), seed=42)
