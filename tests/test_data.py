@@ -187,3 +187,10 @@ def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate
     first, again, other = orders(42), orders(42), orders(7)
     assert sorted(first[0]) == sorted(first[1]) == list(range(50)) and first[0] != first[1]
     assert first == again and first != other
+
+
+def test_the_shuffled_order_is_torchs_permutation_held_in_int32():
+    sampler = utils.ShuffledSampler(100_000, seed=3)
+    sampler.set_epoch(2)
+    assert sampler.order().dtype == torch.int32  # 4 bytes an example
+    assert list(sampler) == torch.randperm(100_000, generator=torch.Generator().manual_seed(5)).tolist()
