@@ -163,7 +163,8 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", "
 # Opening a cached file reads every record batch's header, and the kernel maps 64 KiB of the file
 # around each one: with datasets' default of 1,000 rows a batch that is ~64 bytes of resident
 # memory per row before a single row is read. 100,000 rows a batch (the JSON reader's 10 MB blocks
-# make ~60,000) bring that under 1 byte.
+# make ~60,000) bring that under 1 byte. Local files only: their readers hand over whole blocks; a
+# hub dataset keeps its builder's batches (one that yields images one by one would hold that many).
 ROWS_PER_RECORD_BATCH = 100_000
 
 
@@ -192,7 +193,7 @@ def load_rows(path, split="train", config_name=None):
         elif Path(path).is_file():
             raise UserError(f"{path}: unknown file type '{suffix}'. Give a {', '.join(FILE_TYPES)} file.")
         else:
-            rows = datasets.load_dataset(path, config_name, split=split, writer_batch_size=ROWS_PER_RECORD_BATCH)
+            rows = datasets.load_dataset(path, config_name, split=split)  # its builder's own batches (images...)
     except UnicodeDecodeError:
         raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.") from None
     except datasets.exceptions.DatasetGenerationError as e:
