@@ -31,6 +31,7 @@ import datasets
 import pyarrow
 import pyarrow.compute
 import torch
+from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerFast
 
@@ -62,7 +63,8 @@ def learn_vocabulary(args):
     if TEXT not in rows.column_names:
         raise UserError(f"{args.train_file}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
                         f"Rename it, or change TEXT in dataset.py.")
-    name = f"{rows._fingerprint}-wordpiece-{VOCABULARY_SIZE}.json"
+    # Keyed by the data and by this function with what it uses: edit either and it is learnt again.
+    name = f"{rows._fingerprint}-{Hasher.hash((learn_vocabulary, VOCABULARY_SIZE, SPECIAL_TOKENS))}.json"
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / name
     if not cache.is_file():
         counter = Tokenizer(models.WordLevel(unk_token="[UNK]"))  # counts words: most frequent first, then by word
@@ -70,11 +72,14 @@ def learn_vocabulary(args):
         counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         texts = ([t for t in batch[TEXT] if isinstance(t, str)] for batch in rows.iter(batch_size=10_000))
         counter.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=2**31 - 1, special_tokens=[]))
-        words = sorted(counter.get_vocab(), key=counter.get_vocab().get)
-        characters = sorted({c for word in words for c in word})
-        tokens = list(dict.fromkeys(SPECIAL_TOKENS + characters + [f"##{c}" for c in characters] + words))
-        tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens[:VOCABULARY_SIZE])},
-                                               unk_token="[UNK]"))
+        counts = counter.get_vocab()
+        words = sorted(counts, key=counts.__getitem__)
+        # Every character, and as a continuation every one that follows another in a word (CJK characters
+        # are words of their own), so that nothing seen is [UNK]; then whole words while VOCABULARY_SIZE allows.
+        alphabet = SPECIAL_TOKENS + sorted({c for word in words for c in word}) + sorted(
+            {f"##{c}" for word in words for c in word[1:]})
+        tokens = alphabet + [word for word in words if len(word) > 1][:max(VOCABULARY_SIZE - len(alphabet), 0)]
+        tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
         tokenizer.normalizer, tokenizer.pre_tokenizer = counter.normalizer, counter.pre_tokenizer
         tokenizer.decoder = decoders.WordPiece()
         cls, sep = (tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]"))
@@ -133,6 +138,7 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                 raise UserError(f"{path}, {row_name(path, i)}: the '{TEXT}' field is empty or not a string.")
         # Token ids only: the attention mask (all ones before padding) is made per batch by collate(), and
         # token type ids (all zeros for one text) are the model's default. A third of the cache to read.
+        # For text pairs, tokenizer(a, b, ...), drop return_token_type_ids=False.
         encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_len, return_attention_mask=False,
                             return_token_type_ids=False)
         if need_labels:

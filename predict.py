@@ -11,31 +11,32 @@ and the other options come from the checkpoint's my_config.json). A label column
 there is one, dataset.py checks it against the training labels. One process, on the GPU if there
 is one, else the CPU (for a large file, split it and run one predict.py per GPU).
 """
-import gc
-gc.disable()  # no collections while torch and transformers import (~1 s); see train.py
 import argparse
+import gc
 import json
 import os
 import sys
 from pathlib import Path
 
-import torch
-import transformers
-from safetensors import safe_open
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+gc.disable()  # no collections while torch and transformers import (~1 s), as in train.py
+try:
+    import torch
+    import transformers
+    from safetensors import safe_open
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
-import checkpoint
-import dataset
-import modeling
-import train
-import utils
-from dataset import generate_dataset
-from modeling import Model
-from utils import UserError
-
-gc.freeze()
-gc.enable()
+    import checkpoint
+    import dataset
+    import modeling
+    import train
+    import utils
+    from dataset import generate_dataset
+    from modeling import Model
+    from utils import UserError
+finally:
+    gc.freeze()
+    gc.enable()
 
 
 def parse_args(argv=None):

@@ -8,35 +8,36 @@
 Writes OUTDIR/best/ (best validation loss), OUTDIR/last/ (end of each epoch, every --save_steps)
 and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, not the loop.
 """
-import gc
-gc.disable()  # the imports below make ~1.5M objects, and the collector would walk them again and again (~1 s)
 import argparse
+import gc
 import math
 import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-import transformers
-from torch.distributed.tensor import DTensor
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, LoggerType, TorchDynamoPlugin,
-                               set_seed)
-from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, get_scheduler
+gc.disable()  # torch and transformers make ~700,000 objects while importing, which the collector walks again and again
+try:
+    import torch
+    import transformers
+    from torch.distributed.tensor import DTensor
+    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+    from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, LoggerType, TorchDynamoPlugin,
+                                   set_seed)
+    from torch.utils.data import DataLoader
+    from transformers import PreTrainedModel, get_scheduler
 
-import check
-import checkpoint
-import dataset
-import modeling
-import utils
-from dataset import generate_dataset
-from modeling import build_model
-from utils import UserError
-
-gc.freeze()  # what the imports made lives as long as the process: never collect it
-gc.enable()
+    import check
+    import checkpoint
+    import dataset
+    import modeling
+    import utils
+    from dataset import generate_dataset
+    from modeling import build_model
+    from utils import UserError
+finally:  # (~1 s of start-up); what the imports made lives as long as the process: never collect it
+    gc.freeze()
+    gc.enable()
 
 
 def parse_args(argv=None):

@@ -162,9 +162,10 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", "
 
 # Opening a cached file reads every record batch's header, and the kernel maps 64 KiB of the file
 # around each one: with datasets' default of 1,000 rows a batch that is ~64 bytes of resident
-# memory per row before a single row is read. 100,000 rows a batch (the JSON reader's 10 MB blocks
-# make ~60,000) bring that under 1 byte. Local files only: their readers hand over whole blocks; a
-# hub dataset keeps its builder's batches (one that yields images one by one would hold that many).
+# memory per row before a single row is read. Up to 100,000 rows a batch (JSON is read in 10 MB
+# blocks: ~60,000 short rows) bring that near 1 byte. Local files only: their readers hand over
+# whole blocks; a hub dataset keeps its builder's (one that yields images one by one would hold
+# that many).
 ROWS_PER_RECORD_BATCH = 100_000
 
 
@@ -185,7 +186,7 @@ def load_rows(path, split="train", config_name=None):
             if suffix in (".csv", ".tsv"):
                 # Everything stays a string ("NA", "null" too), and TSV is split on tabs only:
                 # GLUE-style files hold unbalanced quotes. A UTF-8 BOM is dropped by the reader.
-                options = {"keep_default_na": False, "na_filter": False}
+                options = {"keep_default_na": False, "na_filter": False, "chunksize": ROWS_PER_RECORD_BATCH}
                 if suffix == ".tsv":
                     options.update(delimiter="\t", quoting=csv.QUOTE_NONE)
             rows = datasets.load_dataset(FILE_TYPES[suffix], data_files={split: path}, split=split,
@@ -296,7 +297,7 @@ class LengthGroupedSampler(ShuffledSampler):
         if lengths is None:
             raise UserError("--group_by_length: the Dataset of dataset.py has no `lengths` (one length per sample).")
         super().__init__(len(lengths), seed)
-        self.lengths, self.batch_size = torch.as_tensor(lengths, dtype=torch.int32), batch_size
+        self.lengths, self.batch_size = torch.tensor(lengths, dtype=torch.int32), batch_size  # a copy: arrow's are read-only
 
     def __iter__(self):
         chunk = max(min(self.size // (self.batch_size * 4), 50), 1) * self.batch_size

@@ -5,6 +5,7 @@ and the length-grouped sampler.
 """
 import json
 import os
+import warnings
 
 import datasets
 import pytest
@@ -130,6 +131,16 @@ def test_length_grouped_order_is_transformers_own(n, batch_size, seed):
         sampler.set_epoch(epoch)
         expected = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed + epoch))
         assert list(sampler) == expected
+
+
+def test_length_grouped_sampler_takes_the_datasets_own_lengths_quietly():
+    """Dataset.lengths comes from arrow, read-only: torch warns when a tensor is made over it without a copy."""
+    data = load(ROOT / "data" / "valid.jsonl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order = list(utils.LengthGroupedSampler(8, data, seed=0))
+    assert sorted(order) == list(range(len(data)))
+    assert len(data[order[0]]["input_ids"]) == max(data.lengths)  # the longest first
 
 
 def test_length_grouped_batches_are_split_between_two_processes_without_overlap():
