@@ -302,12 +302,11 @@ def main(argv=None):
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients:
                     # After backward() every process holds the same (all-reduced) gradients, so all of
-                    # them skip the same steps. fp16's scaler does this itself.
+                    # them skip the same steps.
                     grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
                     if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
                         grad_norm = grad_norm.full_tensor()
-                    # DeepSpeed clips and skips overflowing steps itself, and returns None or a float.
-                    if torch.is_tensor(grad_norm) and accelerator.scaler is None:
+                    if accelerator.scaler is None:  # fp16's scaler skips non-finite steps itself
                         nonfinite = ~torch.isfinite(grad_norm)
                         optimizer.optimizer.found_inf = nonfinite.float()  # fused AdamW: no update if 1
                         running.nonfinite_steps += nonfinite

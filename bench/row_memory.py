@@ -23,11 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_rss import write_data  # noqa: E402  (the same generated rows)
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBE = """
+PROBE = f"""
 import runpy, sys, threading
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from data_rss import status
 peak_anon, done = [0.0], threading.Event()
 def sample():
     while not done.wait(0.005):

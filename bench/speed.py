@@ -576,14 +576,10 @@ def trainer_job(outdir):
     the tiny BERT of modeling.py, one optimizer step of train.py's default batch and lr, one checkpoint."""
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
-    from types import SimpleNamespace
     from transformers import Trainer, TrainingArguments, set_seed
-    from dataset import generate_dataset, load_tokenizer
     from modeling import build_model
     set_seed(42)
-    options = SimpleNamespace(max_len=128, dataset_config=None, train_file="data/train.jsonl", train_split="train")
-    tokenizer = load_tokenizer("assets/tiny-bert", options)
-    train_set = generate_dataset("data/train.jsonl", "train", tokenizer, options)
+    tokenizer, train_set = load_data({"model": "assets/tiny-bert", "train_file": "data/train.jsonl", "max_len": 128})
     model = build_model("assets/tiny-bert", train_set)
     args = TrainingArguments(output_dir=outdir, per_device_train_batch_size=32, learning_rate=1e-3, weight_decay=0.01,
                              max_steps=1, save_strategy="steps", save_steps=1, eval_strategy="no", report_to="none",

@@ -212,13 +212,14 @@ def test_a_tiny_max_grad_norm_clips_the_gradients_the_optimizer_uses(tiny_data, 
     assert len(norms) == STEPS_PER_EPOCH and max(norms) == pytest.approx(1e-3, rel=1e-3)
 
 
-@pytest.mark.parametrize("returned", [None, 0.5])
-def test_deepspeeds_clip_return_values_do_not_break_the_step(returned, tiny_data, tmp_path, monkeypatch):
-    """Under DeepSpeed accelerator.clip_grad_norm_ returns None or a float (DeepSpeed clips and skips
-    overflowing steps itself): a stand-in for that return-value contract only."""
+def test_deepspeed_is_refused_before_anything_is_written(tiny_data, tmp_path, monkeypatch):
+    """DeepSpeed cannot be installed here: its distributed type is stood in for, to check that the
+    run stops with one line naming the supported engine, before any output exists."""
     from accelerate import Accelerator
-    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm, norm_type=2: returned)
-    run(*data_args(tiny_data), *FAST, "--epochs", 1, "--outdir", tmp_path / "model")
-    log = read_json(tmp_path / "model" / "log.json")
-    assert log["Epoch 0"]["train_log"]["loss"] > 0 and read_json(tmp_path / "model" / "last" / "trainer_state.json")[
-        "global_step"] == STEPS_PER_EPOCH
+    from accelerate.utils import DistributedType
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    with pytest.raises(SystemExit) as stopped:
+        train.main([str(a) for a in (*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model")])
+    assert str(stopped.value.code) == ("error: DeepSpeed is not supported by this template: FSDP2 is its sharded "
+                                       "engine (configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume).")
+    assert not (tmp_path / "model").exists()
