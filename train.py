@@ -217,7 +217,7 @@ def main(argv=None):
                         f"/ from_pretrained. Subclass PreTrainedModel with a PretrainedConfig as config_class, as "
                         f"the default Model does.")
     if args.check:  # a few seconds of checks on the two user files instead of the run
-        sys.exit(check.run(accelerator, model, train_set, valid_set, args))
+        return finish(accelerator, check.run(accelerator, model, train_set, valid_set, args))
     greater_is_better = check.first_batch(model, train_set, valid_set, args, lambda batch, outputs: compute_metrics(
         metrics_of(batch, outputs)))
     accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
@@ -375,11 +375,16 @@ def main(argv=None):
                           f"{state.global_step} optimizer steps; {args.outdir}/last holds the full state. "
                           f"Continue with: {utils.resume_command(accelerator, args.outdir)}")
     preemption.close()
+    finish(accelerator, 128 + stop if isinstance(stop, int) else 0)  # a signal's status: a scheduler sees a preemption
+
+
+def finish(accelerator, status):
+    """Ends the run (or --check) with exit status `status`."""
     accelerator.end_training()
-    status = 128 + stop if isinstance(stop, int) else 0  # as if killed by the signal: a scheduler sees a preemption
     if accelerator.num_processes > 1:
-        # Everything is saved and fsynced. Skipping interpreter shutdown avoids a rare hang in the
-        # process-group threads at exit (seen about 1 in 30 two-process CPU runs with gloo).
+        # Everything is saved and fsynced. Skipping interpreter shutdown avoids a rare hang or abort
+        # ("terminate called without an active exception") in the process-group threads at exit,
+        # seen about 1 in 30 two-process CPU runs with gloo.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
