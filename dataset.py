@@ -20,8 +20,8 @@ What train.py and predict.py read from this file (nothing else):
   * Bad data raises UserError naming the file and line, so the user sees one clear message.
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with
-the same file, tokenizer and max_len does not tokenize again) and memory-mapped, so memory does not
-grow with the size of the data.
+the same file, tokenizer and max_len does not tokenize again), and the Dataset reads its rows from
+the cache file (utils.CachedRows), so memory does not grow with the size of the data.
 """
 import math
 import os
@@ -29,13 +29,12 @@ from pathlib import Path
 
 import datasets
 import pyarrow
-import pyarrow.compute
 import torch
 from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerFast
 
-from utils import UserError, load_rows, row_name
+from utils import CachedRows, UserError, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
 VOCABULARY_SIZE = 8000  # at most, for a vocabulary learnt from the training file (training from scratch)
@@ -95,7 +94,7 @@ def learn_vocabulary(args):
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, labels, tokenizer):
-        self.rows = rows  # a datasets.Dataset with input_ids and labels (class ids)
+        self.rows = CachedRows(rows)  # datasets' rows of input_ids and labels (class ids), read from its cache
         self.labels = labels  # index = class id; build_model() puts them in the model config
         self.tokenizer = tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
         self.collate = DataCollatorWithPadding(tokenizer)
@@ -106,12 +105,12 @@ class Dataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.rows[i]
 
-    def __getitems__(self, indices):  # what DataLoader calls: one read for the whole batch
+    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
         return self.rows.__getitems__(indices)
 
     @property
     def lengths(self):
-        return pyarrow.compute.list_value_length(self.rows.data.column("input_ids")).to_numpy()
+        return self.rows.lengths("input_ids")
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):

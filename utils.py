@@ -9,9 +9,15 @@ import math
 import os
 import signal
 import sys
+import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
+import numpy
+import pyarrow
+import pyarrow.compute
+import pyarrow.ipc
 import torch
 import transformers
 import yaml
@@ -261,6 +267,132 @@ def row_name(path, index):
     return f"row {index + 1}"
 
 
+class CachedRows:
+    """The rows of a datasets.Dataset as a torch Dataset reads them: rows[i], rows.__getitems__(indices)
+    (a batch, what DataLoader asks for), len(rows), and rows.lengths(column) of a list column.
+
+    Numbers and lists of numbers (token ids, labels: what a tokenizer makes) are read from the
+    dataset's cache file with os.pread, not through datasets' memory map. Why: every page that a read
+    through a map touches counts in the process's resident memory, and the kernel maps 64 KiB to
+    2 MiB of the file around it (fault-around, large folios): the first two batches of 32 random rows
+    of a 1M-row cache cost ~20 MiB, the lengths 4 bytes a row more, and opening the map ~64 KiB per
+    record batch. What is kept instead is where each record batch's columns lie in the file. Other
+    data (strings, nulls, a format set, rows selected or cast after caching, a dataset held in
+    memory, no os.pread as on Windows) is read through datasets."""
+
+    def __init__(self, dataset):
+        self.size, self.fd, batches = len(dataset), None, None
+        self.path = dataset.cache_files[0]["filename"] if len(dataset.cache_files) == 1 else None
+        if hasattr(os, "pread") and self.path and dataset._indices is None and dataset.format["type"] is None:
+            batches = record_batches(self.path, dataset.data.schema, len(dataset))
+        self.dataset = None if batches else dataset  # its map goes: read by hand, it is not needed
+        self.batches, self.starts = batches, numpy.array([start for start, _ in batches or []])
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        if self.dataset is not None:
+            return self.dataset.__getitems__(indices)
+        rows, fd = [], self.file()
+        for i in indices:
+            i = range(self.size)[i]  # an IndexError out of range, negative from the end, as datasets'
+            start, columns = self.batches[numpy.searchsorted(self.starts, i, side="right") - 1]
+            rows.append({name: column.read(fd, i - start) for name, column in columns.items()})
+        return rows
+
+    def lengths(self, column):
+        """The length of each row's list in `column` (int32), one read of its offsets per record batch."""
+        if self.dataset is not None:
+            return pyarrow.compute.list_value_length(self.dataset.data.column(column)).to_numpy()
+        ends = [*self.starts[1:], self.size]
+        return numpy.concatenate([numpy.diff(columns[column].offsets_of(self.file(), 0, end - start)).astype(numpy.int32)
+                                  for (start, columns), end in zip(self.batches, ends)])
+
+    def file(self):
+        if self.fd is None:  # opened by the process that reads (a DataLoader worker started by spawn too)
+            self.fd = os.open(self.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self.fd)
+        return self.fd
+
+    def __getstate__(self):
+        return {**self.__dict__, "fd": None}
+
+
+class Column(NamedTuple):
+    """Where a column of one record batch lies in an Arrow IPC file: its values, of `dtype`, from
+    file offset `values`; for a list column, where each row's values start (`offsets`: one more
+    than the rows, of `offsets_dtype`)."""
+    values: int
+    dtype: numpy.dtype
+    offsets: int = None
+    offsets_dtype: numpy.dtype = None
+
+    def read(self, fd, row):
+        if self.offsets is None:
+            return pread(fd, self.dtype, self.values, row, 1)[0].item()
+        start, end = self.offsets_of(fd, row, 1).tolist()
+        return pread(fd, self.dtype, self.values, start, end - start).tolist()
+
+    def offsets_of(self, fd, row, rows):
+        return pread(fd, self.offsets_dtype, self.offsets, row, rows + 1)
+
+
+def pread(fd, dtype, at, first, count):
+    """Items first..first + count - 1 of an array of `dtype` that starts at offset `at` of a file."""
+    return numpy.frombuffer(os.pread(fd, count * dtype.itemsize, at + first * dtype.itemsize), dtype)
+
+
+def record_batches(path, schema, rows):
+    """[(first row, {column name: Column})] of each record batch of an Arrow IPC stream (how datasets
+    caches), or None unless every column holds numbers or lists of numbers, without nulls. Reads the
+    file once, a record batch at a time."""
+    batches, start = [], 0
+    with pyarrow.OSFile(path) as f:
+        messages = pyarrow.ipc.MessageReader.open_stream(f)
+        if not pyarrow.ipc.read_schema(messages.read_next_message()).equals(schema):
+            return None
+        while True:
+            try:
+                message = messages.read_next_message()
+            except StopIteration:
+                break
+            body, columns = message.body, {}
+            batch = pyarrow.ipc.read_record_batch(message, schema)  # its buffers are slices of the body
+            for name, array in zip(schema.names, batch.columns):
+                columns[name] = column_of(array, body, f.tell() - body.size)
+                if columns[name] is None:
+                    return None
+            batches.append((start, columns))
+            start += batch.num_rows
+    return batches if start == rows else None
+
+
+def column_of(array, body, at):
+    """The Column of `array`, read from a message `body` that starts at file offset `at`, or None."""
+    def offset(buffer):
+        inside = body.address <= buffer.address and buffer.address + buffer.size <= body.address + body.size
+        return at + buffer.address - body.address if inside else None  # not inside: compressed
+    kind, buffers = array.type, array.buffers()
+    if array.null_count or array.offset:
+        return None
+    if is_number(kind) and offset(buffers[1]) is not None:
+        return Column(offset(buffers[1]), numpy.dtype(kind.to_pandas_dtype()))
+    if ((pyarrow.types.is_list(kind) or pyarrow.types.is_large_list(kind)) and is_number(kind.value_type)
+            and not array.values.null_count and not array.values.offset and len(buffers) == 4
+            and None not in (offset(buffers[1]), offset(buffers[3]))):
+        return Column(offset(buffers[3]), numpy.dtype(kind.value_type.to_pandas_dtype()), offset(buffers[1]),
+                      numpy.dtype(numpy.int32 if pyarrow.types.is_list(kind) else numpy.int64))
+    return None
+
+
+def is_number(kind):
+    return pyarrow.types.is_integer(kind) or pyarrow.types.is_floating(kind)
+
+
 class ShuffledSampler(torch.utils.data.Sampler):
     """A random order of the examples that is a function of (seed, epoch) only, like accelerate's
     seedable sampler (so a resumed epoch replays it), held as one int32 tensor (4 bytes an example;
@@ -281,7 +413,7 @@ class ShuffledSampler(torch.utils.data.Sampler):
                               dtype=torch.int32 if self.size < 2**31 else torch.int64)
 
     def __iter__(self):
-        for chunk in self.order().split(1 << 16):
+        for chunk in self.order().split(1 << 12):
             yield from chunk.tolist()
 
 

@@ -79,10 +79,10 @@ def detached_loss(self, labels=None, **inputs):
 
 def shuffle_training_labels(data, split):
     if split == "train":
-        order = list(range(len(data.rows)))
-        random.Random(0).shuffle(order)
-        shuffled = [data.rows["labels"][i] for i in order]
-        data.rows = data.rows.remove_columns("labels").add_column("labels", shuffled)
+        read = data.rows.__getitems__
+        shuffled = [row["labels"] for row in read(range(len(data.rows)))]
+        random.Random(0).shuffle(shuffled)
+        data.rows.__getitems__ = lambda indices: [{**row, "labels": shuffled[i]} for i, row in zip(indices, read(indices))]
     return data
 
 

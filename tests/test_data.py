@@ -5,9 +5,12 @@ and the length-grouped sampler.
 """
 import json
 import os
+import pickle
+import random
 import warnings
 
 import datasets
+import numpy
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
@@ -74,19 +77,90 @@ def test_a_hub_style_dataset_folder_with_splits_and_class_label_ids(tmp_path):
 def test_tokenization_is_cached_and_redone_only_when_what_it_depends_on_changes(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", ROWS * 10)
     first = load(path)
-    cache_file = first.rows.cache_files[0]["filename"]
+    cache_file = first.rows.path
     written = os.stat(cache_file).st_mtime_ns
     second = load(path)
-    assert second.rows.cache_files[0]["filename"] == cache_file and os.stat(cache_file).st_mtime_ns == written
-    assert load(path, max_len=4).rows.cache_files[0]["filename"] != cache_file  # another max_len: tokenized again
+    assert second.rows.path == cache_file and os.stat(cache_file).st_mtime_ns == written
+    assert load(path, max_len=4).rows.path != cache_file  # another max_len: tokenized again
     write_jsonl(path, ROWS * 11)  # the file changed: tokenized again
     assert len(load(path)) == 33
 
 
-def test_the_rows_are_memory_mapped_not_loaded():
+def test_the_rows_are_read_from_the_cache_file_not_loaded():
     dataset = load(ROOT / "data" / "train.jsonl")
-    assert dataset.rows.cache_files and all(os.path.isfile(f["filename"]) for f in dataset.rows.cache_files)
-    assert dataset.rows.data.nbytes > 0 and not dataset.rows._indices  # an arrow table on disk, no copy
+    assert dataset.rows.dataset is None and os.path.isfile(dataset.rows.path)  # read by hand, nothing held
+    everything = range(len(dataset))
+    assert dataset.rows.__getitems__(everything) == datasets.Dataset.from_file(dataset.rows.path).__getitems__(everything)
+
+
+def cached(tmp_path, columns, rows_per_batch=700):
+    """A datasets.Dataset of `columns` cached in a file of record batches of `rows_per_batch` rows."""
+    source = datasets.Dataset.from_dict({"n": list(range(len(next(iter(columns.values())))))})
+    return source.map(lambda batch, indices: {k: [v[i] for i in indices] for k, v in columns.items()}, batched=True,
+                      with_indices=True, batch_size=rows_per_batch, writer_batch_size=rows_per_batch,
+                      remove_columns=["n"], cache_file_name=str(tmp_path / "rows.arrow"))
+
+
+def numbers_of_every_kind(n):
+    generator = random.Random(0)
+    return {"input_ids": [[generator.randrange(50_000) for _ in range(generator.randrange(0, 20))] for _ in range(n)],
+            "labels": [generator.randrange(3) for _ in range(n)], "score": [generator.random() for _ in range(n)],
+            "vector": [[generator.random() for _ in range(3)] for _ in range(n)]}
+
+
+def test_cached_rows_read_by_hand_are_datasets_own(tmp_path):
+    rows = cached(tmp_path, numbers_of_every_kind(5000))
+    mine = utils.CachedRows(rows)
+    assert mine.dataset is None and len(mine.batches) == 8 and len(mine) == 5000  # read by hand, 8 record batches
+    indices = [*random.Random(1).sample(range(5000), 500), 0, 4999, -1, -5000]
+    assert mine.__getitems__(indices) == rows.__getitems__(indices)
+    assert mine[-1] == rows[-1] and mine[699] == rows[699] and mine[700] == rows[700]  # across a batch boundary
+    assert mine.lengths("input_ids").tolist() == [len(ids) for ids in rows["input_ids"]]
+    assert mine.lengths("input_ids").dtype == numpy.int32
+    for outside in (5000, -5001):
+        with pytest.raises(IndexError):
+            mine[outside]
+    assert pickle.loads(pickle.dumps(mine)).__getitems__(indices) == rows.__getitems__(indices)  # spawned workers
+
+
+def test_cached_rows_read_anything_else_through_datasets(tmp_path):
+    numbers = cached(tmp_path, numbers_of_every_kind(50))
+    others = {"strings": cached(tmp_path / "s", {"text": ["a", "b"]}),
+              "nulls": cached(tmp_path / "n", {"labels": [1, None]}),
+              "booleans": cached(tmp_path / "b", {"mask": [[True], [False]]}),
+              "rows selected": numbers.select([3, 1, 2]), "a format": numbers.with_format("numpy"),
+              "in memory": datasets.Dataset.from_dict({"labels": [1, 2]})}
+    for name, rows in others.items():
+        mine = utils.CachedRows(rows)
+        assert mine.dataset is rows, name
+        assert str(mine.__getitems__([1, 0])) == str(rows.__getitems__([1, 0])) and len(mine) == len(rows), name
+
+
+def mapped_kib(path):
+    """KiB of the file at `path` in this process's resident memory through memory maps (/proc/self/smaps)."""
+    kib, mapping = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if line[0] in "0123456789abcdef":  # a mapping: address range, perms, offset, device, inode, path
+                mapping = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and mapping == str(path):
+                kib += int(fields[1])
+    return kib
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_random_rows_read_by_hand_map_no_page_of_the_cache(tmp_path):
+    n = 200_000
+    rows = cached(tmp_path, {"input_ids": [[i] * (i % 40) for i in range(n)], "labels": [i % 3 for i in range(n)]},
+                  rows_per_batch=10_000)
+    mine, path = utils.CachedRows(rows), tmp_path / "rows.arrow"
+    batch = random.Random(0).sample(range(n), 64)
+    before = mapped_kib(path)  # datasets' map of it: the record batches' headers, read when it opened
+    read, lengths = mine.__getitems__(batch), mine.lengths("input_ids")
+    assert mapped_kib(path) <= before
+    assert read == rows.__getitems__(batch) and lengths.tolist() == [i % 40 for i in range(n)]
+    assert mapped_kib(path) - before >= 64 * 4  # through the map: 4 KiB or more for each random row
 
 
 class Lengths:

@@ -182,6 +182,14 @@ def test_gradient_checkpointing_is_bitwise_the_same_run(tiny_data, tmp_path):
     assert read_json(tmp_path / "checkpointed" / "last" / "my_config.json")["gradient_checkpointing"] is True
 
 
+def test_loader_workers_read_the_same_batches(tiny_data, tmp_path):
+    """Rows read by hand from the cache file (utils.CachedRows) in DataLoader workers: the same run."""
+    args = [*data_args(tiny_data), *FAST, "--epochs", 1]
+    run(*args, "--outdir", tmp_path / "plain")
+    run(*args, "--outdir", tmp_path / "workers", "--num_workers", 2)
+    assert_bitwise_equal(tmp_path / "plain" / "last", tmp_path / "workers" / "last")
+
+
 @pytest.mark.slow  # inductor compiles for a few minutes on 2 CPU cores
 def test_torch_compile_trains_the_same_model(tiny_data, tmp_path):
     args = [*data_args(tiny_data), *FAST, "--epochs", 1]

@@ -16,18 +16,17 @@ What train.py expects of this file (as for the default task):
     -100 on padding; the model shifts them by one position itself).
   * `Dataset.lengths`: the length of each sample, for --group_by_length.
 """
-import pyarrow.compute
 import torch
 from transformers import AutoTokenizer
 
-from utils import UserError, load_rows, row_name
+from utils import CachedRows, UserError, load_rows, row_name
 
 TEXT = "text"
 
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, tokenizer, max_len):
-        self.rows = rows  # a datasets.Dataset with input_ids and attention_mask
+        self.rows = CachedRows(rows)  # datasets' rows of input_ids and attention_mask, read from its cache
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
         self.max_len = max_len  # the longest a text can be (--max_len): build_model() checks the model's positions
@@ -38,12 +37,12 @@ class Dataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.rows[i]
 
-    def __getitems__(self, indices):  # what DataLoader calls: one read for the whole batch
+    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
         return self.rows.__getitems__(indices)
 
     @property
     def lengths(self):
-        return pyarrow.compute.list_value_length(self.rows.data.column("input_ids")).to_numpy()
+        return self.rows.lengths("input_ids")
 
     def collate(self, samples):
         batch = self.tokenizer.pad(samples, padding_side="right", return_tensors="pt")

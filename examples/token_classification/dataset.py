@@ -26,11 +26,10 @@ What train.py expects of this file (as for the default task):
 import re
 
 import datasets
-import pyarrow.compute
 import torch
 from transformers import AutoTokenizer, DataCollatorForTokenClassification
 
-from utils import UserError, load_rows, row_name
+from utils import CachedRows, UserError, load_rows, row_name
 
 WORDS, TAGS = "tokens", "tags"
 
@@ -43,7 +42,7 @@ def tag_names(entity_types):
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, labels, tokenizer):
-        self.rows = rows  # a datasets.Dataset with input_ids, attention_mask, ..., labels, word_starts
+        self.rows = CachedRows(rows)  # input_ids, attention_mask, ..., labels, word_starts (from the cache)
         self.labels = labels  # the tag names, index = tag id
         self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
         self.padding_side = tokenizer.padding_side
@@ -54,12 +53,12 @@ class Dataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.rows[i]
 
-    def __getitems__(self, indices):  # what DataLoader calls: one read for the whole batch
+    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
         return self.rows.__getitems__(indices)
 
     @property
     def lengths(self):
-        return pyarrow.compute.list_value_length(self.rows.data.column("input_ids")).to_numpy()
+        return self.rows.lengths("input_ids")
 
     def collate(self, samples):
         word_starts = [sample.pop("word_starts") for sample in samples]
