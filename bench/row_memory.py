@@ -4,11 +4,10 @@ rows, each measured on a warm cache (tokenized and vocabulary built once before)
 (peak(1M) - peak(10k)) / 990k printed: what each row costs beyond the fixed cost. bench/speed.py
 runs it too.
 
-Peak RSS (VmHWM) counts the pages of the memory-mapped cache files that the process has touched:
-clean file pages, which the kernel drops when it needs the memory. Each random row read maps
-64 KiB of the file around it (the kernel's fault-around), so the first batches map ~20 MiB of a
-large file, against the whole of a 10k-row file (~1 MiB): a fixed cost that the 10k run cannot
-show. The peak of anonymous memory (RssAnon, sampled every 5 ms) is what the process itself holds.
+Peak RSS (VmHWM) also counts the pages of memory-mapped files the process has touched (clean pages,
+which the kernel drops when it needs the memory); training rows are read with os.pread
+(utils.CachedRows), so the tokenized cache adds none. The peak of anonymous memory (RssAnon,
+sampled every 5 ms) is what the process itself holds.
 
     python bench/row_memory.py              # ~2 minutes on 2 cores (the 1M-row file is tokenized once)
 """
