@@ -21,7 +21,7 @@ What train.py and predict.py read from this file (nothing else):
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with
 the same file, tokenizer and max_len does not tokenize again), and the Dataset reads its rows from
-the cache file (utils.CachedRows), so memory does not grow with the size of the data.
+the cache file (utils.CachedRows): memory grows by the order the sampler holds, 4 bytes a row.
 """
 import math
 import os

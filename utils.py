@@ -11,9 +11,10 @@ import signal
 import sys
 import weakref
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import datasets
+import datasets.table
 import numpy
 import pyarrow
 import pyarrow.compute
@@ -275,18 +276,25 @@ class CachedRows:
     dataset's cache file with os.pread, not through datasets' memory map. Why: every page that a read
     through a map touches counts in the process's resident memory, and the kernel maps 64 KiB to
     2 MiB of the file around it (fault-around, large folios): the first two batches of 32 random rows
-    of a 1M-row cache cost ~20 MiB, the lengths 4 bytes a row more, and opening the map ~64 KiB per
+    of a 1M-row cache cost ~20 MiB, the lengths 4 bytes a row more, and the map itself ~64 KiB per
     record batch. What is kept instead is where each record batch's columns lie in the file. Other
-    data (strings, nulls, a format set, rows selected or cast after caching, a dataset held in
-    memory, no os.pread as on Windows) is read through datasets."""
+    data (strings, booleans, nulls, a format or columns chosen, rows selected, renamed or added after
+    caching, a dataset held in memory, no os.pread as on Windows) is read through datasets."""
 
     def __init__(self, dataset):
-        self.size, self.fd, batches = len(dataset), None, None
+        self.size, self.fd, self.batches = len(dataset), None, None
         self.path = dataset.cache_files[0]["filename"] if len(dataset.cache_files) == 1 else None
-        if hasattr(os, "pread") and self.path and dataset._indices is None and dataset.format["type"] is None:
-            batches = record_batches(self.path, dataset.data.schema, len(dataset))
-        self.dataset = None if batches else dataset  # its map goes: read by hand, it is not needed
-        self.batches, self.starts = batches, numpy.array([start for start, _ in batches or []])
+        # The table must be the file as written: datasets records later changes (a rename, a column
+        # selected) as replays on the table, and added rows or columns make another kind of table.
+        if (hasattr(os, "pread") and self.path and isinstance(dataset.data, datasets.table.MemoryMappedTable)
+                and all(change == "replace_schema_metadata" for change, *_ in dataset.data.replays)
+                and dataset._indices is None and dataset.format["type"] is None
+                and dataset.format["columns"] in (None, dataset.column_names)):
+            self.identity = identity(os.stat(self.path))
+            self.batches = record_batches(self.path, dataset.data.schema, len(dataset))
+            self.starts = numpy.array([start for start, _ in self.batches or []])
+        # Read by hand, datasets' table and its map are not needed: they go.
+        self.dataset = dataset if self.batches is None else None
 
     def __len__(self):
         return self.size
@@ -295,63 +303,82 @@ class CachedRows:
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
-        if self.dataset is not None:
+        if self.batches is None:
             return self.dataset.__getitems__(indices)
         rows, fd = [], self.file()
-        for i in indices:
-            i = range(self.size)[i]  # an IndexError out of range, negative from the end, as datasets'
-            start, columns = self.batches[numpy.searchsorted(self.starts, i, side="right") - 1]
+        indices = [range(self.size)[i] for i in indices]  # IndexError outside; negative: from the end
+        for i, batch in zip(indices, numpy.searchsorted(self.starts, indices, side="right") - 1):
+            start, columns = self.batches[batch]
             rows.append({name: column.read(fd, i - start) for name, column in columns.items()})
         return rows
 
     def lengths(self, column):
         """The length of each row's list in `column` (int32), one read of its offsets per record batch."""
-        if self.dataset is not None:
-            return pyarrow.compute.list_value_length(self.dataset.data.column(column)).to_numpy()
+        if self.batches is None:
+            lists = self.dataset.with_format("arrow")[column]  # in the dataset's order (a selection too)
+            return pyarrow.compute.list_value_length(lists).cast(pyarrow.int32()).to_numpy()
         ends = [*self.starts[1:], self.size]
         return numpy.concatenate([numpy.diff(columns[column].offsets_of(self.file(), 0, end - start)).astype(numpy.int32)
                                   for (start, columns), end in zip(self.batches, ends)])
 
     def file(self):
-        if self.fd is None:  # opened by the process that reads (a DataLoader worker started by spawn too)
-            self.fd = os.open(self.path, os.O_RDONLY)
-            weakref.finalize(self, os.close, self.fd)
+        """The cache file, opened by the process that reads (a DataLoader worker started by spawn
+        too): the same file whose layout was read, or a message if it was deleted or replaced."""
+        if self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None
+            if fd is None or identity(os.fstat(fd)) != self.identity:
+                raise UserError(f"{self.path}: this cache file of the tokenized data was deleted or replaced "
+                                f"while the run read it (another run cleaning the datasets cache?). Start again.")
+            self.fd = fd
+            weakref.finalize(self, os.close, fd)
         return self.fd
 
     def __getstate__(self):
         return {**self.__dict__, "fd": None}
 
 
+def identity(stat):
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class Column(NamedTuple):
-    """Where a column of one record batch lies in an Arrow IPC file: its values, of `dtype`, from
-    file offset `values`; for a list column, where each row's values start (`offsets`: one more
-    than the rows, of `offsets_dtype`)."""
+    """Where a column of one record batch lies in an Arrow IPC file: the file offset of its values,
+    of `dtype`; for a list column, also that of its offsets (where each row's values start, one
+    more than the rows, of `offsets_dtype`)."""
     values: int
     dtype: numpy.dtype
-    offsets: int = None
-    offsets_dtype: numpy.dtype = None
+    offsets: Optional[int] = None
+    offsets_dtype: Optional[numpy.dtype] = None
 
     def read(self, fd, row):
         if self.offsets is None:
-            return pread(fd, self.dtype, self.values, row, 1)[0].item()
+            return read_array(fd, self.dtype, self.values, row, 1).tolist()[0]
         start, end = self.offsets_of(fd, row, 1).tolist()
-        return pread(fd, self.dtype, self.values, start, end - start).tolist()
+        return read_array(fd, self.dtype, self.values, start, end - start).tolist()
 
     def offsets_of(self, fd, row, rows):
-        return pread(fd, self.offsets_dtype, self.offsets, row, rows + 1)
+        if self.offsets is None:
+            raise ValueError("lengths(): not a column of lists")
+        return read_array(fd, self.offsets_dtype, self.offsets, row, rows + 1)
 
 
-def pread(fd, dtype, at, first, count):
+def read_array(fd, dtype, at, first, count):
     """Items first..first + count - 1 of an array of `dtype` that starts at offset `at` of a file."""
-    return numpy.frombuffer(os.pread(fd, count * dtype.itemsize, at + first * dtype.itemsize), dtype)
+    data = os.pread(fd, count * dtype.itemsize, at + first * dtype.itemsize)
+    if len(data) != count * dtype.itemsize:  # not silently fewer tokens
+        raise EOFError("a cache file of the tokenized data was cut short while the run read it")
+    return numpy.frombuffer(data, dtype)
 
 
 def record_batches(path, schema, rows):
-    """[(first row, {column name: Column})] of each record batch of an Arrow IPC stream (how datasets
-    caches), or None unless every column holds numbers or lists of numbers, without nulls. Reads the
-    file once, a record batch at a time."""
+    """[(first row, {column name: Column})] of each record batch with rows of an Arrow IPC stream (how
+    datasets caches), or None unless every column holds numbers or lists of numbers, without nulls.
+    Reads the file's headers only, through a memory map that closes with it."""
     batches, start = [], 0
-    with pyarrow.OSFile(path) as f:
+    with pyarrow.memory_map(path) as f:
         messages = pyarrow.ipc.MessageReader.open_stream(f)
         if not pyarrow.ipc.read_schema(messages.read_next_message()).equals(schema):
             return None
@@ -360,37 +387,39 @@ def record_batches(path, schema, rows):
                 message = messages.read_next_message()
             except StopIteration:
                 break
-            body, columns = message.body, {}
-            batch = pyarrow.ipc.read_record_batch(message, schema)  # its buffers are slices of the body
-            for name, array in zip(schema.names, batch.columns):
-                columns[name] = column_of(array, body, f.tell() - body.size)
-                if columns[name] is None:
+            batch = pyarrow.ipc.read_record_batch(message, schema)  # its buffers: slices of the body, unread
+            if batch.num_rows:
+                columns = {name: column_of(array, message.body, f.tell() - message.body.size)
+                           for name, array in zip(schema.names, batch.columns)}
+                if None in columns.values():
                     return None
-            batches.append((start, columns))
-            start += batch.num_rows
+                batches.append((start, columns))
+                start += batch.num_rows
     return batches if start == rows else None
 
 
 def column_of(array, body, at):
-    """The Column of `array`, read from a message `body` that starts at file offset `at`, or None."""
+    """The Column of `array`, whose buffers lie in a message `body` at file offset `at`, or None."""
     def offset(buffer):
+        if buffer.size == 0:  # nothing to read
+            return at
         inside = body.address <= buffer.address and buffer.address + buffer.size <= body.address + body.size
-        return at + buffer.address - body.address if inside else None  # not inside: compressed
-    kind, buffers = array.type, array.buffers()
+        return at + buffer.address - body.address if inside else None  # not inside: a decompressed copy
+    pa_type, buffers = array.type, array.buffers()
     if array.null_count or array.offset:
         return None
-    if is_number(kind) and offset(buffers[1]) is not None:
-        return Column(offset(buffers[1]), numpy.dtype(kind.to_pandas_dtype()))
-    if ((pyarrow.types.is_list(kind) or pyarrow.types.is_large_list(kind)) and is_number(kind.value_type)
+    if is_number(pa_type) and offset(buffers[1]) is not None:
+        return Column(offset(buffers[1]), numpy.dtype(pa_type.to_pandas_dtype()))
+    if ((pyarrow.types.is_list(pa_type) or pyarrow.types.is_large_list(pa_type)) and is_number(pa_type.value_type)
             and not array.values.null_count and not array.values.offset and len(buffers) == 4
             and None not in (offset(buffers[1]), offset(buffers[3]))):
-        return Column(offset(buffers[3]), numpy.dtype(kind.value_type.to_pandas_dtype()), offset(buffers[1]),
-                      numpy.dtype(numpy.int32 if pyarrow.types.is_list(kind) else numpy.int64))
+        return Column(offset(buffers[3]), numpy.dtype(pa_type.value_type.to_pandas_dtype()), offset(buffers[1]),
+                      numpy.dtype(numpy.int32 if pyarrow.types.is_list(pa_type) else numpy.int64))
     return None
 
 
-def is_number(kind):
-    return pyarrow.types.is_integer(kind) or pyarrow.types.is_floating(kind)
+def is_number(pa_type):
+    return pyarrow.types.is_integer(pa_type) or pyarrow.types.is_floating(pa_type)
 
 
 class ShuffledSampler(torch.utils.data.Sampler):

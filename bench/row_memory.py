@@ -13,9 +13,11 @@ sampled every 5 ms) is what the process itself holds.
 """
 import argparse
 import os
+import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +53,8 @@ def peaks_mib(command, env):
 
 
 def measure(rows=(10_000, 1_000_000), progress=print):
-    """{rows: (peak RSS MiB, peak RssAnon MiB)} of the default job stopped after one step, warm cache."""
+    """{"peaks": {rows: (peak RSS MiB, peak RssAnon MiB)} of the default job stopped after one step, warm
+    cache, "reads": read_speed() of the largest tokenized cache}."""
     work = Path(tempfile.mkdtemp(prefix="bench-rows-"))
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
     peaks = {}
@@ -62,7 +65,26 @@ def measure(rows=(10_000, 1_000_000), progress=print):
         peaks_mib([*command, "--outdir", str(work / f"warm-{n}")], env)  # tokenize, learn the vocabulary
         peaks[n] = peaks_mib([*command, "--outdir", str(work / f"model-{n}")], env)
         progress(f"  memory: {n:>9} rows: peak RSS {peaks[n][0]:.0f} MiB, peak RssAnon {peaks[n][1]:.0f} MiB")
-    return peaks
+    tokenized = max((work / "cache").rglob("cache-*.arrow"), key=lambda path: path.stat().st_size)
+    return {"peaks": peaks, "reads": read_speed(tokenized)}
+
+
+def read_speed(path, batches=300, batch_size=32, repeats=3):
+    """Microseconds per batch of random rows of a tokenized cache file, read by hand (what train.py
+    does: utils.CachedRows) and through datasets' memory map: the best of `repeats`, side by side."""
+    import datasets
+    sys.path.insert(0, str(ROOT))
+    from utils import CachedRows
+    mine, theirs = CachedRows(datasets.Dataset.from_file(str(path))), datasets.Dataset.from_file(str(path))
+    order = random.Random(0).sample(range(len(theirs)), batches * batch_size)
+    best = {}
+    for _ in range(repeats):
+        for name, rows in (("by hand", mine), ("datasets", theirs)):
+            start = time.perf_counter()
+            for k in range(0, len(order), batch_size):
+                rows.__getitems__(order[k:k + batch_size])
+            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / batches * 1e6)
+    return best
 
 
 def per_row(peaks):
@@ -71,12 +93,15 @@ def per_row(peaks):
     return tuple((peaks[large][i] - peaks[small][i]) * 2**20 / (large - small) for i in (0, 1))
 
 
-def report(peaks):
+def report(figures):
+    peaks, reads = figures["peaks"], figures["reads"]
     rss, anon = per_row(peaks)
     for n, (peak, peak_anon) in sorted(peaks.items()):
         print(f"  {n:>9} rows: peak RSS {peak:6.0f} MiB, peak RssAnon {peak_anon:6.0f} MiB")
     print(f"  {'bytes per training row beyond a fixed cost (peak RSS)':58s} {rss:6.1f}   target <= 16")
     print(f"  {'bytes per training row beyond a fixed cost (peak RssAnon)':58s} {anon:6.1f}")
+    print(f"  {'batch of 32 random rows, read by hand (os.pread), us':58s} {reads['by hand']:6.0f}")
+    print(f"  {'batch of 32 random rows, read through datasets, us':58s} {reads['datasets']:6.0f}")
 
 
 def main():

@@ -129,11 +129,30 @@ def test_cached_rows_read_anything_else_through_datasets(tmp_path):
               "nulls": cached(tmp_path / "n", {"labels": [1, None]}),
               "booleans": cached(tmp_path / "b", {"mask": [[True], [False]]}),
               "rows selected": numbers.select([3, 1, 2]), "a format": numbers.with_format("numpy"),
+              "columns chosen": numbers.with_format(None, columns=["labels"]),
+              "a column replaced": numbers.remove_columns("vector").add_column("vector", [[0.0]] * 50),
+              "a row added": numbers.skip(1).add_item(numbers[0]),
+              "columns renamed": numbers.rename_columns({"labels": "score", "score": "labels"}).select_columns(
+                  ["input_ids", "labels", "score", "vector"]),
               "in memory": datasets.Dataset.from_dict({"labels": [1, 2]})}
     for name, rows in others.items():
         mine = utils.CachedRows(rows)
         assert mine.dataset is rows, name
         assert str(mine.__getitems__([1, 0])) == str(rows.__getitems__([1, 0])) and len(mine) == len(rows), name
+    lengths = utils.CachedRows(numbers.select([3, 1])).lengths("input_ids")
+    assert lengths.tolist() == [len(numbers[3]["input_ids"]), len(numbers[1]["input_ids"])] and lengths.dtype == numpy.int32
+
+
+def test_cached_rows_with_empty_lists_and_a_file_replaced(tmp_path):
+    rows = cached(tmp_path, {"input_ids": [[1, 2]] * 700 + [[]] * 700, "labels": [0] * 1400})  # a batch of empty lists
+    mine = utils.CachedRows(rows)
+    assert mine.dataset is None and mine.__getitems__([0, 700, 1399]) == rows.__getitems__([0, 700, 1399])
+    copy = pickle.loads(pickle.dumps(mine))  # what a spawned DataLoader worker gets: it opens the file again
+    cached(tmp_path / "other", {"input_ids": [[3]] * 1400, "labels": [1] * 1400}, rows_per_batch=1000)
+    os.replace(tmp_path / "other" / "rows.arrow", tmp_path / "rows.arrow")  # another layout under the same name
+    with pytest.raises(SystemExit, match="rows.arrow: this cache file of the tokenized data was deleted or replaced"):
+        copy[0]
+    assert mine[700] == {"input_ids": [], "labels": 0}  # the file this one opened: read to the end
 
 
 def mapped_kib(path):
