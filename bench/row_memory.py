@@ -76,7 +76,7 @@ def read_speed(path, batches=300, batch_size=32, repeats=3):
     sys.path.insert(0, str(ROOT))
     from utils import CachedRows
     mine, theirs = CachedRows(datasets.Dataset.from_file(str(path))), datasets.Dataset.from_file(str(path))
-    order = random.Random(0).sample(range(len(theirs)), batches * batch_size)
+    order = random.Random(0).choices(range(len(theirs)), k=batches * batch_size)
     best = {}
     for _ in range(repeats):
         for name, rows in (("by hand", mine), ("datasets", theirs)):
