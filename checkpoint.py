@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from safetensors import safe_open
-from torch.distributed.tensor import DTensor
 from safetensors.torch import load_model, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from utils import UserError, load_rows
 

@@ -290,7 +290,7 @@ class CachedRows:
                 and all(change == "replace_schema_metadata" for change, *_ in dataset.data.replays)
                 and dataset._indices is None and dataset.format["type"] is None
                 and dataset.format["columns"] in (None, dataset.column_names)):
-            self.identity = identity(os.stat(self.path))
+            self.identity = file_identity(os.stat(self.path))
             self.batches = record_batches(self.path, dataset.data.schema, len(dataset))
             self.starts = numpy.array([start for start, _ in self.batches or []])
         # Read by hand, datasets' table and its map are not needed: they go.
@@ -329,7 +329,7 @@ class CachedRows:
                 fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 fd = None
-            if fd is None or identity(os.fstat(fd)) != self.identity:
+            if fd is None or file_identity(os.fstat(fd)) != self.identity:
                 raise UserError(f"{self.path}: this cache file of the tokenized data was deleted or replaced "
                                 f"while the run read it (another run cleaning the datasets cache?). Start again.")
             self.fd = fd
@@ -340,7 +340,7 @@ class CachedRows:
         return {**self.__dict__, "fd": None}
 
 
-def identity(stat):
+def file_identity(stat):
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
@@ -405,15 +405,15 @@ def column_of(array, body, at):
             return at
         inside = body.address <= buffer.address and buffer.address + buffer.size <= body.address + body.size
         return at + buffer.address - body.address if inside else None  # not inside: a decompressed copy
-    pa_type, buffers = array.type, array.buffers()
+    pa_type, offsets = array.type, [offset(b) if b is not None else None for b in array.buffers()]
     if array.null_count or array.offset:
         return None
-    if is_number(pa_type) and offset(buffers[1]) is not None:
-        return Column(offset(buffers[1]), numpy.dtype(pa_type.to_pandas_dtype()))
+    if is_number(pa_type) and offsets[1] is not None:
+        return Column(offsets[1], numpy.dtype(pa_type.to_pandas_dtype()))
     if ((pyarrow.types.is_list(pa_type) or pyarrow.types.is_large_list(pa_type)) and is_number(pa_type.value_type)
-            and not array.values.null_count and not array.values.offset and len(buffers) == 4
-            and None not in (offset(buffers[1]), offset(buffers[3]))):
-        return Column(offset(buffers[3]), numpy.dtype(pa_type.value_type.to_pandas_dtype()), offset(buffers[1]),
+            and not array.values.null_count and not array.values.offset and len(offsets) == 4
+            and None not in (offsets[1], offsets[3])):
+        return Column(offsets[3], numpy.dtype(pa_type.value_type.to_pandas_dtype()), offsets[1],
                       numpy.dtype(numpy.int32 if pyarrow.types.is_list(pa_type) else numpy.int64))
     return None
 

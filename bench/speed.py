@@ -282,7 +282,8 @@ def load_data(spec):
 def as_datasets(train_set):
     """dataset.py's tokenized rows as the datasets.Dataset a Trainer user passes (the same cache file)."""
     import datasets
-    return train_set.rows.dataset or datasets.Dataset.from_file(train_set.rows.path)
+    rows = train_set.rows
+    return rows.dataset if rows.dataset is not None else datasets.Dataset.from_file(rows.path)
 
 
 def run_bare(spec, probe):
