@@ -24,72 +24,32 @@ the same file, tokenizer and max_len does not tokenize again), and the Dataset r
 the cache file (utils.CachedRows): memory grows by the order the sampler holds, 4 bytes a row.
 """
 import math
-import os
 from pathlib import Path
 
 import datasets
 import pyarrow
 import torch
-from datasets.fingerprint import Hasher
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from utils import CachedRows, UserError, load_rows, row_name
+from utils import CachedRows, UserError, learn_vocabulary, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
 VOCABULARY_SIZE = 8000  # at most, for a vocabulary learnt from the training file (training from scratch)
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def load_tokenizer(source, args):
     """The tokenizer of a pretrained model or a checkpoint; for a model folder that holds a config
     and no tokenizer (training from scratch, like assets/tiny-bert), a WordPiece vocabulary learnt
-    from --train_file, so that the user's own words are not [UNK]."""
+    from --train_file (utils.learn_vocabulary), so that the user's own words are not [UNK]."""
     folder = Path(source)
     if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return learn_vocabulary(args)
+        rows = load_rows(args.train_file, args.train_split, args.dataset_config)
+        if TEXT not in rows.column_names:
+            raise UserError(f"{args.train_file}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
+                            f"Rename it, or change TEXT in dataset.py.")
+        return learn_vocabulary(rows, TEXT, VOCABULARY_SIZE, args.max_len)
     # trust_remote_code=False: a folder that asks to run its own tokenizer code is refused, never run.
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-
-
-def learn_vocabulary(args):
-    """BERT-style lower-cased WordPiece over the training texts: every character (alone and as a
-    ##continuation) and the most frequent words, cached by the data's fingerprint (a second run on
-    the same file reads it back). Built from word counts, ties broken by the word, so every machine
-    learns the same vocabulary; tokenizers' WordPieceTrainer breaks ties in hash order, so two fresh
-    machines got different token ids and, from the same seed, different results."""
-    rows = load_rows(args.train_file, args.train_split, args.dataset_config)
-    if TEXT not in rows.column_names:
-        raise UserError(f"{args.train_file}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
-                        f"Rename it, or change TEXT in dataset.py.")
-    # Keyed by the data and by this function with what it uses: edit either and it is learnt again.
-    name = f"{rows._fingerprint}-{Hasher.hash((learn_vocabulary, VOCABULARY_SIZE, SPECIAL_TOKENS))}.json"
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / name
-    if not cache.is_file():
-        counter = Tokenizer(models.WordLevel(unk_token="[UNK]"))  # counts words: most frequent first, then by word
-        counter.normalizer = normalizers.BertNormalizer(lowercase=True)
-        counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        texts = ([t for t in batch[TEXT] if isinstance(t, str)] for batch in rows.iter(batch_size=10_000))
-        counter.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=2**31 - 1, special_tokens=[]))
-        counts = counter.get_vocab()
-        words = sorted(counts, key=counts.__getitem__)
-        # Every character, and as a continuation every one that follows another in a word (CJK characters
-        # are words of their own), so that nothing seen is [UNK]; then whole words while VOCABULARY_SIZE allows.
-        alphabet = SPECIAL_TOKENS + sorted({c for word in words for c in word}) + sorted(
-            {f"##{c}" for word in words for c in word[1:]})
-        tokens = alphabet + [word for word in words if len(word) > 1][:max(VOCABULARY_SIZE - len(alphabet), 0)]
-        tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-        tokenizer.normalizer, tokenizer.pre_tokenizer = counter.normalizer, counter.pre_tokenizer
-        tokenizer.decoder = decoders.WordPiece()
-        cls, sep = (tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]"))
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tokenizer.save(str(temporary))
-        os.replace(temporary, cache)  # whole or absent, whichever process gets there first
-    return PreTrainedTokenizerFast(tokenizer_file=str(cache), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=args.max_len)
 
 
 class Dataset(torch.utils.data.Dataset):

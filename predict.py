@@ -26,11 +26,10 @@ try:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    import checkpoint
     import dataset
     import modeling
-    import train
     import utils
+    from core import checkpoint, guard, options
     from dataset import generate_dataset
     from modeling import Model
     from utils import UserError
@@ -40,14 +39,14 @@ finally:
 
 
 def parse_args(argv=None):
-    parser = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = options.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="model/best", help="a directory train.py wrote (model/best, model/last)")
     parser.add_argument("--input_file", required=True,
                         help="a data file like training's (.jsonl .csv ...; labels optional) or a hub dataset name")
     parser.add_argument("--output_file", default="predictions.jsonl")
     parser.add_argument("--split", default="validation", help="the split of a hub dataset (ignored for files)")
     parser.add_argument("--dataset_config", help="a hub dataset's configuration (default: the training run's)")
-    parser.add_argument("--batch_size", type=utils.number(int, 1), default=64, help="reduce if out of memory")
+    parser.add_argument("--batch_size", type=options.number(int, 1), default=64, help="reduce if out of memory")
     parser.add_argument("--embeddings", action="store_true", help="also write outputs.embeddings as \"embedding\"")
     parser.add_argument("--overwrite", action="store_true", help="replace --output_file if it exists")
     return parser.parse_args(argv)
@@ -67,7 +66,7 @@ def load_checkpoint(directory):
     else:
         print(f"note: {directory} has no manifest.json (not saved by train.py?): its files are not checked.",
               file=sys.stderr)
-    checkpoint.refuse_custom_code(directory, "--checkpoint")
+    guard.refuse_custom_code(directory, "--checkpoint")
     try:
         saved_type = json.loads((directory / "config.json").read_text()).get("model_type")
     except (ValueError, AttributeError) as e:
@@ -84,20 +83,20 @@ def load_checkpoint(directory):
         raise UserError(f"--checkpoint {directory}: {directory / 'model.safetensors'} is damaged or missing "
                         f"({str(e).splitlines()[0][:200]}).") from None
     if (directory / "my_config.json").is_file():  # read and checked as --resume reads it
-        options = train.parse_args(["--resume", str(directory)])
+        trained_with = options.parse_args(["--resume", str(directory)])
     else:
-        options = train.parse_args([])  # a checkpoint saved by hand
+        trained_with = options.parse_args([])  # a checkpoint saved by hand
         print(f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
-              f"(--max_len {options.max_len}).", file=sys.stderr)
+              f"(--max_len {trained_with.max_len}).", file=sys.stderr)
     try:
         # Weights from safetensors only (never a pickled .bin), no code from the folder.
         model = Model.from_pretrained(directory, trust_remote_code=False, use_safetensors=True)
         load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
-        tokenizer = load_tokenizer(directory, options)
+        tokenizer = load_tokenizer(directory, trained_with)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
         raise UserError(f"--checkpoint {directory}: could not load it with modeling.py's Model "
                         f"({str(e).splitlines()[0][:300]}).") from None
-    return model, tokenizer, options
+    return model, tokenizer, trained_with
 
 
 def write_lines(path, lines):
@@ -165,14 +164,14 @@ def main(argv=None):
     args = parse_args(argv)
     check_output_file(args)
     transformers.utils.logging.disable_progress_bar()
-    model, tokenizer, options = load_checkpoint(args.checkpoint)
+    model, tokenizer, trained_with = load_checkpoint(args.checkpoint)
     if Path(args.input_file).suffix in utils.FILE_TYPES and not Path(args.input_file).is_file():
         raise UserError(f"--input_file {args.input_file}: no such file.")
     if args.dataset_config:
-        options.dataset_config = args.dataset_config
+        trained_with.dataset_config = args.dataset_config
     # Label names in the order of their ids, so that a label column (optional) maps as in training.
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)] or None
-    data = generate_dataset(args.input_file, args.split, tokenizer, options, labels=labels, predicting=True)
+    data = generate_dataset(args.input_file, args.split, tokenizer, trained_with, labels=labels, predicting=True)
     # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
     loader = DataLoader(data, args.batch_size, collate_fn=getattr(data, "collate", None))
     if not hasattr(modeling, "predictions"):

@@ -8,11 +8,9 @@
 Writes OUTDIR/best/ (best validation loss), OUTDIR/last/ (end of each epoch, every --save_steps)
 and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, not the loop.
 """
-import argparse
 import gc
 import math
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,98 +20,19 @@ try:
     import transformers
     from torch.distributed.tensor import DTensor
     from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-    from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, LoggerType, TorchDynamoPlugin,
-                                   set_seed)
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
     from torch.utils.data import DataLoader
     from transformers import PreTrainedModel, get_scheduler
 
-    import check
-    import checkpoint
     import dataset
     import modeling
-    import utils
+    from core import checkpoint, guard, options, preflight, runtime, samplers, wiring
     from dataset import generate_dataset
     from modeling import build_model
     from utils import UserError
 finally:  # (~1 s of start-up); what the imports made lives as long as the process: never collect it
     gc.freeze()
     gc.enable()
-
-
-def parse_args(argv=None):
-    parser = utils.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    parser.add_argument("--config", help="JSON or YAML file of option defaults, e.g. configs/tiny.yaml; flags override it")
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_file", default="data/train.jsonl",
-                      help=".jsonl .json .csv .tsv .parquet .txt, or a hub dataset name (see dataset.py)")
-    data.add_argument("--valid_file", default="data/valid.jsonl", help="the data validated on after each epoch")
-    data.add_argument("--dataset_config", help="a hub dataset's configuration, e.g. sst2 for --train_file nyu-mll/glue")
-    data.add_argument("--train_split", default="train", help="the split of a hub dataset to train on")
-    data.add_argument("--valid_split", default="validation", help="the split of a hub dataset to validate on")
-    data.add_argument("--max_len", type=utils.number(int, 1), default=128, help="longer inputs are truncated (tokens)")
-    data.add_argument("--group_by_length", action="store_true",
-                      help="batches of similar length (less padding, faster); still random and resumable")
-    data.add_argument("--num_workers", type=utils.number(int, 0), help="DataLoader worker processes (default: 2 with CUDA, else 0)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", default="assets/tiny-bert",
-                       help="hub id (bert-base-cased) or local directory; a directory with only a "
-                            "config.json trains that architecture from scratch")
-    model.add_argument("--freeze_backbone", action="store_true", help="train only the head (model.base_model frozen)")
-    model.add_argument("--lora_r", type=utils.number(int, 0), default=0,
-                       help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; 0 = off")
-    model.add_argument("--lora_alpha", type=utils.number(float, 0), default=16, help="LoRA scaling")
-    model.add_argument("--lora_dropout", type=utils.number(float, 0, below=1), default=0.05, help="dropout on the LoRA path")
-    model.add_argument("--lora_target_modules",
-                       help="comma-separated module names, e.g. query,value (default: every Linear of the backbone)")
-    model.add_argument("--gradient_checkpointing", action="store_true", help="less memory, ~30%% more compute")
-    model.add_argument("--torch_compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--epochs", type=utils.number(int, 1), default=5, help="may be raised on --resume to train further")
-    optimisation.add_argument("--batch_size", type=utils.number(int, 1), default=32, help="per process; reduce if out of memory")
-    optimisation.add_argument("--accumulation", type=utils.number(int, 1), default=1, help="batches per optimizer step")
-    optimisation.add_argument("--lr", type=utils.number(float, 0), default=1e-3, help="peak learning rate; 2e-5 suits a pretrained BERT")
-    optimisation.add_argument("--weight_decay", type=utils.number(float, 0), default=0.01, help="on matrices only, not biases/norms")
-    optimisation.add_argument("--max_grad_norm", type=utils.number(float, 0), default=1.0, help="clip gradients to this norm; 0 = off")
-    optimisation.add_argument("--lr_scheduler_type", default="linear", help="how the lr moves after warmup",
-                              choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                       "constant_with_warmup"])
-    optimisation.add_argument("--num_warmup_steps", type=utils.number(int, 0), default=0, help="optimizer steps of linear warmup")
-    optimisation.add_argument("--skip_nonfinite", action="store_true",
-                              help="skip optimizer steps whose gradients are NaN/inf (counted in log.json) "
-                                   "instead of stopping")
-    optimisation.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
-                              help="default: what `accelerate config` / `accelerate launch` says")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--metric_for_best", default="loss",
-                            help="valid metric that decides best/: loss or a name compute_metrics() returns")
-    evaluation.add_argument("--greater_is_better", action=argparse.BooleanOptionalAction,
-                            help="for --metric_for_best (by default lower is better for names like loss, error, "
-                                 "mse, mae, rmse, perplexity, higher for the others)")
-    evaluation.add_argument("--early_stopping_patience", type=utils.number(int, 0), default=0,
-                            help="stop after N epochs without a better --metric_for_best; 0 = off")
-    evaluation.add_argument("--sample_every", type=utils.number(int, 0), default=0,
-                            help="print --samples examples of the batch (input / prediction / gold) every N steps")
-    evaluation.add_argument("--samples", type=utils.number(int, 1), default=3, help="examples shown each --sample_every")
-    run = parser.add_argument_group("run")
-    run.add_argument("--check", action="store_true",
-                     help="check modeling.py and dataset.py on this data in seconds (PASS / WARN / FAIL), then exit; "
-                          "writes nothing")
-    run.add_argument("--seed", type=utils.number(int, 0), default=42, help="initialisation, dropout and data order")
-    run.add_argument("--outdir", default="model", help="where best/, last/ and log.json go")
-    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --outdir")
-    run.add_argument("--resume", metavar="DIR", help="a checkpoint (model/last or model/best) to continue; "
-                     "its my_config.json gives the defaults")
-    run.add_argument("--ignore_mismatch", action="store_true",
-                     help="resume even with another batch size, seed, model or number of processes")
-    run.add_argument("--save_steps", type=utils.number(int, 0), default=0, help="also save last/ every N optimizer steps")
-    run.add_argument("--stop_after_steps", type=utils.number(int, 0), default=0,
-                     help="save last/ and stop after N optimizer steps in all; the schedule still spans "
-                          "--epochs, so --resume continues as if never stopped (time-limited jobs)")
-    run.add_argument("--log_every", type=utils.number(int, 1), default=10,
-                     help="optimizer steps between loss displays and tracker logs (each one waits for the GPU)")
-    run.add_argument("--report_to", choices=[t for t in LoggerType.list() if t != "all"],
-                     help="also log to this tracker (tensorboard: OUTDIR/runs); pip install it first")
-    return utils.parse_options(parser, argv)
 
 
 def has_metrics():
@@ -136,7 +55,7 @@ def evaluate(accelerator, model, loader, desc):
     VALID bar ends showing them all."""
     model.eval()
     losses, gathered = [], defaultdict(list)
-    bar = utils.progress(accelerator, None, desc, total=len(loader))  # updated by hand: it closes after the metrics
+    bar = runtime.progress(accelerator, None, desc, total=len(loader))  # updated by hand: it closes after the metrics
     with torch.no_grad():
         for batch in loader:
             outputs = model(**batch)
@@ -154,15 +73,15 @@ def evaluate(accelerator, model, loader, desc):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = options.parse_args(argv, __doc__)
     for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
         if folder and Path(folder).is_dir():
-            checkpoint.refuse_custom_code(folder, option)
+            guard.refuse_custom_code(folder, option)
     # The resumed run's position, read once (from .old-last if a crash left it there: verify() below
     # takes that back).
     resumed = checkpoint.read_state(checkpoint.find(args.resume)) if args.resume else None
     if not args.check:
-        checkpoint.check_outdir(args.outdir, args.resume, resumed, args.overwrite)
+        guard.check_outdir(args.outdir, args.resume, resumed, args.overwrite)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
     if resumed:  # on another number of processes: the same global batch, by --accumulation
         args.accumulation = checkpoint.elastic_accumulation(args.resume, resumed.num_processes, args.accumulation,
@@ -170,7 +89,7 @@ def main(argv=None):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
-        log_with=utils.tracker(args.report_to), project_dir=args.outdir,
+        log_with=runtime.tracker(args.report_to), project_dir=args.outdir,
         # Any sampler's permutation a function of (seed, epoch) only, so a resumed epoch replays it
         # (train.py's own samplers are built that way too).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
@@ -188,7 +107,7 @@ def main(argv=None):
         if accelerator.is_main_process:
             checkpoint.verify(args.resume)  # every file against the manifest, before anything is read
         accelerator.wait_for_everyone()
-    threads = utils.cpu_threads(accelerator)
+    threads = runtime.cpu_threads(accelerator)
     if accelerator.device.type == "cpu":
         accelerator.print(f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the command to choose).")
     if args.sample_every and not hasattr(modeling, "format_samples"):
@@ -204,12 +123,12 @@ def main(argv=None):
         train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
         valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
                                      getattr(train_set, "labels", None))
-        data = {"train": checkpoint.describe_data(args.train_file, args.train_split, args.dataset_config,
+        data = {"train": guard.describe_data(args.train_file, args.train_split, args.dataset_config,
                                                   len(train_set)),
-                "valid": checkpoint.describe_data(args.valid_file, args.valid_split, args.dataset_config,
+                "valid": guard.describe_data(args.valid_file, args.valid_split, args.dataset_config,
                                                   len(valid_set))}
     if resumed:
-        checkpoint.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
+        guard.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
     model = build_model(args.model_name_or_path, train_set)
     if not isinstance(model, PreTrainedModel):
         raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a transformers "
@@ -217,8 +136,8 @@ def main(argv=None):
                         f"/ from_pretrained. Subclass PreTrainedModel with a PretrainedConfig as config_class, as "
                         f"the default Model does.")
     if args.check:  # a few seconds of checks on the two user files instead of the run
-        return finish(accelerator, check.run(accelerator, model, train_set, valid_set, args))
-    greater_is_better = check.first_batch(model, train_set, valid_set, args, lambda batch, outputs: compute_metrics(
+        return runtime.finish(accelerator, wiring.run(accelerator, model, train_set, valid_set, args))
+    greater_is_better = preflight.first_batch(model, train_set, valid_set, args, lambda batch, outputs: compute_metrics(
         metrics_of(batch, outputs)))
     accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
                       f"{args.metric_for_best} (--{'no-' if greater_is_better else ''}greater_is_better to change it).")
@@ -227,7 +146,7 @@ def main(argv=None):
     if args.freeze_backbone:
         model.base_model.requires_grad_(False)
     if args.lora_r:
-        utils.add_lora(model, args)
+        runtime.add_lora(model, args)
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient_checkpointing: {type(model).__name__} does not support it.")
@@ -246,8 +165,8 @@ def main(argv=None):
     loader_options = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
                       "persistent_workers": num_workers > 0, "generator": torch.Generator()}
     collate = getattr(train_set, "collate", None)  # None: torch's default_collate
-    sampler = (utils.LengthGroupedSampler(args.batch_size, train_set, args.seed) if args.group_by_length
-               else utils.ShuffledSampler(len(train_set), args.seed))
+    sampler = (samplers.LengthGroupedSampler(args.batch_size, train_set, args.seed) if args.group_by_length
+               else samplers.ShuffledSampler(len(train_set), args.seed))
     train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, collate_fn=collate, **loader_options)
     valid_loader = DataLoader(valid_set, args.batch_size, collate_fn=getattr(valid_set, "collate", None),
                               **loader_options)
@@ -265,7 +184,7 @@ def main(argv=None):
         num_training_steps=steps_per_epoch * args.epochs * accelerator.num_processes))
 
     if accelerator.is_main_process:
-        checkpoint.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
+        guard.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
     state = resumed or checkpoint.TrainState(num_processes=accelerator.num_processes)
     if resumed:
         checkpoint.load_training_state(args.resume, state, accelerator, optimizer, scheduler, model)
@@ -276,14 +195,14 @@ def main(argv=None):
     state.data, state.distributed_type, state.threads = data, accelerator.distributed_type.value, threads
     replacing = args.overwrite and not args.resume  # the previous run goes with this run's first checkpoint
     # The epoch's loss sums of each process, as saved: log.json's mean then comes out bitwise the same.
-    running = utils.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index] if state.loss_sums
+    running = runtime.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index] if state.loss_sums
                                 else (0.0, 0))
     if args.report_to:
         accelerator.init_trackers("runs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                   for k, v in vars(args).items()})
 
     model.train()  # from_pretrained() returns a model in eval mode (dropout off)
-    preemption = utils.Preemption(args.outdir)  # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save last/, exit
+    preemption = runtime.Preemption(args.outdir)  # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save last/, exit
     stop = None  # why the run ends before --epochs: a signal number or "--stop_after_steps"
     for epoch in range(state.epoch, args.epochs):
         if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
@@ -294,11 +213,11 @@ def main(argv=None):
         train_loader.set_epoch(epoch)
         done = state.steps_done_in_epoch * args.accumulation  # batches of this epoch before a resume
         batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
-        bar = utils.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=len(train_loader))
+        bar = runtime.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=len(train_loader))
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
-                check.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
+                preflight.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients:
                     # After backward() every process holds the same (all-reduced) gradients, so all of
@@ -323,7 +242,7 @@ def main(argv=None):
             state.steps_done_in_epoch += 1
             end_of_epoch = accelerator.gradient_state.end_of_dataloader
             if args.sample_every and state.global_step % args.sample_every == 0:
-                utils.show_samples(accelerator, modeling.format_samples, model, tokenizer, batch, outputs, args.samples,
+                runtime.show_samples(accelerator, modeling.format_samples, model, tokenizer, batch, outputs, args.samples,
                                    state.global_step, bar)
             if state.global_step == args.stop_after_steps:
                 stop = "--stop_after_steps"
@@ -373,23 +292,9 @@ def main(argv=None):
     if stop:
         accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
                           f"{state.global_step} optimizer steps; {args.outdir}/last holds the full state. "
-                          f"Continue with: {utils.resume_command(accelerator, args.outdir)}")
+                          f"Continue with: {runtime.resume_command(accelerator, args.outdir)}")
     preemption.close()
-    finish(accelerator, 128 + stop if isinstance(stop, int) else 0)  # a signal's status: a scheduler sees a preemption
-
-
-def finish(accelerator, status):
-    """Ends the run (or --check) with exit status `status`."""
-    accelerator.end_training()
-    if accelerator.num_processes > 1:
-        # Everything is saved and fsynced. Skipping interpreter shutdown avoids a rare hang or abort
-        # ("terminate called without an active exception") in the process-group threads at exit,
-        # seen about 1 in 30 two-process CPU runs with gloo.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    if status:
-        sys.exit(status)
+    runtime.finish(accelerator, 128 + stop if isinstance(stop, int) else 0)  # a signal's status: a scheduler sees a preemption
 
 
 if __name__ == "__main__":

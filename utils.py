@@ -1,14 +1,10 @@
-"""Helpers for train.py: options, data files, progress and signals, adapters. (Checkpoints and the
-output folder are in checkpoint.py.)"""
-import argparse
+"""Helpers the user files import (dataset.py, modeling.py, the examples): UserError, data files read
+into a datasets.Dataset with line-numbered messages, and a vocabulary learnt from the training text.
+It imports nothing of the project; train.py's own machinery is in core/."""
 import codecs
 import csv
-import ctypes
 import json
-import math
 import os
-import signal
-import sys
 import weakref
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -19,13 +15,9 @@ import numpy
 import pyarrow
 import pyarrow.compute
 import pyarrow.ipc
-import torch
-import transformers
-import yaml
-from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType
-from packaging import version
-from tqdm.auto import tqdm
+from datasets.fingerprint import Hasher
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 
 class UserError(SystemExit):
@@ -33,133 +25,6 @@ class UserError(SystemExit):
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the description's layout and shows every option's default."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return f"{action.help or ''} (default: %(default)s)"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a misspelled option or a bad value as one line (not the whole usage) and no
-    abbreviations (--lr_s would silently mean --lr_scheduler_type)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        raise UserError(f"{message} ({self.prog} --help lists the options)")
-
-
-# ---------------------------------------------------------------- options
-
-# Options a resumed run does not take over from the checkpoint's my_config.json (--outdir: the
-# checkpoint's own folder, wherever it has been copied, unless given).
-NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch", "outdir", "check"}
-# Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
-# Any other option given anew is allowed and printed as "changed on resume".
-MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len", "lr", "weight_decay",
-              "max_grad_norm", "lr_scheduler_type", "num_warmup_steps", "skip_nonfinite", "mixed_precision",
-              "torch_compile", "group_by_length", "metric_for_best", "greater_is_better", "freeze_backbone",
-              "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dataset_config", "train_split"]
-
-
-def number(kind, minimum, below=None):
-    """An argparse type: a finite int or float >= minimum (and < below); the same check for values
-    from a --config file or a checkpoint's my_config.json (see parse_options)."""
-    def convert(text):
-        value = kind(text)
-        if not math.isfinite(value) or value < minimum or (below is not None and value >= below):
-            bounds = f">= {minimum}" + (f" and < {below}" if below is not None else "")
-            raise argparse.ArgumentTypeError(f"{text} is not a {'whole ' if kind is int else ''}number {bounds}")
-        return value
-    convert.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return convert
-
-
-def read_options_file(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such options file.")
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
-    except yaml.YAMLError as e:
-        where = f"line {e.problem_mark.line + 1}: " if getattr(e, "problem_mark", None) else ""
-        raise UserError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e}).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}).") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: expected a mapping of option names to values.")
-    return values
-
-
-def check_value(action, value, source):
-    """A value from a file, held to what the option takes on the command line: its type, range and choices."""
-    def refuse(expected):
-        raise UserError(f"{source}: {action.dest}: {value!r} is not {expected}.")
-    if value is None and action.default is None:
-        return
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
-        if not isinstance(value, bool):
-            refuse("true or false")
-    elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        refuse("a " + (action.type.__name__ if action.type else "string"))
-    elif action.type is not None:
-        if isinstance(value, str) or (action.type.__name__ == "int" and not isinstance(value, int)):
-            refuse(f"a number ({action.type.__name__})")
-        try:
-            action.type(str(value))
-        except argparse.ArgumentTypeError as e:
-            raise UserError(f"{source}: {action.dest}: {e}.") from None
-    elif not isinstance(value, str):
-        refuse("a string")
-    if action.choices is not None and value not in action.choices:
-        refuse(f"one of {', '.join(map(str, action.choices))}")
-
-
-def parse_options(parser, argv=None):
-    """Defaults < the resumed checkpoint's my_config.json < --config FILE < flags on the command line."""
-    known, _ = parser.parse_known_args(argv)
-    defaults, saved = {}, {}
-    if known.resume:
-        from checkpoint import find  # here: checkpoint.py imports this module
-        folder = find(known.resume)  # or .old-<name>, where a crash between the two renames of a save left it
-        if not (folder / "my_config.json").is_file():
-            raise UserError(f"--resume {known.resume}: not a checkpoint of this template (no my_config.json). "
-                            f"Give a checkpoint directory such as model/last.")
-        saved = read_options_file(folder / "my_config.json")
-        defaults.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
-    if known.config:
-        defaults.update(read_options_file(known.config))
-    actions = {action.dest: action for action in parser._actions}
-    for key, value in defaults.items():
-        source = known.config if key not in saved or saved[key] != value else f"{known.resume}/my_config.json"
-        if key not in actions:
-            parser.error(f"{source}: unknown option '{key}'")
-        check_value(actions[key], value, source)
-    if saved:
-        defaults.setdefault("outdir", str(Path(known.resume).parent))  # the folder the checkpoint is in
-    parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    changed = []
-    for key, value in saved.items() if saved else []:
-        if key in NOT_RESUMED or key not in actions or getattr(args, key) == value:
-            continue
-        if key in MUST_MATCH and not args.ignore_mismatch:
-            raise UserError(f"--{key} {getattr(args, key)} differs from {known.resume}'s {value}, so the "
-                            f"resumed run would not continue the same run. Drop the option, or add "
-                            f"--ignore_mismatch to resume anyway (data order and results then differ).")
-        changed.append(f"--{key} {value} -> {getattr(args, key)}")
-    if changed and int(os.environ.get("RANK", 0)) == 0:
-        print(f"changed on resume: {', '.join(changed)}", file=sys.stderr)
-    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
-        raise UserError(f"--outdir {args.outdir} is a file; give a folder (it is created if missing).")
-    return args
 
 
 # ---------------------------------------------------------------- data
@@ -422,220 +287,44 @@ def is_number(pa_type):
     return pyarrow.types.is_integer(pa_type) or pyarrow.types.is_floating(pa_type)
 
 
-class ShuffledSampler(torch.utils.data.Sampler):
-    """A random order of the examples that is a function of (seed, epoch) only, like accelerate's
-    seedable sampler (so a resumed epoch replays it), held as one int32 tensor (4 bytes an example;
-    torch draws the same permutation as in int64) and handed out in chunks: the list of Python ints
-    that sampler makes costs ~36 bytes an example."""
+# ---------------------------------------------------------------- a vocabulary of the user's own words
 
-    def __init__(self, size, seed):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.size
-
-    def order(self):
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                              dtype=torch.int32 if self.size < 2**31 else torch.int64)
-
-    def __iter__(self):
-        for chunk in self.order().split(1 << 12):
-            yield from chunk.tolist()
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-class LengthGroupedSampler(ShuffledSampler):
-    """--group_by_length: Trainer's order (the shuffled order cut into chunks of 50 batches, each
-    sorted by length, longest first, and the longest example moved to the very front: the indices of
-    transformers' get_length_grouped_indices), as a function of (seed, epoch) like ShuffledSampler,
-    so that a resumed epoch replays the same batches. Written here because Trainer's makes Python
-    lists of every index and length (~70 bytes an example); this one holds int32 tensors."""
-
-    def __init__(self, batch_size, dataset, seed):
-        lengths = getattr(dataset, "lengths", None)
-        if lengths is None:
-            raise UserError("--group_by_length: the Dataset of dataset.py has no `lengths` (one length per sample).")
-        super().__init__(len(lengths), seed)
-        self.lengths, self.batch_size = torch.tensor(lengths, dtype=torch.int32), batch_size  # a copy: arrow's are read-only
-
-    def __iter__(self):
-        chunk = max(min(self.size // (self.batch_size * 4), 50), 1) * self.batch_size
-        chunks = [c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in self.order().split(chunk)]
-        longest = int(torch.stack([self.lengths[c[0]] for c in chunks]).argmax())  # the first, on ties
-        chunks[0][0], chunks[longest][0] = int(chunks[longest][0]), int(chunks[0][0])
-        for c in chunks:
-            yield from c.tolist()
-
-
-# ---------------------------------------------------------------- display and signals
-
-def progress(accelerator, iterable, desc, **kwargs):
-    """A tqdm bar on the main process only: `[Epoch 0] [TRAIN]:  12%|█▏  | 520/4387 [..., loss=2.56, lr=7.8e-6]`."""
-    return tqdm(iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
-
-
-def show_samples(accelerator, format_samples, model, tokenizer, batch, outputs, k, step, bar):
-    """--sample_every: modeling.py's format_samples() on the main process, in eval mode, without gradients,
-    with the RNG streams restored afterwards: showing samples (even with generate()) changes nothing."""
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model).eval()
-    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-        samples = format_samples(unwrapped, tokenizer, batch, outputs, k)
-    unwrapped.train()
-    bar.write(f"--- samples at step {step}:\n" + "\n".join(samples[:k]))
-
-
-def resume_command(accelerator, outdir):
-    """The full command that continues this run, launch options included."""
-    launch = "accelerate launch"
-    if accelerator.num_processes > 1:
-        launch = f"accelerate launch --multi_gpu --num_processes {accelerator.num_processes}"
-        if accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
-            launch += " --num_machines N --machine_rank R --main_process_ip IP (as before)"
-        if accelerator.device.type == "cpu":
-            launch = f"ACCELERATE_USE_CPU=1 {launch}"
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        launch = "accelerate launch --config_file (the one this run used)"
-    return f"{launch} train.py --resume {outdir}/last"
-
-
-def tracker(name):
-    """--report_to NAME, checked: accelerate silently drops a tracker whose package is missing."""
-    if name and name not in [str(t) for t in get_available_trackers()]:
-        raise UserError(f"--report_to {name}: the {name} package is not installed. pip install {name}")
-    return name
-
-
-# Started by `accelerate launch` (it sets ACCELERATE_MIXED_PRECISION) or torchrun: the launcher's end is
-# the job's end. A plain `python train.py` (under nohup, say) outlives its shell as usual.
-LAUNCHED = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-PARENT = os.getppid()
-
-
-class RunningLoss:
-    """The training loss of the epoch in progress (this process's sum and batch count) and the number
-    of skipped non-finite steps, kept on the device: reading them waits for the GPU, so they are read
-    only when shown, every --log_every steps."""
-
-    def __init__(self, device, saved=(0.0, 0)):
-        self.sum = torch.tensor(saved[0], dtype=torch.float64, device=device)
-        self.batches = torch.tensor(saved[1], dtype=torch.float64, device=device)
-        self.nonfinite_steps = torch.zeros((), dtype=torch.float64, device=device)
-        self.shown = (float(saved[0]), float(saved[1]))  # the sums when last shown
-
-    def add(self, loss):
-        finite = torch.isfinite(loss)  # a non-finite loss is left out of the mean (and its step skipped)
-        self.sum += torch.where(finite, loss, 0.0)
-        self.batches += finite
-
-    def since_shown(self):
-        """(mean loss since the last call or None, non-finite steps since the last call): one read."""
-        total, batches, nonfinite = torch.stack([self.sum, self.batches, self.nonfinite_steps]).tolist()
-        (shown_total, shown_batches), self.shown = self.shown, (total, batches)
-        self.nonfinite_steps.zero_()
-        return ((total - shown_total) / (batches - shown_batches) if batches > shown_batches else None), int(nonfinite)
-
-    def per_process(self, accelerator):
-        """[[sum, batches] of each process], for the checkpoint (a collective: every process calls it)."""
-        return accelerator.gather(torch.stack([self.sum, self.batches])[None]).tolist()
-
-    def epoch_mean(self, accelerator):
-        """The mean over every process's batches of the epoch; then starts the next epoch's sums."""
-        totals = accelerator.reduce(torch.stack([self.sum, self.batches]), reduction="sum")
-        mean = (totals[0] / totals[1]).item()
-        self.sum.zero_()
-        self.batches.zero_()
-        self.shown = (0.0, 0.0)
-        return mean
-
-
-def cpu_threads(accelerator):
-    """Torch threads for this process. On CPU under `accelerate launch`, which gives each process one
-    (OMP_NUM_THREADS=1, a single process too), every core is used: physical cores / processes on
-    this machine, unless the user chose (OMP_NUM_THREADS set, or --num_cpu_threads_per_process)."""
-    if accelerator.device.type == "cpu" and LAUNCHED and not threads_chosen_by_user():
-        import psutil  # an accelerate dependency
-        cores = min(psutil.cpu_count(logical=False) or os.cpu_count(), len(os.sched_getaffinity(0)))
-        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return torch.get_num_threads()
-
-
-def threads_chosen_by_user():
-    """Whether the launcher was started with OMP_NUM_THREADS or --num_cpu_threads_per_process: its own
-    environment and command line, as the user gave them (Linux /proc; elsewhere: assume they chose)."""
-    try:
-        environment = Path(f"/proc/{PARENT}/environ").read_bytes().split(b"\0")
-        command = Path(f"/proc/{PARENT}/cmdline").read_bytes()
-    except OSError:
-        return True
-    return any(v.startswith(b"OMP_NUM_THREADS=") for v in environment) or b"--num_cpu_threads_per_process" in command
-
-
-class Preemption:
-    """SIGTERM and SIGUSR1 (what Slurm, Kubernetes and most schedulers send) and Ctrl-C only set a
-    flag; the loop asks every --log_every steps, so the step in progress finishes and last/ is saved
-    whole. A second Ctrl-C stops at once (a save in progress is abandoned: the previous checkpoint
-    stays as it was)."""
-
-    def __init__(self, outdir):
-        self.signal, self.outdir = 0, outdir
-        self.previous = {signum: signal.signal(signum, self.handler)
-                         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-        if sys.platform == "linux" and LAUNCHED:
-            # A scheduler or `kill` often signals only the top process, `accelerate launch`, which then
-            # dies and leaves this process training on unseen: have the kernel send SIGTERM when it goes.
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-            if os.getppid() != PARENT:  # it was gone before we asked
-                self.signal = signal.SIGTERM
-
-    def handler(self, signum, frame):
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise UserError(f"stopped at once by a second Ctrl-C; {self.outdir}/last is the last checkpoint that "
-                            f"was saved whole (if any): --resume {self.outdir}/last")
-        if signum == signal.SIGINT:
-            os.write(2, b"\nCtrl-C: finishing this step and saving last/ (Ctrl-C again to stop at once)\n")
-        self.signal = signum
-
-    def close(self):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def received(self, accelerator):
-        """The signal number once any process got one (the same answer on every process), else 0."""
-        if accelerator.num_processes == 1:
-            return self.signal
-        return int(accelerator.gather(torch.tensor([self.signal], device=accelerator.device)).max())
-
-
-# ---------------------------------------------------------------- adapters
-
-def add_lora(model, args):
-    """--lora_r: LoRA adapters (PEFT, through transformers' add_adapter) in the backbone, which is
-    frozen; the rest of the model (the head) trains in full. On --resume the adapters are the checkpoint's."""
-    try:
-        import peft
-    except ImportError:
-        raise UserError("--lora_r needs the peft package: pip install peft") from None
-    from transformers.integrations.peft import MIN_PEFT_VERSION
-    if version.parse(peft.__version__) < version.parse(MIN_PEFT_VERSION):
-        raise UserError(f"--lora_r: transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION}, "
-                        f"installed {peft.__version__}. Install the tested versions: pip install -r requirements.txt "
-                        f"-c constraints.txt")
-    backbone = {id(p) for p in model.base_model.parameters()}
-    if args.resume:
-        model.load_adapter(str(args.resume), is_trainable=True)
-    else:
-        targets = (args.lora_target_modules.split(",") if args.lora_target_modules else
-                   [f"{model.base_model_prefix}.{name}" for name, module in model.base_model.named_modules()
-                    if isinstance(module, torch.nn.Linear)])
-        try:
-            model.add_adapter(peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                              lora_dropout=args.lora_dropout, target_modules=targets))
-        except ValueError as e:
-            raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:300]}") from None
-    for param in model.parameters():
-        param.requires_grad = id(param) not in backbone  # the adapters and the head
+def learn_vocabulary(rows, column, size=8000, max_len=None):
+    """A BERT-style lower-cased WordPiece tokenizer learnt from the texts of `column` of `rows` (a
+    datasets.Dataset): every character (alone and as a ##continuation), then the most frequent words
+    up to `size` tokens, cached in HF_DATASETS_CACHE/vocabularies by the data's fingerprint (a second
+    run on the same file reads it back). Built from word counts, ties broken by the word, so every
+    machine learns the same vocabulary; tokenizers' WordPieceTrainer breaks ties in hash order, so two
+    fresh machines got different token ids and, from the same seed, different results."""
+    # Keyed by the data and by this function with what it uses: edit either and it is learnt again.
+    name = f"{rows._fingerprint}-{Hasher.hash((learn_vocabulary, column, size, SPECIAL_TOKENS))}.json"
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / name
+    if not cache.is_file():
+        counter = Tokenizer(models.WordLevel(unk_token="[UNK]"))  # counts words: most frequent first, then by word
+        counter.normalizer = normalizers.BertNormalizer(lowercase=True)
+        counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        texts = ([t for t in batch[column] if isinstance(t, str)] for batch in rows.iter(batch_size=10_000))
+        counter.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=2**31 - 1, special_tokens=[]))
+        counts = counter.get_vocab()
+        words = sorted(counts, key=counts.__getitem__)
+        # Every character, and as a continuation every one that follows another in a word (CJK characters
+        # are words of their own), so that nothing seen is [UNK]; then whole words while `size` allows.
+        alphabet = SPECIAL_TOKENS + sorted({c for word in words for c in word}) + sorted(
+            {f"##{c}" for word in words for c in word[1:]})
+        tokens = alphabet + [word for word in words if len(word) > 1][:max(size - len(alphabet), 0)]
+        tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+        tokenizer.normalizer, tokenizer.pre_tokenizer = counter.normalizer, counter.pre_tokenizer
+        tokenizer.decoder = decoders.WordPiece()
+        cls, sep = (tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]"))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tokenizer.save(str(temporary))
+        os.replace(temporary, cache)  # whole or absent, whichever process gets there first
+    options = {} if max_len is None else {"model_max_length": max_len}
+    return PreTrainedTokenizerFast(tokenizer_file=str(cache), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", **options)

@@ -48,7 +48,7 @@ def child(path):
     """Builds the dataset and reads every batch once; prints one JSON line of figures."""
     sys.path.insert(0, str(ROOT))
     import torch
-    import train
+    from core import options
     from dataset import generate_dataset, load_tokenizer
 
     peak_anon = [status("RssAnon")]
@@ -59,9 +59,9 @@ def child(path):
             peak_anon.append(status("RssAnon"))
     threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
-    options = train.parse_args(["--train_file", str(path)])
-    tokenizer = load_tokenizer(ROOT / "assets" / "tiny-bert", options)  # learns the vocabulary (cached)
-    dataset = generate_dataset(path, "train", tokenizer, options)
+    args = options.parse_args(["--train_file", str(path)])
+    tokenizer = load_tokenizer(ROOT / "assets" / "tiny-bert", args)  # learns the vocabulary (cached)
+    dataset = generate_dataset(path, "train", tokenizer, args)
     built = time.perf_counter()
     loader = torch.utils.data.DataLoader(dataset, 32, shuffle=True, collate_fn=dataset.collate)
     tokens = sum(int(batch["attention_mask"].sum()) for batch in loader)

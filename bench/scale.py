@@ -31,7 +31,7 @@ def child(argv):
     sys.path.insert(0, str(ROOT))
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import checkpoint
+    from core import checkpoint
     import train
     steps, timings = [], {"save": [], "resume": 0.0}
     register_optimizer_step_post_hook(lambda *_: steps.append(time.perf_counter()))

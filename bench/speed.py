@@ -291,7 +291,7 @@ def run_bare(spec, probe):
     import torch
     from accelerate.data_loader import SeedableRandomSampler
     from transformers import get_scheduler, set_seed
-    import utils
+    from core import samplers
     from modeling import build_model
     set_seed(spec["seed"])
     tokenizer, train_set = load_data(spec)
@@ -303,7 +303,7 @@ def run_bare(spec, probe):
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=spec["lr"], fused=True)
     if spec["grouped"]:
-        sampler = utils.LengthGroupedSampler(spec["batch_size"], train_set, spec["seed"])
+        sampler = samplers.LengthGroupedSampler(spec["batch_size"], train_set, spec["seed"])
     else:
         sampler = SeedableRandomSampler(train_set, generator=torch.Generator(), data_seed=spec["seed"])
     loader = torch.utils.data.DataLoader(train_set, spec["batch_size"], sampler=sampler,

@@ -133,5 +133,5 @@ os.environ["OMP_NUM_THREADS"] = "1"
 def tiny_tokenizer():
     """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from data/train.jsonl."""
     import dataset
-    import train
-    return dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", train.parse_args([]))
+    from core import options
+    return dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", options.parse_args([]))

@@ -16,8 +16,9 @@ import torch
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
 
-import train
+from core import options
 import utils
+from core import samplers
 from conftest import ROOT, tiny_tokenizer
 from dataset import generate_dataset
 
@@ -26,7 +27,7 @@ TOKENIZER = tiny_tokenizer()
 
 def load(path, max_len=128, labels=None):
     """dataset.py as train.py calls it, with the default options."""
-    return generate_dataset(path, "train", TOKENIZER, train.parse_args(["--max_len", str(max_len)]), labels)
+    return generate_dataset(path, "train", TOKENIZER, options.parse_args(["--max_len", str(max_len)]), labels)
 
 ROWS = [("the food was great", "positive"), ("it was fine i guess", "neutral"), ("awful, truly", "negative")]
 
@@ -48,7 +49,7 @@ def test_txt_is_one_text_per_line_without_labels(tmp_path):
     (tmp_path / "a.txt").write_text("first line\nsecond line\n")
     rows = utils.load_rows(tmp_path / "a.txt")
     assert rows.column_names == ["text"] and rows["text"] == ["first line", "second line"]
-    unlabelled = generate_dataset(tmp_path / "a.txt", "train", TOKENIZER, train.parse_args([]),
+    unlabelled = generate_dataset(tmp_path / "a.txt", "train", TOKENIZER, options.parse_args([]),
                                         labels=["negative", "positive"], predicting=True)
     assert len(unlabelled) == 2 and "labels" not in unlabelled[0]
     with pytest.raises(SystemExit, match=r"a\.txt: no 'label' column \(found: text\)"):
@@ -65,7 +66,7 @@ def test_a_hub_style_dataset_folder_with_splits_and_class_label_ids(tmp_path):
     for split, rows in [("train", [("good", 1), ("bad", 0), ("great", 1)]), ("validation", [("fine", 1)])]:
         datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [l for _, l in rows]},
                                    features=features).to_parquet(folder / f"{split}.parquet")
-    args = train.parse_args([])
+    args = options.parse_args([])
     train_set = generate_dataset(str(folder), "train", TOKENIZER, args)
     valid_set = generate_dataset(str(folder), "validation", TOKENIZER, args, train_set.labels)
     assert train_set.labels == ["negative", "positive"]  # names, not the ids 0 and 1
@@ -201,7 +202,7 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch():
     data = Lengths(lengths)
 
     def order(seed, epoch):
-        sampler = utils.LengthGroupedSampler(8, data, seed)
+        sampler = samplers.LengthGroupedSampler(8, data, seed)
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -219,7 +220,7 @@ def test_length_grouped_order_is_transformers_own(n, batch_size, seed):
     from transformers.trainer_pt_utils import get_length_grouped_indices
     lengths = torch.randint(3, 12, (n,), generator=torch.Generator().manual_seed(n)).tolist()  # many ties
     lengths[n // 2] = 40  # one longest example, to be moved to the front
-    sampler = utils.LengthGroupedSampler(batch_size, Lengths(lengths), seed)
+    sampler = samplers.LengthGroupedSampler(batch_size, Lengths(lengths), seed)
     for epoch in (0, 3):
         sampler.set_epoch(epoch)
         expected = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed + epoch))
@@ -231,14 +232,14 @@ def test_length_grouped_sampler_takes_the_datasets_own_lengths_quietly():
     data = load(ROOT / "data" / "valid.jsonl")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        order = list(utils.LengthGroupedSampler(8, data, seed=0))
+        order = list(samplers.LengthGroupedSampler(8, data, seed=0))
     assert sorted(order) == list(range(len(data)))
     assert len(data[order[0]]["input_ids"]) == max(data.lengths)  # the longest first
 
 
 def test_length_grouped_batches_are_split_between_two_processes_without_overlap():
     """What accelerator.prepare() does to the train loader with 2 processes."""
-    sampler = utils.LengthGroupedSampler(8, Lengths(random_lengths(96)), seed=42)
+    sampler = samplers.LengthGroupedSampler(8, Lengths(random_lengths(96)), seed=42)
     shards = [list(BatchSamplerShard(BatchSampler(sampler, 8, False), num_processes=2, process_index=rank))
               for rank in (0, 1)]
     seen = [i for shard in shards for batch in shard for i in batch]
@@ -247,7 +248,7 @@ def test_length_grouped_batches_are_split_between_two_processes_without_overlap(
 
 def test_a_dataset_without_lengths_is_refused_by_group_by_length():
     with pytest.raises(SystemExit, match="--group_by_length: the Dataset of dataset.py has no `lengths`"):
-        utils.LengthGroupedSampler(2, [1, 2, 3], 0)
+        samplers.LengthGroupedSampler(2, [1, 2, 3], 0)
 
 
 def test_jsonl_csv_and_tsv_give_the_same_dataset(tmp_path):
@@ -282,7 +283,7 @@ def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate
 
     def orders(seed):
         loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(50)), 8,
-                                                                 sampler=utils.ShuffledSampler(50, seed)))
+                                                                 sampler=samplers.ShuffledSampler(50, seed)))
         result = []
         for epoch in range(2):
             loader.set_epoch(epoch)
@@ -294,7 +295,7 @@ def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate
 
 
 def test_the_shuffled_order_is_torchs_permutation_held_in_int32():
-    sampler = utils.ShuffledSampler(100_000, seed=3)
+    sampler = samplers.ShuffledSampler(100_000, seed=3)
     sampler.set_epoch(2)
     assert sampler.order().dtype == torch.int32  # 4 bytes an example
     assert list(sampler) == torch.randperm(100_000, generator=torch.Generator().manual_seed(5)).tolist()

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-import checkpoint as checkpoint_module
+from core import checkpoint as checkpoint_module
+from core import options
 import train
 from conftest import ROOT, assert_bitwise_equal, common_args, data_args, launch, read_json
 
@@ -170,7 +171,7 @@ def test_resuming_into_another_architecture_is_refused_even_with_ignore_mismatch
     other = tmp_path / "distilbert"
     DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(other)
     with pytest.raises(SystemExit, match="model_name_or_path .* differs"):
-        train.parse_args(["--resume", str(reference(1) / "last"), "--model_name_or_path", str(other)])
+        options.parse_args(["--resume", str(reference(1) / "last"), "--model_name_or_path", str(other)])
     with pytest.raises(SystemExit, match="its weights do not fit the model"):
         train.main(["--resume", str(reference(1) / "last"), "--model_name_or_path", str(other), "--ignore_mismatch",
                     "--outdir", str(tmp_path / "out")])

@@ -12,13 +12,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 import predict
+from core import options
 import train
 
 from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, read_json, run,
                       tiny_tokenizer, weights)
 from dataset import generate_dataset
 from modeling import Model
-from checkpoint import load_tensors
+from core.checkpoint import load_tensors
 
 FAST = ["--batch_size", 16]  # 20 optimizer steps per epoch on the tiny data
 
@@ -96,11 +97,11 @@ def test_report_to_tensorboard_logs_train_every_n_steps_and_valid_every_epoch(ti
 
 
 def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(monkeypatch):
-    import utils
-    monkeypatch.setattr(utils, "get_available_trackers", lambda: [])
+    from core import runtime
+    monkeypatch.setattr(runtime, "get_available_trackers", lambda: [])
     with pytest.raises(SystemExit, match="--report_to tensorboard: the tensorboard package is not installed. "
                                          "pip install tensorboard"):
-        utils.tracker("tensorboard")
+        runtime.tracker("tensorboard")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_lora_adapters_train_resume_bitwise_and_load_back(tiny_data, pretrained,
     model = Model.from_pretrained(best).eval()
     assert model.active_adapters() == ["default"]
     valid = generate_dataset(tiny_data / "valid.jsonl", "validation", AutoTokenizer.from_pretrained(best),
-                             train.parse_args([]), list(model.config.label2id))
+                             options.parse_args([]), list(model.config.label2id))
     batches = [valid.collate([valid[i] for i in range(k, k + 16)]) for k in range(0, len(valid), 16)]
     loss = lambda: sum(model(**batch).loss.item() for batch in batches) / len(batches)
     with torch.no_grad():

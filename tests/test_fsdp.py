@@ -105,7 +105,7 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two(whole, tiny_data, tmp_p
 def test_a_missing_shard_is_refused_by_name(whole, tmp_path):
     import shutil
 
-    import checkpoint
+    from core import checkpoint
     folder = tmp_path / "last"
     shutil.copytree(whole / "last", folder)
     (folder / "optimizer_1.pt").unlink()

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-import checkpoint
+from core import checkpoint
 import predict
 import train
 from conftest import assert_bitwise_equal, data_args, launch, read_json, run

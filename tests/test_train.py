@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import train
+from core import options
 from conftest import data_args, launch, read_json, weights
 
 EPOCHS = 2
@@ -81,7 +81,7 @@ def test_checkpoint_loads_with_from_pretrained_alone(run, tiny_data, checkpoint)
     assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
 
-    args = train.parse_args([])
+    args = options.parse_args([])
     valid = generate_dataset(tiny_data / "valid.jsonl", "validation", tokenizer, args, list(model.config.label2id))
     with torch.no_grad():
         batch = valid.collate([valid[i] for i in range(len(valid))])

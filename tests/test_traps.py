@@ -17,8 +17,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 import dataset
+from core import options
 import train
 import utils
+from core import preflight
 from conftest import ROOT, data_args, read_json, tiny_tokenizer
 
 FAST = ["--batch_size", "32", "--epochs", "1"]
@@ -53,14 +55,14 @@ def test_an_unknown_metric_for_best_is_refused_before_the_first_step(tiny_data, 
                                            ("macro_f1", True)])
 def test_the_direction_of_a_metric_follows_its_name(name, greater, monkeypatch, tiny_data, tmp_path, capsys):
     monkeypatch.setattr(train.modeling, "compute_metrics", lambda gathered: {name: 0.5} if name != "loss" else {})
-    args = train.parse_args([*map(str, data_args(tiny_data)), "--metric_for_best", name])
+    args = options.parse_args([*map(str, data_args(tiny_data)), "--metric_for_best", name])
     model = train.build_model(args.model_name_or_path, train.generate_dataset(
         args.train_file, "train", tiny_tokenizer(), args))
     valid_set = train.generate_dataset(args.valid_file, "validation", tiny_tokenizer(), args, ["negative", "neutral", "positive"])
     train_set = train.generate_dataset(args.train_file, "train", tiny_tokenizer(), args)
-    assert train.check.first_batch(model, train_set, valid_set, args, lambda b, o: train.compute_metrics(train.metrics_of(b, o))) is greater
+    assert preflight.first_batch(model, train_set, valid_set, args, lambda b, o: train.compute_metrics(train.metrics_of(b, o))) is greater
     args.greater_is_better = not greater  # the flag wins
-    assert train.check.first_batch(model, train_set, valid_set, args, lambda b, o: train.compute_metrics(train.metrics_of(b, o))) is (not greater)
+    assert preflight.first_batch(model, train_set, valid_set, args, lambda b, o: train.compute_metrics(train.metrics_of(b, o))) is (not greater)
 
 
 def test_mse_keeps_the_lowest_epoch_in_best(tiny_data, tmp_path, monkeypatch, capfd):
@@ -154,7 +156,7 @@ def test_training_from_scratch_learns_the_vocabulary_of_the_training_file(tmp_pa
     train_file = tmp_path / "mine.jsonl"
     train_file.write_text("".join(f'{{"text": "the {w} is {v}", "label": "{v}"}}\n'
                                   for w in words for v in ("good", "bad")))
-    args = train.parse_args(["--train_file", str(train_file)])
+    args = options.parse_args(["--train_file", str(train_file)])
     tokenizer = dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", args)
     assert tokenizer.unk_token_id not in tokenizer("The ZEBRA and the kayak are good")["input_ids"]
     rows = utils.load_rows(train_file)
@@ -168,8 +170,8 @@ def test_training_from_scratch_learns_the_vocabulary_of_the_training_file(tmp_pa
     assert model.config.encoder["vocab_size"] == len(tokenizer)
     # Learnt again in another process (tokenizers seeds its hash maps per process), into an empty cache:
     # the same file, byte for byte, so the same seed gives the same run on every machine.
-    learn = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dataset, train; "
-             f"dataset.load_tokenizer({str(ROOT / 'assets' / 'tiny-bert')!r}, train.parse_args(['--train_file', "
+    learn = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dataset; from core import options; "
+             f"dataset.load_tokenizer({str(ROOT / 'assets' / 'tiny-bert')!r}, options.parse_args(['--train_file', "
              f"{str(train_file)!r}]))")
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "another-cache")}
     subprocess.run([sys.executable, "-c", learn], env=env, check=True, capture_output=True)
@@ -183,7 +185,7 @@ def test_a_vocabulary_of_many_characters_keeps_every_one(tmp_path):
     train_file = tmp_path / "cjk.jsonl"
     train_file.write_text("".join(json.dumps({"text": "".join(characters[k:k + 30]) + "，好！", "label": str(k % 2)},
                                              ensure_ascii=False) + "\n" for k in range(0, 8100, 30)))
-    tokenizer = dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", train.parse_args(["--train_file", str(train_file)]))
+    tokenizer = dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", options.parse_args(["--train_file", str(train_file)]))
     ids = tokenizer("".join(characters) + "，！", add_special_tokens=False)["input_ids"]
     assert len(ids) == 8100 + 2 and tokenizer.unk_token_id not in ids
 
@@ -192,7 +194,7 @@ def test_the_checkpoint_carries_its_tokenizer_and_resume_uses_it(tiny_data, tmp_
     outdir = run(tiny_data, tmp_path)
     saved = dataset.load_tokenizer(outdir / "last", None)  # a checkpoint's own tokenizer, no data needed
     assert saved.get_vocab() == dataset.load_tokenizer(ROOT / "assets" / "tiny-bert",
-                                                       train.parse_args(list(map(str, data_args(tiny_data))))).get_vocab()
+                                                       options.parse_args(list(map(str, data_args(tiny_data))))).get_vocab()
 
 
 # ---------------------------------------------------------------- the model contract
@@ -235,7 +237,7 @@ def test_no_loss_says_which_keys_went_into_kwargs(tiny_data, tmp_path, monkeypat
 
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        options.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "per process; reduce if out of memory (default: 32)" in text and "(default: linear)" in text
 
@@ -266,8 +268,8 @@ def test_accelerate_launch_quiet_shows_our_line_only(tmp_path):
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import checkpoint
-checkpoint.lock_outdir({outdir!r})
+from core import guard
+guard.lock_outdir({outdir!r})
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -348,7 +350,7 @@ def test_another_thread_count_on_resume_is_said(tiny_data, tmp_path):
     state["threads"] = 4
     (outdir / "last" / "trainer_state.json").write_text(json.dumps(state))
     manifest = read_json(outdir / "last" / "manifest.json")
-    import checkpoint
+    from core import checkpoint
     manifest["files"]["trainer_state.json"] = checkpoint.sha256(outdir / "last" / "trainer_state.json")
     checkpoint.write_json(outdir / "last" / "manifest.json", manifest)
     from conftest import run as run_in_process

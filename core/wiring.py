@@ -20,69 +20,11 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
-from utils import UserError
 
 PADDING_TOLERANCE = 1e-4  # float32 outputs of one example, alone and padded in a batch (absolute)
 OVERFIT_STEPS, OVERFIT_FACTOR = 40, 0.5  # steps on one batch; the loss must end below half its start
 LEARNING_FACTOR = 0.9  # the validation loss after as many steps on distinct batches, against its start
 
-
-# ---------------------------------------------------------------- what every run checks
-
-LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
-
-
-def first_batch(model, train_set, valid_set, args, metrics):
-    """Before any training: the first validation examples and the longest training example through
-    the model, so that a forward without a scalar loss, a --max_len beyond the model's positions or
-    a --metric_for_best that no metric has costs seconds, not an epoch. Returns whether a greater
-    --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept. `metrics`:
-    (batch, outputs) -> {name: value}, modeling.py's metrics on one batch."""
-    collate = getattr(valid_set, "collate", torch.utils.data.default_collate)
-    samples = [valid_set[i] for i in range(min(2, len(valid_set)))]
-    lengths = getattr(train_set, "lengths", None)
-    samples += [train_set[int(lengths.argmax())]] if lengths is not None else []
-    batch = collate(samples)
-    model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        try:
-            outputs = model(**batch)
-        except (RuntimeError, IndexError) as e:
-            longest = f"the longest, {int(lengths.max())} tokens, " if lengths is not None else ""
-            raise UserError(f"Model.forward() failed on a batch of validation and training examples ({longest}"
-                            f"--max_len {args.max_len}): {str(e).splitlines()[0][:300]}. If the model has fewer "
-                            f"positions, lower --max_len.") from None
-        loss_of(model, batch, outputs)
-        names = ["loss", *metrics(batch, outputs)]
-    model.train()
-    if args.metric_for_best not in names:
-        raise UserError(f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
-                        f"({', '.join(names)}); compute_metrics() in modeling.py makes them.")
-    greater = args.greater_is_better
-    if greater is None:  # lower is better for losses, errors and perplexities
-        greater = not LOWER_IS_BETTER & set(args.metric_for_best.lower().replace("-", "_").split("_"))
-    return greater
-
-
-def loss_of(model, batch, outputs):
-    """One clear line for a forward() whose loss is missing or not a scalar."""
-    loss = getattr(outputs, "loss", None)
-    if loss is None:
-        parameters = inspect.signature(type(getattr(model, "module", model)).forward).parameters  # DDP: .module
-        swallowed = [k for k in batch if k not in parameters]
-        hint = (f" The batch's keys {', '.join(swallowed)} are not parameters of forward() and went into its "
-                f"**{next(p.name for p in parameters.values() if p.kind is p.VAR_KEYWORD)}: is one of them "
-                f"meant as the labels?" if swallowed and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-                else "")
-        raise UserError("Model.forward() returned no loss: return a ModelOutput with .loss set (see modeling.py)."
-                        + hint)
-    if not torch.is_tensor(loss) or loss.dim() != 0:
-        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
-        raise UserError(f"Model.forward() returned a loss of shape {shape}: it must be a scalar tensor (reduce it, "
-                        f"e.g. with .mean()).")
-
-
-# ---------------------------------------------------------------- --check
 
 class Report:
     def __init__(self, accelerator):

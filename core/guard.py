@@ -1,0 +1,101 @@
+"""What a run refuses before it starts: a folder that asks to run its own code, an --outdir that
+holds something of someone else's or another run (and the lock that keeps one run per outdir), and
+resumed training data that changed since the checkpoint."""
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from core.checkpoint import find, read_state, sha256, written_here
+from utils import UserError, load_rows
+
+
+def refuse_custom_code(folder, what):
+    """A model folder or checkpoint that asks to run code of its own (auto_map) is refused: this
+    template never runs code that came with a folder (and never asks whether it may)."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = Path(folder) / name
+        try:
+            asks = path.is_file() and "auto_map" in json.loads(path.read_text())
+        except (ValueError, TypeError):
+            continue  # not ours to judge here: loading it names the problem
+        if asks:
+            raise UserError(f"{what} {folder}: {name} asks to run code that came with the folder (auto_map); this "
+                            f"template never runs such code. Use a folder without custom code.")
+
+
+def check_outdir(outdir, resume, resumed, overwrite):
+    """Before anything is read or written: the outdir holds nothing of anyone else's, and no run
+    other than the one --resume continues (`resumed`: its TrainState; --overwrite replaces a run only
+    once the new one has saved its first checkpoint: see save())."""
+    outdir = Path(outdir)
+    held = [name for name in ("last", "best", "log.json") if (outdir / name).exists()]
+    foreign = [name for name in held if not written_here(outdir / name)]
+    if foreign:
+        raise UserError(f"--outdir {outdir} holds {', '.join(foreign)}, which this template did not write (no "
+                        f"manifest.json, or not a log.json of train.py); it never replaces what it did not write. "
+                        f"Move {'them' if len(foreign) > 1 else 'it'}, or pick another --outdir.")
+    if resume and (outdir / "last").exists() and Path(resume).resolve() != (outdir / "last").resolve():
+        if read_state(find(outdir / "last")).run_id != resumed.run_id:
+            raise UserError(f"--outdir {outdir} holds another run than the one --resume {resume} continues: "
+                            f"resuming there would mix the two. Give another --outdir (by default the folder "
+                            f"the checkpoint is in).")
+    elif held and not resume and not overwrite:
+        raise UserError(f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
+                        f"--resume {outdir}/last, start over with --overwrite (the old run is replaced once the "
+                        f"new one has saved a checkpoint), or pick another --outdir.")
+
+
+HELD_LOCKS = {}  # outdir -> the open lock file of this process's run into it
+
+
+def lock_outdir(outdir):
+    """Makes OUTDIR/.lock this run's for as long as the process lives: a second run into the same
+    folder is refused, naming the holder. The lock is the kernel's (flock), so a run that died holds
+    none: its stale .lock file is simply taken over."""
+    outdir = Path(outdir)  # not a file: parse_options() refused that
+    outdir.mkdir(parents=True, exist_ok=True)
+    key = str(outdir.resolve())
+    if key in HELD_LOCKS:  # an earlier run of this same process (train.main() called again)
+        HELD_LOCKS.pop(key).close()
+    lock = open(outdir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that wrote nothing yet"
+        lock.close()
+        raise UserError(f"--outdir {outdir} is in use by another run ({holder}). Wait for it to end, stop it, "
+                        f"or pick another --outdir.") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+               f"{' '.join(sys.argv)}\n")
+    lock.flush()
+    HELD_LOCKS[key] = lock
+
+
+def describe_data(path, split, config_name, rows):
+    """What a data file or hub split is, for the checkpoint to record: its number of examples and a
+    fingerprint (the sha256 of a local file's bytes; for a hub dataset, the datasets library's own)."""
+    if Path(path).is_file():
+        return {"path": str(path), "rows": rows, "sha256": sha256(path)}
+    return {"path": str(path), "split": split, "config": config_name, "rows": rows,
+            "fingerprint": load_rows(path, split, config_name)._fingerprint}
+
+
+def check_data(saved, now, resume, ignore_mismatch):
+    """--resume on other training data is refused (a different order, even another number of steps,
+    while claiming an exact continuation); other validation data is said, not refused."""
+    def same(a, b):
+        return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+    if saved.get("train") and not same(saved["train"], now["train"]) and not ignore_mismatch:
+        raise UserError(f"--resume {resume}: the training data changed since the checkpoint was saved: "
+                        f"{now['train']['path']} has {now['train']['rows']} examples and another fingerprint "
+                        f"than {saved['train']['path']} had ({saved['train']['rows']} examples). Resume with the "
+                        f"data it was trained on, or add --ignore_mismatch (the run is then not the one it continues).")
+    if saved.get("valid") and not same(saved["valid"], now["valid"]):
+        print(f"changed on resume: the validation data ({now['valid']['path']}, {now['valid']['rows']} examples)",
+              file=sys.stderr)

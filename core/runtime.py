@@ -1,0 +1,200 @@
+"""What a run needs around its loop: CPU threads, signals (preemption), progress bars, the running
+loss, samples, trackers, LoRA adapters, the resume command and the way a run ends."""
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DistributedType
+from packaging import version
+from tqdm.auto import tqdm
+
+from utils import UserError
+
+
+def progress(accelerator, iterable, desc, **kwargs):
+    """A tqdm bar on the main process only: `[Epoch 0] [TRAIN]:  12%|█▏  | 520/4387 [..., loss=2.56, lr=7.8e-6]`."""
+    return tqdm(iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
+
+
+def show_samples(accelerator, format_samples, model, tokenizer, batch, outputs, k, step, bar):
+    """--sample_every: modeling.py's format_samples() on the main process, in eval mode, without gradients,
+    with the RNG streams restored afterwards: showing samples (even with generate()) changes nothing."""
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model).eval()
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        samples = format_samples(unwrapped, tokenizer, batch, outputs, k)
+    unwrapped.train()
+    bar.write(f"--- samples at step {step}:\n" + "\n".join(samples[:k]))
+
+
+def resume_command(accelerator, outdir):
+    """The full command that continues this run, launch options included."""
+    launch = "accelerate launch"
+    if accelerator.num_processes > 1:
+        launch = f"accelerate launch --multi_gpu --num_processes {accelerator.num_processes}"
+        if accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+            launch += " --num_machines N --machine_rank R --main_process_ip IP (as before)"
+        if accelerator.device.type == "cpu":
+            launch = f"ACCELERATE_USE_CPU=1 {launch}"
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        launch = "accelerate launch --config_file (the one this run used)"
+    return f"{launch} train.py --resume {outdir}/last"
+
+
+def tracker(name):
+    """--report_to NAME, checked: accelerate silently drops a tracker whose package is missing."""
+    if name and name not in [str(t) for t in get_available_trackers()]:
+        raise UserError(f"--report_to {name}: the {name} package is not installed. pip install {name}")
+    return name
+
+
+# Started by `accelerate launch` (it sets ACCELERATE_MIXED_PRECISION) or torchrun: the launcher's end is
+# the job's end. A plain `python train.py` (under nohup, say) outlives its shell as usual.
+LAUNCHED = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+PARENT = os.getppid()
+
+
+class RunningLoss:
+    """The training loss of the epoch in progress (this process's sum and batch count) and the number
+    of skipped non-finite steps, kept on the device: reading them waits for the GPU, so they are read
+    only when shown, every --log_every steps."""
+
+    def __init__(self, device, saved=(0.0, 0)):
+        self.sum = torch.tensor(saved[0], dtype=torch.float64, device=device)
+        self.batches = torch.tensor(saved[1], dtype=torch.float64, device=device)
+        self.nonfinite_steps = torch.zeros((), dtype=torch.float64, device=device)
+        self.shown = (float(saved[0]), float(saved[1]))  # the sums when last shown
+
+    def add(self, loss):
+        finite = torch.isfinite(loss)  # a non-finite loss is left out of the mean (and its step skipped)
+        self.sum += torch.where(finite, loss, 0.0)
+        self.batches += finite
+
+    def since_shown(self):
+        """(mean loss since the last call or None, non-finite steps since the last call): one read."""
+        total, batches, nonfinite = torch.stack([self.sum, self.batches, self.nonfinite_steps]).tolist()
+        (shown_total, shown_batches), self.shown = self.shown, (total, batches)
+        self.nonfinite_steps.zero_()
+        return ((total - shown_total) / (batches - shown_batches) if batches > shown_batches else None), int(nonfinite)
+
+    def per_process(self, accelerator):
+        """[[sum, batches] of each process], for the checkpoint (a collective: every process calls it)."""
+        return accelerator.gather(torch.stack([self.sum, self.batches])[None]).tolist()
+
+    def epoch_mean(self, accelerator):
+        """The mean over every process's batches of the epoch; then starts the next epoch's sums."""
+        totals = accelerator.reduce(torch.stack([self.sum, self.batches]), reduction="sum")
+        mean = (totals[0] / totals[1]).item()
+        self.sum.zero_()
+        self.batches.zero_()
+        self.shown = (0.0, 0.0)
+        return mean
+
+
+def cpu_threads(accelerator):
+    """Torch threads for this process. On CPU under `accelerate launch`, which gives each process one
+    (OMP_NUM_THREADS=1, a single process too), every core is used: physical cores / processes on
+    this machine, unless the user chose (OMP_NUM_THREADS set, or --num_cpu_threads_per_process)."""
+    if accelerator.device.type == "cpu" and LAUNCHED and not threads_chosen_by_user():
+        import psutil  # an accelerate dependency
+        cores = min(psutil.cpu_count(logical=False) or os.cpu_count(), len(os.sched_getaffinity(0)))
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return torch.get_num_threads()
+
+
+def threads_chosen_by_user():
+    """Whether the launcher was started with OMP_NUM_THREADS or --num_cpu_threads_per_process: its own
+    environment and command line, as the user gave them (Linux /proc; elsewhere: assume they chose)."""
+    try:
+        environment = Path(f"/proc/{PARENT}/environ").read_bytes().split(b"\0")
+        command = Path(f"/proc/{PARENT}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return any(v.startswith(b"OMP_NUM_THREADS=") for v in environment) or b"--num_cpu_threads_per_process" in command
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 (what Slurm, Kubernetes and most schedulers send) and Ctrl-C only set a
+    flag; the loop asks every --log_every steps, so the step in progress finishes and last/ is saved
+    whole. A second Ctrl-C stops at once (a save in progress is abandoned: the previous checkpoint
+    stays as it was)."""
+
+    def __init__(self, outdir):
+        self.signal, self.outdir = 0, outdir
+        self.previous = {signum: signal.signal(signum, self.handler)
+                         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        if sys.platform == "linux" and LAUNCHED:
+            # A scheduler or `kill` often signals only the top process, `accelerate launch`, which then
+            # dies and leaves this process training on unseen: have the kernel send SIGTERM when it goes.
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != PARENT:  # it was gone before we asked
+                self.signal = signal.SIGTERM
+
+    def handler(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise UserError(f"stopped at once by a second Ctrl-C; {self.outdir}/last is the last checkpoint that "
+                            f"was saved whole (if any): --resume {self.outdir}/last")
+        if signum == signal.SIGINT:
+            os.write(2, b"\nCtrl-C: finishing this step and saving last/ (Ctrl-C again to stop at once)\n")
+        self.signal = signum
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def received(self, accelerator):
+        """The signal number once any process got one (the same answer on every process), else 0."""
+        if accelerator.num_processes == 1:
+            return self.signal
+        return int(accelerator.gather(torch.tensor([self.signal], device=accelerator.device)).max())
+
+
+def add_lora(model, args):
+    """--lora_r: LoRA adapters (PEFT, through transformers' add_adapter) in the backbone, which is
+    frozen; the rest of the model (the head) trains in full. On --resume the adapters are the checkpoint's."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("--lora_r needs the peft package: pip install peft") from None
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+    if version.parse(peft.__version__) < version.parse(MIN_PEFT_VERSION):
+        raise UserError(f"--lora_r: transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION}, "
+                        f"installed {peft.__version__}. Install the tested versions: pip install -r requirements.txt "
+                        f"-c constraints.txt")
+    backbone = {id(p) for p in model.base_model.parameters()}
+    if args.resume:
+        model.load_adapter(str(args.resume), is_trainable=True)
+    else:
+        targets = (args.lora_target_modules.split(",") if args.lora_target_modules else
+                   [f"{model.base_model_prefix}.{name}" for name, module in model.base_model.named_modules()
+                    if isinstance(module, torch.nn.Linear)])
+        try:
+            model.add_adapter(peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                              lora_dropout=args.lora_dropout, target_modules=targets))
+        except ValueError as e:
+            raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:300]}") from None
+    for param in model.parameters():
+        param.requires_grad = id(param) not in backbone  # the adapters and the head
+
+
+def finish(accelerator, status):
+    """Ends the run (or --check) with exit status `status`."""
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # Everything is saved and fsynced. Skipping interpreter shutdown avoids a rare hang or abort
+        # ("terminate called without an active exception") in the process-group threads at exit,
+        # seen about 1 in 30 two-process CPU runs with gloo.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    if status:
+        sys.exit(status)
