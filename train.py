@@ -1,9 +1,9 @@
 """Trains the model of modeling.py on the data of dataset.py; resumes bitwise with --resume.
 
-    accelerate launch train.py                                   # the shipped sample task, CPU or GPU
+    accelerate launch train.py                                 # the shipped sample task, CPU or GPU
     accelerate launch train.py --train_file my/train.jsonl --valid_file my/valid.jsonl --epochs 5
-    accelerate launch train.py --resume model/last --epochs 8    # continue, or train further epochs
-    accelerate launch --multi_gpu --num_processes 4 train.py ... # see README.md for more
+    accelerate launch train.py --resume model/last --epochs 8  # continue, or train further epochs
+    accelerate launch --multi_gpu --num_processes 4 train.py   # see README.md for more
 
 Writes OUTDIR/best/ (best validation loss), OUTDIR/last/ (end of each epoch, every --save_steps)
 and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, not the loop.
@@ -12,15 +12,15 @@ import gc
 import math
 import os
 from collections import defaultdict
-from pathlib import Path
 
-gc.disable()  # torch and transformers make ~700,000 objects while importing, which the collector walks again and again
+# torch and transformers make ~700,000 objects while importing, which the collector walks again and again
+gc.disable()
 try:
     import torch
     import transformers
     from torch.distributed.tensor import DTensor
-    from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import TorchDynamoPlugin, set_seed
     from torch.utils.data import DataLoader
     from transformers import PreTrainedModel, get_scheduler
 
@@ -35,8 +35,292 @@ finally:  # (~1 s of start-up); what the imports made lives as long as the proce
     gc.enable()
 
 
+def main(argv=None):
+    args = options.parse_args(argv, __doc__)
+    accelerator, resumed, threads = setup(args)
+    with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
+        tokenizer, train_set, valid_set, data = load_data(args)
+    if resumed:
+        guard.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
+    model = build(args, train_set)
+    if args.check:  # a few seconds of checks on the two user files instead of the run
+        failed = wiring.run(accelerator, model, train_set, valid_set, args)
+        return runtime.finish(accelerator, failed)
+    greater = preflight.first_batch(model, train_set, valid_set, args,
+                                    lambda batch, outputs: compute_metrics(metrics_of(batch, outputs)))
+    accelerator.print(f"best/ keeps the epoch with the {'highest' if greater else 'lowest'} valid "
+                      f"{args.metric_for_best} (--{'no-' if greater else ''}greater_is_better to change it).")
+    adapt(model, args)
+    model, optimizer, scheduler, train_loader, valid_loader = prepare(accelerator, args, model,
+                                                                      train_set, valid_set)
+
+    # Everything a checkpoint saves besides the weights and the position: {name: an object with
+    # state_dict() / load_state_dict()}, saved as optimizer.pt, lr.bin, NAME.pt. A second optimizer
+    # or an EMA of the weights is one more line here (and its update in the loop).
+    objects = {"optimizer": optimizer, "scheduler": scheduler}
+    if accelerator.scaler is not None and accelerator.scaler.is_enabled():  # --mixed_precision fp16
+        objects["scaler"] = accelerator.scaler  # its loss scale: a resumed run continues with it
+
+    if accelerator.is_main_process:
+        guard.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
+    state = resumed or checkpoint.TrainState(num_processes=accelerator.num_processes)
+    if resumed:  # the weights, the objects, the position, and the RNG streams last
+        checkpoint.restore(args.resume, accelerator, model, objects, state)
+        if state.threads and state.threads != threads and accelerator.device.type == "cpu":
+            accelerator.print(f"changed on resume: {state.threads} -> {threads} CPU threads per "
+                              f"process; float sums come in another order, so the continuation is "
+                              f"close to, not bitwise, the run it continues.")
+    state.data, state.threads = data, threads
+    state.distributed_type = accelerator.distributed_type.value
+    if args.report_to:
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers("runs", config=config)
+
+    stop = train(accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state,
+                 greater)
+    if stop:
+        accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
+                          f"{state.global_step} optimizer steps; {args.outdir}/last holds the full "
+                          f"state. Continue with: {runtime.resume_command(accelerator, args.outdir)}")
+    # A signal's exit status (128 + its number): a scheduler sees a preemption.
+    runtime.finish(accelerator, 128 + stop if isinstance(stop, int) else 0)
+
+
+def setup(args):
+    """The refusals that need no model, the Accelerator, the resumed run's position (or None)."""
+    guard.refuse_folders_with_code(args)
+    # The resumed run's position, read once (from .old-last if a crash left it there: verify() below
+    # takes that back).
+    resumed = checkpoint.read_state(checkpoint.find(args.resume)) if args.resume else None
+    if not args.check:
+        guard.check_outdir(args.outdir, args.resume, resumed, args.overwrite)
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
+    if resumed:  # on another number of processes: the same global batch, by --accumulation
+        args.accumulation = checkpoint.elastic_accumulation(
+            args.resume, resumed.num_processes, args.accumulation, int(os.environ.get("WORLD_SIZE", 1)),
+            args.ignore_mismatch)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
+        log_with=runtime.tracker(args.report_to), project_dir=args.outdir,
+        # Any sampler's permutation a function of (seed, epoch) only, so a resumed epoch replays it
+        # (train.py's own samplers are built that way too).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    runtime.shard_fsdp_on_cpu(accelerator)
+    guard.refuse_deepspeed(accelerator)
+    if args.resume:
+        if accelerator.is_main_process:
+            checkpoint.verify(args.resume)  # every file against its manifest, before any is read
+        accelerator.wait_for_everyone()
+    threads = runtime.cpu_threads(accelerator)
+    if accelerator.device.type == "cpu":
+        accelerator.print(f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the "
+                          f"command to choose).")
+    if args.sample_every and not hasattr(modeling, "format_samples"):
+        raise UserError("--sample_every: modeling.py has no format_samples(model, tokenizer, batch, "
+                        "outputs, k).")
+    if not has_metrics():
+        accelerator.print("modeling.py has no metric_inputs() and compute_metrics(): validation "
+                          "reports the loss only.")
+    set_seed(args.seed, device_specific=True)
+    return accelerator, resumed, threads
+
+
+def load_data(args):
+    """dataset.py's tokenizer (the checkpoint's on --resume) and datasets, and what the data was."""
+    # The data side decides whether there is a tokenizer (or other processor).
+    load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
+    tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
+    train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
+    valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
+                                 getattr(train_set, "labels", None))
+    data = {"train": guard.describe_data(args.train_file, args.train_split, args.dataset_config,
+                                         len(train_set)),
+            "valid": guard.describe_data(args.valid_file, args.valid_split, args.dataset_config,
+                                         len(valid_set))}
+    return tokenizer, train_set, valid_set, data
+
+
+def build(args, train_set):
+    """modeling.py's model, checked to be one that save_pretrained / from_pretrained can keep."""
+    model = build_model(args.model_name_or_path, train_set)
+    if not isinstance(model, PreTrainedModel):
+        raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a "
+                        f"transformers PreTrainedModel, so its checkpoints could not be saved and loaded "
+                        f"with save_pretrained / from_pretrained. Subclass PreTrainedModel with a "
+                        f"PretrainedConfig as config_class, as the default Model does.")
+    return model
+
+
+def adapt(model, args):
+    """What the options change in the model before it trains: backbone frozen, LoRA, checkpointing."""
+    if args.freeze_backbone:
+        model.base_model.requires_grad_(False)
+    if args.lora_r:
+        runtime.add_lora(model, args)
+    if args.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"--gradient_checkpointing: {type(model).__name__} does not support it.")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def prepare(accelerator, args, model, train_set, valid_set):
+    """The optimizer, the loaders and the scheduler, prepared with the model by accelerate."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]  # matrices and embeddings, not biases or norms
+    no_decay = [p for p in trained if p.dim() < 2]
+    # fused: one kernel per step, and it skips a step with non-finite gradients without the host
+    # looking at them (runtime.step), so the loop never waits for the GPU between logs.
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)
+    # Own generators: creating a loader's iterator then draws no number from the global RNG, whose
+    # stream (dropout) must continue unchanged after a resume.
+    gpu = torch.cuda.is_available()
+    workers = 2 * gpu if args.num_workers is None else args.num_workers
+    loader_options = {"num_workers": workers, "pin_memory": gpu, "persistent_workers": workers > 0,
+                      "generator": torch.Generator()}
+    sampler = (samplers.LengthGroupedSampler(args.batch_size, train_set, args.seed) if args.group_by_length
+               else samplers.ShuffledSampler(len(train_set), args.seed))
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler,  # collate None: torch's own
+                              collate_fn=getattr(train_set, "collate", None), **loader_options)
+    valid_loader = DataLoader(valid_set, args.batch_size,
+                              collate_fn=getattr(valid_set, "collate", None), **loader_options)
+    model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader,
+                                                                       valid_loader)
+    # A prepared scheduler steps once per process at each optimizer step, so it is sized in those
+    # units; with the loader's length taken after prepare (per process), the schedule comes out the
+    # same for any number of processes and any accumulation.
+    steps_per_epoch = math.ceil(len(train_loader) / args.accumulation)
+    processes = accelerator.num_processes
+    scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * processes,
+        num_training_steps=steps_per_epoch * args.epochs * processes))
+    return model, optimizer, scheduler, train_loader, valid_loader
+
+
+def train(accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state, greater):
+    """The loop, from `state`'s position to --epochs (or a stop); every save is made here. Returns
+    why it stopped early: a signal number, "--stop_after_steps", or None. `greater`: whether a
+    greater --metric_for_best is better."""
+    optimizer, scheduler = objects["optimizer"], objects["scheduler"]
+    # Taken after prepare(): FSDP2 replaces every parameter by a sharded one (a DTensor), and the
+    # old ones would never see a gradient (nothing clipped, no NaN noticed).
+    trained = [p for p in model.parameters() if p.requires_grad]
+    replacing = args.overwrite and not args.resume  # the previous run goes with our first checkpoint
+    # The epoch's loss sums of each process, as saved: log.json's mean comes out bitwise the same.
+    running = runtime.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index]
+                                  if state.loss_sums else (0.0, 0))
+    model.train()  # from_pretrained() returns a model in eval mode (dropout off)
+    # SIGTERM / SIGUSR1 / Ctrl-C: the step in progress finishes, last/ is saved, the run ends.
+    preemption = runtime.Preemption(args.outdir)
+    stop = None
+    for epoch in range(state.epoch, args.epochs):
+        if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
+            accelerator.print(f"Early stopping: valid {args.metric_for_best} has not improved on "
+                              f"{state.best_metric:.4f} for {state.bad_epochs} epochs "
+                              f"(--early_stopping_patience {args.early_stopping_patience}).")
+            break
+        state.epoch = epoch
+        train_loader.set_epoch(epoch)
+        done = state.steps_done_in_epoch * args.accumulation  # this epoch's batches before a resume
+        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+        bar = runtime.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done,
+                               total=len(train_loader))
+        for batch in batches:
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                preflight.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
+                    if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
+                        grad_norm = grad_norm.full_tensor()
+                    # After backward() every process holds the same (all-reduced) gradients, so
+                    # all of them skip the same steps.
+                    skipped = runtime.step(optimizer, grad_norm, accelerator.scaler)
+                    running.nonfinite_steps += skipped
+                    scheduler.step()
+                    optimizer.zero_grad()
+            running.add(outputs.loss.detach())
+            bar.update()  # by hand: the bar closes before validation, inside the epoch's last step
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimizer step done: show, validate at the end of the epoch, save, stop.
+            state.global_step += 1
+            state.steps_done_in_epoch += 1
+            end_of_epoch = accelerator.gradient_state.end_of_dataloader
+            if args.sample_every and state.global_step % args.sample_every == 0:
+                runtime.show_samples(accelerator, modeling.format_samples, model, tokenizer, batch,
+                                     outputs, args.samples, state.global_step, bar)
+            if state.global_step == args.stop_after_steps:
+                stop = "--stop_after_steps"
+            periodic = args.save_steps and state.global_step % args.save_steps == 0
+            save = end_of_epoch or stop or periodic
+            if save or state.global_step % args.log_every == 0:
+                log_steps(accelerator, args, running, state, scheduler, bar)  # before any save
+                stop = stop or preemption.received(accelerator) or None
+                save = save or stop
+            improved = False
+            if end_of_epoch:
+                bar.close()
+                improved = end_epoch(accelerator, args, model, valid_loader, running, state,
+                                     scheduler, greater)
+            if save:  # the periodic, the end-of-epoch and the final save are this one
+                state.loss_sums = running.per_process(accelerator)
+                names = ["last", "best"] if improved else ["last"]
+                checkpoint.save(accelerator, args.outdir, names, model, tokenizer, objects, args, state,
+                                replacing)
+                replacing = False
+            if stop:
+                break
+        bar.close()
+        if stop:
+            break
+    preemption.close()
+    return stop
+
+
+def log_steps(accelerator, args, running, state, scheduler, bar):
+    """The loss since the last log, on the bar and the tracker. Refuses to go on (before any save:
+    nothing is saved after a non-finite step that went unnoticed) if a step had non-finite gradients
+    and --skip_nonfinite is off."""
+    loss, nonfinite = running.since_shown()
+    if nonfinite and not args.skip_nonfinite:
+        raise UserError(f"non-finite gradients in {nonfinite} of the optimizer steps up to step "
+                        f"{state.global_step} (epoch {state.epoch}); no update was made with them. "
+                        f"Lower --lr, check the data, or pass --skip_nonfinite to skip such steps.")
+    state.skipped_steps += nonfinite
+    if loss is not None:
+        values = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
+        bar.set_postfix(values, refresh=False)
+        accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
+
+
+def end_epoch(accelerator, args, model, valid_loader, running, state, scheduler, greater):
+    """Validation at the end of an epoch, into log.json, the tracker and one printed line; moves
+    `state` to the next epoch. Returns whether --metric_for_best improved (best/ is then saved)."""
+    epoch = state.epoch
+    valid_log = evaluate(accelerator, model, valid_loader, f"[Epoch {epoch}] [VALID]")
+    train_log = {"loss": running.epoch_mean(accelerator), "lr": scheduler.get_last_lr()[0]}
+    if args.skip_nonfinite:
+        train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
+    state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
+    accelerator.log({f"valid/{k}": v for k, v in valid_log.items()}, step=state.global_step)
+    value = valid_log[args.metric_for_best]
+    improved = state.best_metric is None or (value > state.best_metric if greater
+                                             else value < state.best_metric)
+    state.best_metric = value if improved else state.best_metric
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    state.epoch, state.steps_done_in_epoch = epoch + 1, 0
+    accelerator.print(f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
+                      + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
+                      + (" (best so far: saved best/)" if improved else ""))
+    return improved
+
+
 def has_metrics():
-    """Whether modeling.py has the optional metric_inputs() and compute_metrics() (else: the loss only)."""
+    """Whether modeling.py has the optional metric_inputs() and compute_metrics() (else: loss only)."""
     return hasattr(modeling, "metric_inputs") and hasattr(modeling, "compute_metrics")
 
 
@@ -55,12 +339,14 @@ def evaluate(accelerator, model, loader, desc):
     VALID bar ends showing them all."""
     model.eval()
     losses, gathered = [], defaultdict(list)
-    bar = runtime.progress(accelerator, None, desc, total=len(loader))  # updated by hand: it closes after the metrics
+    # Updated by hand: it closes after the metrics.
+    bar = runtime.progress(accelerator, None, desc, total=len(loader))
     with torch.no_grad():
         for batch in loader:
             outputs = model(**batch)
             batch_size = len(next(iter(batch.values())))
-            losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(batch_size)))
+            per_example = outputs.loss.detach().float().repeat(batch_size)
+            losses.append(accelerator.gather_for_metrics(per_example))
             for key, value in metrics_of(batch, outputs).items():
                 gathered[key].append(accelerator.gather_for_metrics(value))
             bar.update()
@@ -70,231 +356,6 @@ def evaluate(accelerator, model, loader, desc):
     bar.set_postfix(metrics)
     bar.close()
     return metrics
-
-
-def main(argv=None):
-    args = options.parse_args(argv, __doc__)
-    for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
-        if folder and Path(folder).is_dir():
-            guard.refuse_custom_code(folder, option)
-    # The resumed run's position, read once (from .old-last if a crash left it there: verify() below
-    # takes that back).
-    resumed = checkpoint.read_state(checkpoint.find(args.resume)) if args.resume else None
-    if not args.check:
-        guard.check_outdir(args.outdir, args.resume, resumed, args.overwrite)
-    transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
-    if resumed:  # on another number of processes: the same global batch, by --accumulation
-        args.accumulation = checkpoint.elastic_accumulation(args.resume, resumed.num_processes, args.accumulation,
-                                                            int(os.environ.get("WORLD_SIZE", 1)), args.ignore_mismatch)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
-        log_with=runtime.tracker(args.report_to), project_dir=args.outdir,
-        # Any sampler's permutation a function of (seed, epoch) only, so a resumed epoch replays it
-        # (train.py's own samplers are built that way too).
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
-        # FSDP2 on CPU: accelerate maps an FSDP config to plain DDP when there is no GPU, though
-        # torch's fully_shard runs on a CPU device mesh over gloo. Shard as the config asks (its
-        # settings are in the ACCELERATE_FSDP_* variables accelerate launch set); tests use this.
-        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Its optimizer state lives in DeepSpeed's engine, which the checkpoint code here never ran against.
-        raise UserError("DeepSpeed is not supported by this template: FSDP2 is its sharded engine (configs/accelerate/"
-                        "fsdp.yaml; tested sharded on CPU, with exact resume).")
-    if args.resume:
-        if accelerator.is_main_process:
-            checkpoint.verify(args.resume)  # every file against the manifest, before anything is read
-        accelerator.wait_for_everyone()
-    threads = runtime.cpu_threads(accelerator)
-    if accelerator.device.type == "cpu":
-        accelerator.print(f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the command to choose).")
-    if args.sample_every and not hasattr(modeling, "format_samples"):
-        raise UserError("--sample_every: modeling.py has no format_samples(model, tokenizer, batch, outputs, k).")
-    if not has_metrics():
-        accelerator.print("modeling.py has no metric_inputs() and compute_metrics(): validation reports the loss only.")
-    set_seed(args.seed, device_specific=True)
-
-    with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
-        # The data side decides whether there is a tokenizer (or other processor); on --resume it is the checkpoint's.
-        load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
-        tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
-        train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
-        valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
-                                     getattr(train_set, "labels", None))
-        data = {"train": guard.describe_data(args.train_file, args.train_split, args.dataset_config,
-                                                  len(train_set)),
-                "valid": guard.describe_data(args.valid_file, args.valid_split, args.dataset_config,
-                                                  len(valid_set))}
-    if resumed:
-        guard.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
-    model = build_model(args.model_name_or_path, train_set)
-    if not isinstance(model, PreTrainedModel):
-        raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a transformers "
-                        f"PreTrainedModel, so its checkpoints could not be saved and loaded with save_pretrained "
-                        f"/ from_pretrained. Subclass PreTrainedModel with a PretrainedConfig as config_class, as "
-                        f"the default Model does.")
-    if args.check:  # a few seconds of checks on the two user files instead of the run
-        return runtime.finish(accelerator, wiring.run(accelerator, model, train_set, valid_set, args))
-    greater_is_better = preflight.first_batch(model, train_set, valid_set, args, lambda batch, outputs: compute_metrics(
-        metrics_of(batch, outputs)))
-    accelerator.print(f"best/ keeps the epoch with the {'highest' if greater_is_better else 'lowest'} valid "
-                      f"{args.metric_for_best} (--{'no-' if greater_is_better else ''}greater_is_better to change it).")
-    if args.resume:
-        checkpoint.load_weights(args.resume, model)
-    if args.freeze_backbone:
-        model.base_model.requires_grad_(False)
-    if args.lora_r:
-        runtime.add_lora(model, args)
-    if args.gradient_checkpointing:
-        if not model.supports_gradient_checkpointing:
-            raise UserError(f"--gradient_checkpointing: {type(model).__name__} does not support it.")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    trained = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.dim() >= 2]  # matrices and embeddings, not biases or norms
-    no_decay = [p for p in trained if p.dim() < 2]
-    # fused: one kernel per step, and it can skip a step with non-finite gradients without the host
-    # looking at them (found_inf below), so the loop never waits for the GPU between logs.
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=True)
-    # Own generators: creating a loader's iterator then draws no number from the global RNG, whose
-    # stream (dropout) must continue unchanged after a resume.
-    num_workers = args.num_workers if args.num_workers is not None else 2 * torch.cuda.is_available()
-    loader_options = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-                      "persistent_workers": num_workers > 0, "generator": torch.Generator()}
-    collate = getattr(train_set, "collate", None)  # None: torch's default_collate
-    sampler = (samplers.LengthGroupedSampler(args.batch_size, train_set, args.seed) if args.group_by_length
-               else samplers.ShuffledSampler(len(train_set), args.seed))
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, collate_fn=collate, **loader_options)
-    valid_loader = DataLoader(valid_set, args.batch_size, collate_fn=getattr(valid_set, "collate", None),
-                              **loader_options)
-    model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader, valid_loader)
-    # Taken again after prepare(): FSDP2 replaces every parameter by a sharded one (a DTensor), and the
-    # old ones would never see a gradient (nothing clipped, no NaN noticed).
-    trained = [p for p in model.parameters() if p.requires_grad]
-
-    # A prepared scheduler steps once per process at each optimizer step, so it is sized in those
-    # units; with the loader's length taken after prepare (per process), the schedule comes out the
-    # same for any number of processes and any accumulation.
-    steps_per_epoch = math.ceil(len(train_loader) / args.accumulation)
-    scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=steps_per_epoch * args.epochs * accelerator.num_processes))
-
-    if accelerator.is_main_process:
-        guard.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
-    state = resumed or checkpoint.TrainState(num_processes=accelerator.num_processes)
-    if resumed:
-        checkpoint.load_training_state(args.resume, state, accelerator, optimizer, scheduler, model)
-        checkpoint.restore_rng(args.resume, accelerator)  # last: nothing may draw after it
-    if args.resume and state.threads and state.threads != threads and accelerator.device.type == "cpu":
-        accelerator.print(f"changed on resume: {state.threads} -> {threads} CPU threads per process; float sums "
-                          f"come in another order, so the continuation is close to, not bitwise, the run it continues.")
-    state.data, state.distributed_type, state.threads = data, accelerator.distributed_type.value, threads
-    replacing = args.overwrite and not args.resume  # the previous run goes with this run's first checkpoint
-    # The epoch's loss sums of each process, as saved: log.json's mean then comes out bitwise the same.
-    running = runtime.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index] if state.loss_sums
-                                else (0.0, 0))
-    if args.report_to:
-        accelerator.init_trackers("runs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                  for k, v in vars(args).items()})
-
-    model.train()  # from_pretrained() returns a model in eval mode (dropout off)
-    preemption = runtime.Preemption(args.outdir)  # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save last/, exit
-    stop = None  # why the run ends before --epochs: a signal number or "--stop_after_steps"
-    for epoch in range(state.epoch, args.epochs):
-        if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
-            accelerator.print(f"Early stopping: valid {args.metric_for_best} has not improved on {state.best_metric:.4f} "
-                              f"for {state.bad_epochs} epochs (--early_stopping_patience {args.early_stopping_patience}).")
-            break
-        state.epoch = epoch
-        train_loader.set_epoch(epoch)
-        done = state.steps_done_in_epoch * args.accumulation  # batches of this epoch before a resume
-        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
-        bar = runtime.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=len(train_loader))
-        for batch in batches:
-            with accelerator.accumulate(model):
-                outputs = model(**batch)
-                preflight.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients:
-                    # After backward() every process holds the same (all-reduced) gradients, so all of
-                    # them skip the same steps.
-                    grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
-                    if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
-                        grad_norm = grad_norm.full_tensor()
-                    if accelerator.scaler is None:  # fp16's scaler skips non-finite steps itself
-                        nonfinite = ~torch.isfinite(grad_norm)
-                        optimizer.optimizer.found_inf = nonfinite.float()  # fused AdamW: no update if 1
-                        running.nonfinite_steps += nonfinite
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-            running.add(outputs.loss.detach())
-            bar.update()  # by hand: the bar is closed before validation, inside the epoch's last step
-            if not accelerator.sync_gradients:
-                continue
-
-            # One optimizer step done: show, validate at the end of the epoch, save, stop.
-            state.global_step += 1
-            state.steps_done_in_epoch += 1
-            end_of_epoch = accelerator.gradient_state.end_of_dataloader
-            if args.sample_every and state.global_step % args.sample_every == 0:
-                runtime.show_samples(accelerator, modeling.format_samples, model, tokenizer, batch, outputs, args.samples,
-                                   state.global_step, bar)
-            if state.global_step == args.stop_after_steps:
-                stop = "--stop_after_steps"
-            save = end_of_epoch or stop or (args.save_steps and state.global_step % args.save_steps == 0)
-            if save or state.global_step % args.log_every == 0:
-                # Before any save: nothing is saved after a non-finite step that went unnoticed.
-                loss, nonfinite = running.since_shown()
-                if nonfinite and not args.skip_nonfinite:
-                    raise UserError(f"non-finite gradients in {nonfinite} of the optimizer steps up to step "
-                                    f"{state.global_step} (epoch {epoch}); no update was made with them. Lower --lr, "
-                                    f"check the data, or pass --skip_nonfinite to skip such steps.")
-                state.skipped_steps += nonfinite
-                if loss is not None:
-                    values = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
-                    bar.set_postfix(values, refresh=False)
-                    accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
-                stop = stop or preemption.received(accelerator) or None
-                save = save or stop
-            improved = False
-            if end_of_epoch:
-                bar.close()
-                valid_log = evaluate(accelerator, model, valid_loader, f"[Epoch {epoch}] [VALID]")
-                train_log = {"loss": running.epoch_mean(accelerator), "lr": scheduler.get_last_lr()[0]}
-                if args.skip_nonfinite:
-                    train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
-                state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
-                accelerator.log({f"valid/{k}": v for k, v in valid_log.items()}, step=state.global_step)
-                value = valid_log[args.metric_for_best]
-                improved = state.best_metric is None or (value > state.best_metric if greater_is_better
-                                                         else value < state.best_metric)
-                state.best_metric = value if improved else state.best_metric
-                state.bad_epochs = 0 if improved else state.bad_epochs + 1
-                state.epoch, state.steps_done_in_epoch = epoch + 1, 0
-                accelerator.print(f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
-                                  + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
-                                  + (" (best so far: saved best/)" if improved else ""))
-            if save:  # the periodic, the end-of-epoch and the final save are this one
-                state.loss_sums = running.per_process(accelerator)
-                checkpoint.save(accelerator, args.outdir, ["last", "best"] if improved else ["last"], model,
-                                tokenizer, optimizer, scheduler, args, state, replacing)
-                replacing = False
-            if stop:
-                break
-        bar.close()
-        if stop:
-            break
-    if stop:
-        accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
-                          f"{state.global_step} optimizer steps; {args.outdir}/last holds the full state. "
-                          f"Continue with: {runtime.resume_command(accelerator, args.outdir)}")
-    preemption.close()
-    runtime.finish(accelerator, 128 + stop if isinstance(stop, int) else 0)  # a signal's status: a scheduler sees a preemption
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def child(argv):
                     timings["resume"] += elapsed
         return wrapper
     checkpoint.save = timed(checkpoint.save, "save")
-    for name in ("verify", "load_weights", "load_training_state", "restore_rng"):
+    for name in ("verify", "restore"):  # restore(): weights, objects, position, RNG
         setattr(checkpoint, name, timed(getattr(checkpoint, name), "resume"))
     train.main(argv)
     print("BENCH " + json.dumps({"steps": len(steps), "first_to_last_step_s": steps[-1] - steps[0], **timings}))

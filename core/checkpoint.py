@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
+import safetensors
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
 from utils import UserError
@@ -175,18 +176,53 @@ def publish(staging, target):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, args, state, replacing=False):
+# Where each object of train.py's `objects` is saved: today's names for the optimizer and the
+# scheduler (checkpoints saved before the objects were a dict resume as they are), NAME.pt for others.
+FILES = {"optimizer": "optimizer.pt", "scheduler": "lr.bin"}
+
+
+def file_of(name):
+    return FILES.get(name, f"{name}.pt")
+
+
+def is_optimizer(value):
+    return isinstance(getattr(value, "optimizer", value), torch.optim.Optimizer)
+
+
+def is_scheduler(value):
+    return isinstance(getattr(value, "scheduler", value), torch.optim.lr_scheduler.LRScheduler)
+
+
+def save(accelerator, outdir, names, model, tokenizer, objects, args, state, replacing=False):
     """Writes one checkpoint, publishes it as outdir/<name> for each of `names` (last, and best), and log.json.
 
-    Every process writes its files into a staging directory; the main process adds manifest.json
-    (the sha256 of every file), fsyncs, and only then swaps it in by renames. A failed write (disk
-    full, whatever exception it comes as) or a process that died stops every process with one
-    message and the previous checkpoints untouched. `replacing`: the first save of an --overwrite
-    run, which then removes what the previous run left (its best/), once this checkpoint is in place."""
+    `objects`: {name: anything with state_dict() / load_state_dict()} (optimizer, scheduler, the fp16
+    scaler, an EMA ...), each saved as file_of(name). Every process writes its files into a staging
+    directory; the main process adds manifest.json (the sha256 of every file), fsyncs, and only then
+    swaps it in by renames. A failed write (disk full, whatever exception it comes as) or a process
+    that died stops every process with one message and the previous checkpoints untouched.
+    `replacing`: the first save of an --overwrite run, which then removes what the previous run left
+    (its best/), once this checkpoint is in place."""
     outdir = Path(outdir)
     staging = outdir / ".staging"
     try:
-        publish_checkpoint(accelerator, outdir, staging, names, model, tokenizer, optimizer, scheduler, args, state)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # what a crash during an earlier save left
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        error = write_files(accelerator, staging, model, tokenizer, objects, args, state)
+        try:
+            failed = accelerator.gather(torch.tensor([int(error is not None)], device=accelerator.device)).any()
+        except Exception as e:  # a peer that died: the collective fails
+            raise UserError(f"could not save a checkpoint into {outdir}: another process stopped "
+                            f"({str(e).splitlines()[0][:200]}). The previous checkpoints in {outdir} are intact: "
+                            f"--resume {outdir}/last.") from None
+        if failed:
+            reason = str(error).splitlines()[0][:300] if error else "a write failed on another process"
+            raise UserError(f"could not write a checkpoint into {staging} ({reason}). The previous checkpoints in "
+                            f"{outdir} are intact: free some space, then --resume {outdir}/last.")
+        if accelerator.is_main_process:
+            publish_all(outdir, staging, names, state)
     except BaseException:  # a write error, a second Ctrl-C: no half-written staging folder stays behind
         if accelerator.is_main_process:
             for folder in (staging, *(outdir / f".staging-{name}" for name in names[1:])):
@@ -197,65 +233,107 @@ def save(accelerator, outdir, names, model, tokenizer, optimizer, scheduler, arg
     accelerator.wait_for_everyone()
 
 
-def publish_checkpoint(accelerator, outdir, staging, names, model, tokenizer, optimizer, scheduler, args, state):
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)  # what a crash during an earlier save left
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    weights = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every rank calls it
+def write_files(accelerator, staging, model, tokenizer, objects, args, state):
+    """Every process writes its part of the checkpoint into `staging`; returns the exception a write
+    raised, or None."""
+    weights = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
     weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # --torch_compile's wrapper
     sharded = accelerator.distributed_type == DistributedType.FSDP
-    # Each process its shard under FSDP2; else the main process alone (the others would only discard it).
-    moments = optimizer_state(model, optimizer, sharded) if sharded or accelerator.is_main_process else None
-    error = None
+    # An optimizer's state: under FSDP2 each process its shard (nothing gathered), else whole on the
+    # main process alone (computed there only: the others would discard it). Other objects are the
+    # same on every process (a scheduler, a scaler, an EMA of replicated weights): the main process saves them.
+    states = {name: optimizer_state(model, value, sharded) if is_optimizer(value) else value.state_dict()
+              for name, value in objects.items() if accelerator.is_main_process or (sharded and is_optimizer(value))}
     try:
-        if sharded:  # each process its own shard: nothing is gathered
-            torch.save(moments, staging / f"optimizer_{accelerator.process_index}.pt")
+        if sharded:
+            for name in (name for name in states if is_optimizer(objects[name])):
+                torch.save(states.pop(name), staging / f"{Path(file_of(name)).stem}_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model, keep_torch_compile=False), staging, weights)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            if not sharded:
-                torch.save(moments, staging / "optimizer.pt")
-            torch.save(scheduler.state_dict(), staging / "lr.bin")
+            for name, value in states.items():
+                torch.save(value, staging / file_of(name))
             write_json(staging / "my_config.json", vars(args))
             write_json(staging / "trainer_state.json", asdict(state))
         tensors, metadata = rng_state()
         save_file(tensors, staging / f"rng_state_{accelerator.process_index}.safetensors", metadata=metadata)
     except Exception as e:  # disk full is OSError from open(), RuntimeError from torch.save, ...
-        error = e
-    try:
-        failed = accelerator.gather(torch.tensor([int(error is not None)], device=accelerator.device)).any()
-    except Exception as e:  # a peer that died: the collective fails
-        raise UserError(f"could not save a checkpoint into {outdir}: another process stopped "
-                        f"({str(e).splitlines()[0][:200]}). The previous checkpoints in {outdir} are intact: "
-                        f"--resume {outdir}/last.") from None
-    if failed:
-        reason = str(error).splitlines()[0][:300] if error else "a write failed on another process"
-        raise UserError(f"could not write a checkpoint into {staging} ({reason}). The previous checkpoints in "
-                        f"{outdir} are intact: free some space, then --resume {outdir}/last.")
-    if accelerator.is_main_process:
-        manifest = {"global_step": state.global_step,
-                    "files": {p.name: sha256(p) for p in sorted(staging.iterdir())}}
-        write_json(staging / "manifest.json", manifest)
-        fsync_tree(staging)
-        for name in names[1:]:  # best/ shares last/'s files as hard links: nothing is written in place
-            copy = outdir / f".staging-{name}"
-            shutil.rmtree(copy, ignore_errors=True)
-            shutil.copytree(staging, copy, copy_function=os.link)
-            publish(copy, outdir / name)
-        publish(staging, outdir / names[0])
-        write_json(outdir / "log.json", state.log)
+        return e
+    return None
 
 
-def load_weights(directory, model):
-    """Loads a checkpoint's weights into the freshly built model, refusing one of another architecture."""
+def publish_all(outdir, staging, names, state):
+    """The main process: manifest.json, fsync, then each name published by renames, and log.json."""
+    manifest = {"global_step": state.global_step, "files": {p.name: sha256(p) for p in sorted(staging.iterdir())}}
+    write_json(staging / "manifest.json", manifest)
+    fsync_tree(staging)
+    for name in names[1:]:  # best/ shares last/'s files as hard links: nothing is written in place
+        copy = outdir / f".staging-{name}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(staging, copy, copy_function=os.link)
+        publish(copy, outdir / name)
+    publish(staging, outdir / names[0])
+    write_json(outdir / "log.json", state.log)
+
+
+def restore(directory, accelerator, model, objects, state):
+    """Continues the checkpoint at `directory` (verify()ed already) in the prepared run, in the one
+    order that is exact: the weights, then every object of `objects` (as save() wrote them), then the
+    position `state` (read_state()) fitted to this run's number of processes, and the RNG streams
+    last, so that nothing draws a number after them."""
+    directory = Path(directory)
+    load_weights(directory, accelerator, model)
+    for name, value in objects.items():
+        if is_optimizer(value):
+            load_optimizer_state(directory, name, accelerator, model, value, state.num_processes)
+            continue
+        path = directory / file_of(name)
+        if not path.is_file():
+            raise UserError(f"--resume {directory}: no {path.name}: the checkpoint was saved without '{name}' "
+                            f"(added to train.py's objects since?). Resume from a checkpoint that has it, or "
+                            f"start a new run.")
+        saved = load_tensors(path)
+        if is_scheduler(value) and state.num_processes != accelerator.num_processes:
+            # A prepared scheduler steps once per process at each optimizer step: count in the new unit.
+            saved["last_epoch"] = saved["last_epoch"] // state.num_processes * accelerator.num_processes
+            saved["_step_count"] = saved["last_epoch"] + 1
+        value.load_state_dict(saved)
+    if state.num_processes != accelerator.num_processes:
+        # The epoch's loss sums, all on the main process: the epoch's mean comes out the same.
+        totals = [sum(column) for column in zip(*state.loss_sums)] if state.loss_sums else [0.0, 0]
+        state.loss_sums = [totals] + [[0.0, 0]] * (accelerator.num_processes - 1)
+    state.num_processes = accelerator.num_processes
+    path = directory / f"rng_state_{accelerator.process_index}.safetensors"
+    if path.is_file():  # a process that a smaller run did not have starts from the seed
+        set_rng_state(path)
+
+
+def load_weights(directory, accelerator, model):
+    """The checkpoint's weights into the prepared model (under FSDP2: sharded as it is), refusing
+    those of another architecture. model.safetensors is in the plain layout of from_pretrained: with
+    LoRA its base weights load under the adapters' .base_layer names (the adapters themselves came
+    with load_adapter()), and a tied weight is stored once."""
+    path = Path(directory) / "model.safetensors"
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    tied = ({n for n, _ in unwrapped.named_parameters(remove_duplicate=False)}
+            - {n for n, _ in unwrapped.named_parameters()})
+    wanted = {name.replace(".base_layer.", "."): name for name in unwrapped.state_dict()
+              if ".lora_" not in name and name not in tied}
     try:
-        load_model(model, Path(directory) / "model.safetensors", strict=True)
-    except (RuntimeError, FileNotFoundError) as e:
+        with safe_open(path, "pt") as f:
+            stored = {name: f.get_slice(name).get_shape() for name in f.keys()}
+            missing, unexpected = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted) - tied)
+            shapes = dict(unwrapped.state_dict())
+            wrong = [n for n in sorted(set(wanted) & set(stored)) if list(shapes[wanted[n]].shape) != stored[n]]
+            if missing or unexpected or wrong:
+                raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}")
+            weights = {wanted[name]: f.get_tensor(name) for name in wanted}
+    except (OSError, RuntimeError, safetensors.SafetensorError) as e:
         raise UserError(f"--resume {directory}: its weights do not fit the model that modeling.py builds "
                         f"({str(e).splitlines()[0][:300]}). Resume with the modeling.py and options it was "
                         f"trained with.") from None
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def save_model(model, directory, weights):
@@ -297,21 +375,23 @@ def elastic_accumulation(directory, saved, accumulation, processes, ignore_misma
 def optimizer_state(model, optimizer, sharded):
     """The optimizer state as plain tensors keyed by parameter name: whole (optimizer.pt), or under
     FSDP2 this process's shard of each tensor (optimizer_<rank>.pt: its rows of dim 0)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, or one not prepared
     if not sharded:
-        return get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True))
-    state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=False))
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
     return {"state": {name: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in values.items()}
                       for name, values in state["state"].items()}, "param_groups": state["param_groups"]}
 
 
-def load_optimizer_state(directory, accelerator, model, optimizer, saved_processes):
-    """Loads optimizer.pt, or the shards: as they are when FSDP2 runs on as many processes again,
-    else joined into the whole state, which set_optimizer_state_dict reshards (or not) as this run is."""
-    directory = Path(directory)
-    if (directory / "optimizer.pt").is_file():
-        whole = load_tensors(directory / "optimizer.pt")
+def load_optimizer_state(directory, name, accelerator, model, optimizer, saved_processes):
+    """Loads optimizer.pt (file_of(name)), or its shards: as they are when FSDP2 runs on as many processes
+    again, else joined into the whole state, which set_optimizer_state_dict reshards (or not) as this run is."""
+    directory, whole_file = Path(directory), Path(directory) / file_of(name)
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if whole_file.is_file():
+        whole = load_tensors(whole_file)
     else:
-        files = [directory / f"optimizer_{rank}.pt" for rank in range(saved_processes)]
+        files = [directory / f"{whole_file.stem}_{rank}.pt" for rank in range(saved_processes)]
         for path in files:
             if not path.is_file():
                 raise UserError(f"--resume {directory}: {path} is missing: the optimizer state is incomplete. Resume "
@@ -324,30 +404,13 @@ def load_optimizer_state(directory, accelerator, model, optimizer, saved_process
                                                            stride=parameters[name].stride())
                                      if v.dim() and isinstance(parameters[name], DTensor) else v
                                      for k, v in values.items()} for name, values in shard["state"].items()}
-            set_optimizer_state_dict(model, optimizer.optimizer, shard, options=StateDictOptions(full_state_dict=False))
+            set_optimizer_state_dict(model, optimizer, shard, options=StateDictOptions(full_state_dict=False))
             return
         shards = [load_tensors(path) for path in files]  # FSDP2 shards dim 0 in rank order: join them
         whole = {"param_groups": shards[0]["param_groups"],
                  "state": {name: {k: torch.cat([s["state"][name][k] for s in shards]) if v.dim() else v
                                   for k, v in values.items()} for name, values in shards[0]["state"].items()}}
-    set_optimizer_state_dict(model, optimizer.optimizer, whole, options=StateDictOptions(full_state_dict=True))
-
-
-def load_training_state(directory, state, accelerator, optimizer, scheduler, model):
-    """Restores optimizer and scheduler; fits the position `state` (read_state()) to this run's
-    number of processes. The RNG comes last, in restore_rng()."""
-    directory = Path(directory)
-    load_optimizer_state(directory, accelerator, model, optimizer, state.num_processes)
-    schedule = load_tensors(directory / "lr.bin")
-    if state.num_processes != accelerator.num_processes:
-        # A prepared scheduler steps once per process at each optimizer step: count in the new unit.
-        schedule["last_epoch"] = schedule["last_epoch"] // state.num_processes * accelerator.num_processes
-        schedule["_step_count"] = schedule["last_epoch"] + 1
-        # The epoch's loss sums, all on the main process: the epoch's mean comes out the same.
-        totals = [sum(column) for column in zip(*state.loss_sums)] if state.loss_sums else [0.0, 0]
-        state.loss_sums = [totals] + [[0.0, 0]] * (accelerator.num_processes - 1)
-    scheduler.load_state_dict(schedule)
-    state.num_processes = accelerator.num_processes
+    set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
 
 
 def load_tensors(path):
@@ -361,9 +424,3 @@ def load_tensors(path):
                         f"was made or changed elsewhere.") from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise UserError(f"{path}: damaged, it cannot be read ({str(e).splitlines()[0][:200]}).") from None
-
-
-def restore_rng(directory, accelerator):
-    path = Path(directory) / f"rng_state_{accelerator.process_index}.safetensors"
-    if path.is_file():
-        set_rng_state(path)

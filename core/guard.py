@@ -1,6 +1,7 @@
 """What a run refuses before it starts: a folder that asks to run its own code, an --outdir that
 holds something of someone else's or another run (and the lock that keeps one run per outdir), and
-resumed training data that changed since the checkpoint."""
+resumed training data that changed since the checkpoint, an engine the checkpoints were never
+tested with (DeepSpeed)."""
 import fcntl
 import json
 import os
@@ -9,8 +10,24 @@ import sys
 import time
 from pathlib import Path
 
+from accelerate.utils import DistributedType
+
 from core.checkpoint import find, read_state, sha256, written_here
 from utils import UserError, load_rows
+
+
+def refuse_folders_with_code(args):
+    """The folders of --model_name_or_path and --resume, checked by refuse_custom_code()."""
+    for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
+        if folder and Path(folder).is_dir():
+            refuse_custom_code(folder, option)
+
+
+def refuse_deepspeed(accelerator):
+    """DeepSpeed keeps the optimizer state in its engine, which the checkpoint code never ran against."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("DeepSpeed is not supported by this template: FSDP2 is its sharded engine "
+                        "(configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume).")
 
 
 def refuse_custom_code(folder, what):

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from packaging import version
 from tqdm.auto import tqdm
 
@@ -156,6 +157,36 @@ class Preemption:
         if accelerator.num_processes == 1:
             return self.signal
         return int(accelerator.gather(torch.tensor([self.signal], device=accelerator.device)).max())
+
+
+def shard_fsdp_on_cpu(accelerator):
+    """FSDP2 on CPU processes (configs/accelerate/fsdp_cpu.yaml, for anyone to run, and what the tests
+    run): accelerate maps an FSDP config to plain DDP when there is no GPU, though torch's fully_shard
+    runs on a CPU device mesh over gloo. Shard as the config asks (its settings are in the
+    ACCELERATE_FSDP_* variables that accelerate launch set)."""
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
+def step(optimizer, grad_norm, scaler=None):
+    """optimizer.step(), unless the gradients (their norm) are not finite. Returns 1 for a step skipped
+    that way, else 0, as a tensor on the device: counting waits for nothing.
+
+    fp16's GradScaler skips such steps itself (and lowers its scale). An optimizer that takes a
+    found_inf flag (torch's fused Adam, AdamW, SGD, Adagrad) skips on the device, without the host
+    looking; any other optimizer is asked by one read of the flag (a wait for the GPU)."""
+    if scaler is not None:
+        optimizer.step()
+        return torch.zeros((), device=grad_norm.device)
+    nonfinite = (~torch.isfinite(grad_norm)).float()
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if getattr(inner, "_step_supports_amp_scaling", False):  # a fused kernel: it reads found_inf
+        inner.found_inf = nonfinite
+        optimizer.step()
+    elif not nonfinite.item():
+        optimizer.step()
+    return nonfinite
 
 
 def add_lora(model, args):

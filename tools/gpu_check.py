@@ -5,11 +5,13 @@ on 2 GPUs, --torch_compile; samples/s and peak GPU memory per case. Never run by
     python tools/gpu_check.py            # prints one line per case, exits 1 if any failed
 
 Without CUDA it prints one line and exits 0. Each case trains the shipped task (600 training lines,
-2 epochs) in a temporary folder; the stop/resume cases compare the final weights with the run that
-was never stopped (bitwise for DDP: the same GPUs, the same launch).
+2 epochs) in a temporary folder; the stop/resume cases (fp16 on 1 GPU, with its loss scale in
+scaler.pt; DDP on 2) compare the final weights with the run that was never stopped, bitwise: the
+same GPUs, the same launch. Never run yet: no GPU was lent to the session that wrote the fp16 case.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,8 @@ def main():
     cases = [("bf16, 1 GPU", dict(args=["--mixed_precision", "bf16"])),
              ("fp16 with an overflow (lr 1e30), 1 GPU", dict(args=["--mixed_precision", "fp16", "--lr", "1e30"],
                                                              expect_failure="non-finite")),
+             # the loss scale continues (scaler.pt): bitwise the run that was never stopped
+             ("fp16, 1 GPU, stopped at step 20 and resumed", dict(args=["--mixed_precision", "fp16"], resume=20)),
              ("--torch_compile, 1 GPU", dict(args=["--torch_compile"]))]
     if gpus >= 2:
         cases += [("DDP, 2 GPUs, stopped at step 20 and resumed", dict(args=[], processes=2, resume=20)),
@@ -65,9 +69,12 @@ def main():
         ok = (case.get("expect_failure", "") in result.stderr) if "expect_failure" in case else result.returncode == 0
         if ok and case.get("resume"):
             stopped = work / "stopped"
-            launch([*base, *case["args"], "--outdir", stopped, "--stop_after_steps", case["resume"]], case["processes"])
-            launch(["--resume", stopped / "last"], case["processes"])
+            shutil.rmtree(stopped, ignore_errors=True)
+            processes = case.get("processes", 1)
+            launch([*base, *case["args"], "--outdir", stopped, "--stop_after_steps", case["resume"]], processes)
+            launch(["--resume", stopped / "last"], processes)
             ok = (stopped / "last" / "model.safetensors").read_bytes() == (outdir / "last" / "model.safetensors").read_bytes()
+            ok = ok and ("fp16" not in case["args"] or (stopped / "last" / "scaler.pt").is_file())
         peak = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("PEAK_MEMORY_MIB")]
         steps = json.loads((outdir / "last" / "trainer_state.json").read_text())["global_step"] if (
             outdir / "last").exists() else 0
