@@ -246,7 +246,7 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
               for name, value in objects.items() if accelerator.is_main_process or (sharded and is_optimizer(value))}
     try:
         if sharded:
-            for name in (name for name in states if is_optimizer(objects[name])):
+            for name in [name for name in states if is_optimizer(objects[name])]:  # a list: the loop pops
                 torch.save(states.pop(name), staging / f"{Path(file_of(name)).stem}_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model, keep_torch_compile=False), staging, weights)
