@@ -1,15 +1,26 @@
-"""Shared fixtures: a shrunk copy of the shipped task, and two ways to run the real entry point.
+"""Shared fixtures and the two ways to run the real entry point, for the two halves of the suite:
+
+* tests/template/: the loop, checkpoints, resume, faults, options, --check. They run against a
+  pinned copy of the sample task (tests/template/task: its modeling.py, dataset.py, model config and
+  data), never against the root pair, so a fork that rewrites modeling.py and dataset.py keeps them
+  green. Their subprocesses run in TREE, a copy of the template with the pinned pair in it, and
+  their in-process runs run there too (the working directory), with the pinned modules imported.
+* tests/task/: the root modeling.py and dataset.py (the contract, bad data, predict, the README),
+  which a fork rewrites with its task.
 
 `run(...)` calls train.main() in this process (a second or less: nothing to import again), with one
 torch thread, as `accelerate launch` gives each process, so its runs are bitwise comparable with
 the CLI's. `launch(...)` runs `accelerate launch train.py ...` exactly as a user would; the tests
 that need it (several processes, signals, kills) are marked slow. The data is 320 training and 64
-validation lines of the shipped sample data: 20 optimizer steps per epoch at a global batch of 16.
+validation lines of the sample data: 20 optimizer steps per epoch at a global batch of 16.
 """
+import atexit
 import contextlib
+import importlib.util
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,18 +33,90 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+TASK = ROOT / "tests" / "template" / "task"  # the pinned task pair of tests/template
 # Tokenized data is cached by the datasets library; the tests use a cache of their own.
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="template-tests-datasets-"))
 TRAIN_ROWS, VALID_ROWS = 320, 64
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    for name, rows in [("train", TRAIN_ROWS), ("valid", VALID_ROWS)]:
-        lines = (ROOT / "data" / f"{name}.jsonl").read_text().splitlines()[:rows]
-        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+def make_tree():
+    """TREE: the template's files as they are now, with the pinned task pair, its model config as
+    assets/tiny-bert and its data as data/ (copies: Python resolves a symlinked script's folder)."""
+    tree = Path(tempfile.mkdtemp(prefix="template-tests-tree-"))
+    for name in ("train.py", "predict.py", "utils.py", "requirements.txt", "constraints.txt"):
+        shutil.copy(ROOT / name, tree / name)
+    for name in ("core", "configs", "tools", "bench"):
+        shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("modeling.py", "dataset.py"):
+        shutil.copy(TASK / name, tree / name)
+    shutil.copytree(TASK / "tiny-bert", tree / "assets" / "tiny-bert")
+    shutil.copytree(TASK / "data", tree / "data")
+    (tree / "tests").mkdir()
+    for name in ("crash.py", "record.py"):  # scripts the template tests launch
+        shutil.copy(ROOT / "tests" / "template" / name, tree / "tests" / name)
+    return tree
+
+
+TREE = make_tree()
+atexit.register(shutil.rmtree, TREE, ignore_errors=True)
+PAIRS = {}  # "template" / "task": {module name: module} of that pair
+ACTIVE = ["task"]
+
+
+def half(path):
+    """Which half of the suite a test file is in: "template" (pinned pair) or "task" (root pair)."""
+    return "template" if (ROOT / "tests" / "template") in Path(path).parents else "task"
+
+
+def home(which=None):
+    """The folder the active half runs in: TREE for tests/template, the repository for tests/task."""
+    return TREE if (which or ACTIVE[0]) == "template" else ROOT
+
+
+def activate(which):
+    """Makes `import modeling, dataset, train, predict` give the pair of `which`: the pinned copy
+    for "template", the root files for "task"; train.py and predict.py import whichever is active."""
+    ACTIVE[0] = which
+    if which not in PAIRS:
+        for name in ("modeling", "dataset", "train", "predict"):
+            sys.modules.pop(name, None)
+        folder = TASK if which == "template" else ROOT
+        for name, where in [("modeling", folder), ("dataset", folder), ("train", ROOT), ("predict", ROOT)]:
+            spec = importlib.util.spec_from_file_location(name, where / f"{name}.py")
+            module = sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        PAIRS[which] = {name: sys.modules[name] for name in ("modeling", "dataset", "train", "predict")}
+    sys.modules.update(PAIRS[which])
+
+
+def pytest_collectstart(collector):
+    """A test file imports train, modeling or dataset when it is collected: the pair of its half."""
+    if isinstance(collector, pytest.Module):
+        activate(half(collector.path))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pair(request):
+    """Before a test file's fixtures and tests: its half's pair, and its working directory."""
+    activate(half(request.path))
+    previous = os.getcwd()
+    os.chdir(home())
+    yield ACTIVE[0]
+    os.chdir(previous)
+
+
+DATA = {}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(pair, tmp_path_factory):
+    """320 training and 64 validation lines of the half's data (made once per half)."""
+    if pair not in DATA:
+        folder = DATA[pair] = tmp_path_factory.mktemp(f"data-{pair}")
+        for name, rows in [("train", TRAIN_ROWS), ("valid", VALID_ROWS)]:
+            lines = (home() / "data" / f"{name}.jsonl").read_text().splitlines()[:rows]
+            (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return DATA[pair]
 
 
 def free_port():
@@ -42,9 +125,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(*args, processes=1, check=True, cwd=ROOT, env=None, script="train.py", config=None):
+def launch(*args, processes=1, check=True, cwd=None, env=None, script="train.py", config=None):
     """Runs train.py under `accelerate launch` (with configs/accelerate/CONFIG if given: 2 CPU
-    processes); returns the CompletedProcess (stdout + stderr as text)."""
+    processes) in `cwd` (the half's home() if None); returns the CompletedProcess (stdout + stderr
+    as text)."""
+    cwd = cwd or home()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
@@ -110,20 +195,22 @@ def common_args(tiny_data, processes):
     return [*data_args(tiny_data), "--epochs", 2, "--num_warmup_steps", 5, "--save_steps", 7, *SETUPS[processes]]
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_data, tmp_path_factory):
-    """reference(processes): the outdir of the uninterrupted run, made once per session."""
-    folder, made = tmp_path_factory.mktemp("reference"), {}
+REFERENCES = {}
 
+
+@pytest.fixture(scope="module")
+def reference(pair, tiny_data, tmp_path_factory):
+    """reference(processes): the outdir of the uninterrupted run, made once per session and half."""
     def get(processes):
-        if processes not in made:
-            run(*common_args(tiny_data, processes), "--outdir", folder / str(processes), processes=processes)
-            made[processes] = folder / str(processes)
-        return made[processes]
+        if (pair, processes) not in REFERENCES:
+            folder = tmp_path_factory.mktemp(f"reference-{pair}") / str(processes)
+            run(*common_args(tiny_data, processes), "--outdir", folder, processes=processes)
+            REFERENCES[pair, processes] = folder
+        return REFERENCES[pair, processes]
     return get
 
 
-sys.path.insert(0, str(ROOT))  # the tests import train, modeling and dataset like a user's script would
+sys.path.insert(0, str(ROOT))  # core, utils (and bench, tools) import as a user's script would
 # One torch thread, in this process and (chosen as a user would) in every process the tests start:
 # in-process runs and CLI runs then compare bitwise.
 torch.set_num_threads(1)
@@ -134,4 +221,4 @@ def tiny_tokenizer():
     """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from data/train.jsonl."""
     import dataset
     from core import options
-    return dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", options.parse_args([]))
+    return dataset.load_tokenizer(home() / "assets" / "tiny-bert", options.parse_args([]))

@@ -1,6 +1,6 @@
 """The real CLI end to end on the shipped task, shrunk: outputs, log.json, learning, progress bars.
 
-    pytest tests/test_train.py
+    pytest tests/template/test_train.py
 """
 import re
 

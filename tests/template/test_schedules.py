@@ -1,6 +1,6 @@
 """Every --lr_scheduler_type spans the whole run: short in-process trainings, the lr read from log.json.
 
-    pytest tests/test_schedules.py
+    pytest tests/template/test_schedules.py
 """
 import pytest
 

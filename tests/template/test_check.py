@@ -1,7 +1,7 @@
 """`train.py --check`: the default pair passes; each planted wiring bug fails the check meant to catch it.
 
-    pytest tests/test_check.py               # in this process
-    pytest -m slow tests/test_check.py       # 2 processes, and both example pairs, under accelerate launch
+    pytest tests/template/test_check.py               # in this process
+    pytest -m slow tests/template/test_check.py       # 2 processes, and both example pairs, under accelerate launch
 """
 import random
 import time
@@ -108,7 +108,7 @@ def slow_loading(data, split):
 
     class Slow(type(data)):
         def __getitems__(self, indices):
-            time.sleep(0.25)  # far above a training step of the tiny model, even on a busy machine
+            time.sleep(0.1)  # far above a training step of the tiny model, even on a busy machine
             return getitems(indices)
     data.__class__ = Slow
     return data

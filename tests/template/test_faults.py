@@ -4,7 +4,7 @@ The process is killed inside a save, right after one and between steps, sent SIG
 space; checkpoint files are corrupted or replaced by a malicious pickle. Each resume must end
 bitwise equal to the uninterrupted run, or be refused with a message naming the file.
 
-    pytest tests/test_faults.py
+    pytest tests/template/test_faults.py
 """
 import errno
 import os
@@ -20,7 +20,7 @@ import pytest
 from core import checkpoint as checkpoint_module
 from core import options
 import train
-from conftest import ROOT, assert_bitwise_equal, common_args, data_args, launch, read_json
+from conftest import TREE, assert_bitwise_equal, common_args, data_args, launch, read_json
 
 # Moments of the 2nd save (step 14; the 1st is at step 7) where tests/crash.py kills the process:
 # right after the N-th rename onto NAME.
@@ -63,7 +63,7 @@ def start(tiny_data, outdir, processes, *extra):
     command += ["--multi_gpu"] if processes > 1 else []
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"} if processes > 1 else os.environ
     return subprocess.Popen(command + ["train.py", *map(str, common_args(tiny_data, processes)), "--outdir",
-                                       str(outdir), *map(str, extra)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                       str(outdir), *map(str, extra)], cwd=TREE, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -97,7 +97,7 @@ def test_sigterm_saves_last_then_resume_is_bitwise(processes, tiny_data, referen
 def test_sigterm_exit_status_is_143(tiny_data, tmp_path):
     outdir = tmp_path / "model"
     process = subprocess.Popen([sys.executable, "train.py", *map(str, data_args(tiny_data)), "--outdir", str(outdir),
-                                "--save_steps", "2", "--batch_size", "8"], cwd=ROOT, stdout=subprocess.PIPE,
+                                "--save_steps", "2", "--batch_size", "8"], cwd=TREE, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     wait_for_checkpoint(outdir, 2, process)
     process.send_signal(signal.SIGTERM)

@@ -1,8 +1,8 @@
 """The task pairs of examples/, copied over modeling.py and dataset.py in a copy of the repository and
 trained end to end by the unchanged train.py: outputs, metrics, learning, samples, bitwise resume.
 
-    pytest tests/test_examples.py               # the examples' own functions, in this process
-    pytest tests/test_examples.py -m slow       # end to end (~40 s on 2 cores), 2 processes included
+    pytest tests/template/test_examples.py               # the examples' own functions, in this process
+    pytest tests/template/test_examples.py -m slow       # end to end (~40 s on 2 cores), 2 processes included
 """
 import importlib.util
 import json

@@ -1,8 +1,8 @@
 """Careless use and tampering: nothing lost, nothing run, nothing silent. Each case as a user or an
 attacker would bring it about, with the one line the user then sees.
 
-    pytest tests/test_hardening.py             # in this process
-    pytest -m slow tests/test_hardening.py     # a real full disk with 2 processes, Ctrl-C under accelerate launch
+    pytest tests/template/test_hardening.py             # in this process
+    pytest -m slow tests/template/test_hardening.py     # a real full disk with 2 processes, Ctrl-C under accelerate launch
 """
 import json
 import os

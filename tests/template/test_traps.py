@@ -1,7 +1,7 @@
 """The traps a new user hit: metric direction, a task without a tokenizer, a vocabulary for their own
 words, a plain nn.Module, a loss that is not a scalar, messages, two runs in one outdir.
 
-    pytest tests/test_traps.py
+    pytest tests/template/test_traps.py
 """
 import json
 import os
@@ -21,7 +21,7 @@ from core import options
 import train
 import utils
 from core import preflight
-from conftest import ROOT, data_args, read_json, tiny_tokenizer
+from conftest import TREE, data_args, read_json, tiny_tokenizer
 
 FAST = ["--batch_size", "32", "--epochs", "1"]
 
@@ -157,21 +157,21 @@ def test_training_from_scratch_learns_the_vocabulary_of_the_training_file(tmp_pa
     train_file.write_text("".join(f'{{"text": "the {w} is {v}", "label": "{v}"}}\n'
                                   for w in words for v in ("good", "bad")))
     args = options.parse_args(["--train_file", str(train_file)])
-    tokenizer = dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", args)
+    tokenizer = dataset.load_tokenizer(TREE / "assets" / "tiny-bert", args)
     assert tokenizer.unk_token_id not in tokenizer("The ZEBRA and the kayak are good")["input_ids"]
     rows = utils.load_rows(train_file)
     cached = list(utils.Path(dataset.datasets.config.HF_DATASETS_CACHE, "vocabularies").glob(f"{rows._fingerprint}-*"))
     assert len(cached) == 1  # cached ...
     cache = cached[0]
     before = cache.stat().st_mtime_ns
-    assert dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", args).get_vocab() == tokenizer.get_vocab()
+    assert dataset.load_tokenizer(TREE / "assets" / "tiny-bert", args).get_vocab() == tokenizer.get_vocab()
     assert cache.stat().st_mtime_ns == before  # ... and read back, not learnt again
     model = train.build_model(args.model_name_or_path, dataset.generate_dataset(str(train_file), "train", tokenizer, args))
     assert model.config.encoder["vocab_size"] == len(tokenizer)
     # Learnt again in another process (tokenizers seeds its hash maps per process), into an empty cache:
     # the same file, byte for byte, so the same seed gives the same run on every machine.
-    learn = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dataset; from core import options; "
-             f"dataset.load_tokenizer({str(ROOT / 'assets' / 'tiny-bert')!r}, options.parse_args(['--train_file', "
+    learn = (f"import sys; sys.path.insert(0, {str(TREE)!r}); import dataset; from core import options; "
+             f"dataset.load_tokenizer({str(TREE / 'assets' / 'tiny-bert')!r}, options.parse_args(['--train_file', "
              f"{str(train_file)!r}]))")
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "another-cache")}
     subprocess.run([sys.executable, "-c", learn], env=env, check=True, capture_output=True)
@@ -185,7 +185,7 @@ def test_a_vocabulary_of_many_characters_keeps_every_one(tmp_path):
     train_file = tmp_path / "cjk.jsonl"
     train_file.write_text("".join(json.dumps({"text": "".join(characters[k:k + 30]) + "，好！", "label": str(k % 2)},
                                              ensure_ascii=False) + "\n" for k in range(0, 8100, 30)))
-    tokenizer = dataset.load_tokenizer(ROOT / "assets" / "tiny-bert", options.parse_args(["--train_file", str(train_file)]))
+    tokenizer = dataset.load_tokenizer(TREE / "assets" / "tiny-bert", options.parse_args(["--train_file", str(train_file)]))
     ids = tokenizer("".join(characters) + "，！", add_special_tokens=False)["input_ids"]
     assert len(ids) == 8100 + 2 and tokenizer.unk_token_id not in ids
 
@@ -193,7 +193,7 @@ def test_a_vocabulary_of_many_characters_keeps_every_one(tmp_path):
 def test_the_checkpoint_carries_its_tokenizer_and_resume_uses_it(tiny_data, tmp_path):
     outdir = run(tiny_data, tmp_path)
     saved = dataset.load_tokenizer(outdir / "last", None)  # a checkpoint's own tokenizer, no data needed
-    assert saved.get_vocab() == dataset.load_tokenizer(ROOT / "assets" / "tiny-bert",
+    assert saved.get_vocab() == dataset.load_tokenizer(TREE / "assets" / "tiny-bert",
                                                        options.parse_args(list(map(str, data_args(tiny_data))))).get_vocab()
 
 
@@ -257,7 +257,7 @@ def test_accelerate_launch_quiet_shows_our_line_only(tmp_path):
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
                              "--train_file", str(tmp_path / "missing.jsonl"), "--outdir", str(tmp_path / "model")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=TREE, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "missing.jsonl: no such data file" in result.stderr
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
@@ -278,7 +278,7 @@ time.sleep(120)
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]])
 def test_a_second_run_into_a_busy_outdir_is_refused_and_a_stale_lock_taken_over(extra, tiny_data, tmp_path):
     outdir = tmp_path / "model"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), outdir=str(outdir))],
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(TREE), outdir=str(outdir))],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -314,7 +314,7 @@ def test_sigterm_to_the_launcher_alone_saves_and_stops_the_training_processes(pr
     assert command == f"{expected} --resume {outdir}/last"
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("ACCELERATE_USE_CPU", None)
-    resumed = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(command, shell=True, cwd=TREE, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 2
 
@@ -335,7 +335,7 @@ def test_every_core_under_accelerate_launch_unless_the_user_chose(processes, cho
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--main_process_port", "0"]
     result = subprocess.run([*command, "train.py", "--train_file", str(tmp_path / "missing.jsonl"), "--outdir",
-                             str(tmp_path / "model")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                             str(tmp_path / "model")], cwd=TREE, env=env, capture_output=True, text=True, timeout=120)
     cores = min(psutil.cpu_count(logical=False) or os.cpu_count(), len(os.sched_getaffinity(0)))
     expected = int(chosen) if chosen else max(1, cores // processes)
     assert f"{expected} CPU thread(s) per process" in result.stdout, result.stdout + result.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Most cases call train.main() in this process (fast); one runs the CLI to check what a user sees.
 
-    pytest tests/test_bad_input.py
+    pytest tests/task/test_bad_input.py
 """
 import json
 import subprocess

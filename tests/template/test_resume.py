@@ -2,8 +2,8 @@
 weights bitwise equal to the run that was never stopped, and the same log.json, with 1 process
 (with gradient accumulation) and with 2 processes (gloo on CPU).
 
-    pytest tests/test_resume.py              # 1 process, in this process
-    pytest -m slow tests/test_resume.py      # 2 processes under accelerate launch
+    pytest tests/template/test_resume.py              # 1 process, in this process
+    pytest -m slow tests/template/test_resume.py      # 2 processes under accelerate launch
 """
 import json
 

@@ -1,7 +1,7 @@
 """The options around the loop, end to end: --metric_for_best, --early_stopping_patience,
 --sample_every, --group_by_length, --report_to, --freeze_backbone; each one survives a resume.
 
-    pytest tests/test_features.py
+    pytest tests/template/test_features.py
 """
 import json
 import re
@@ -15,7 +15,7 @@ import predict
 from core import options
 import train
 
-from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, read_json, run,
+from conftest import (TREE, STEPS_PER_EPOCH, assert_bitwise_equal, common_args, data_args, read_json, run,
                       tiny_tokenizer, weights)
 from dataset import generate_dataset
 from modeling import Model
@@ -110,7 +110,7 @@ def pretrained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(1)
     tokenizer = tiny_tokenizer()
-    BertModel(BertConfig.from_pretrained(ROOT / "assets" / "tiny-bert", vocab_size=len(tokenizer))).save_pretrained(folder)
+    BertModel(BertConfig.from_pretrained(TREE / "assets" / "tiny-bert", vocab_size=len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

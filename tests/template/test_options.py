@@ -1,6 +1,6 @@
 """Options: defaults < a --config file < flags, and what --resume takes from the checkpoint.
 
-    pytest tests/test_options.py
+    pytest tests/template/test_options.py
 """
 import pytest
 

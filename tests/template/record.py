@@ -1,6 +1,6 @@
 """Runs train.py and records which training examples each optimizer step took on this process.
 
-    RECORD=/tmp/run accelerate launch tests/record.py [train.py options ...]   # writes /tmp/run.<rank>.json
+    RECORD=/tmp/run accelerate launch tests/template/record.py [train.py options ...]   # writes /tmp/run.<rank>.json
 
 An example is named by its token ids (padding left out), so records of runs with other numbers of
 processes, batch splits and padding compare. No hook of this kind ships in train.py.
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, os.getcwd())  # the train.py of the folder it runs in (the tests: their copy)
 sys.argv = ["train.py", *sys.argv[1:]]
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 

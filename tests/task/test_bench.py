@@ -1,7 +1,7 @@
 """The benchmarks run, and what makes their ratios fair holds: every contender trains on the same
 batches. No timing is asserted (these machines are shared): the figures are printed, not tested.
 
-    pytest tests/test_bench.py
+    pytest tests/task/test_bench.py
 """
 import re
 import subprocess

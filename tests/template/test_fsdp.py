@@ -2,7 +2,7 @@
 clipping and non-finite detection on the sharded gradients, full weights in best/ and last/, exact
 resume, a kill inside a save, and resuming on another number of processes or without sharding.
 
-    pytest -m slow tests/test_fsdp.py
+    pytest -m slow tests/template/test_fsdp.py
 """
 import pytest
 import torch

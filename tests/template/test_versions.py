@@ -1,6 +1,6 @@
 """The installed packages are the ones the template was tested with (constraints.txt).
 
-    pytest tests/test_versions.py
+    pytest tests/template/test_versions.py
 
 A fresh `pip install -r requirements.txt` resolves to the newest release in each range, which the
 tests may never have seen (transformers 5.24 broke --lora_r with the newest peft). This test names
@@ -13,7 +13,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def requirement_names(*files):

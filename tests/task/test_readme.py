@@ -1,8 +1,8 @@
 """The README's code blocks that are meant to run, run as a user would, and what they claim checked.
 
-    python -m pytest -q -m slow tests/test_readme.py
+    python -m pytest -q -m slow tests/task/test_readme.py
 
-A block preceded by the line `<!-- runs in tests/test_readme.py -->` runs here, in the README's
+A block preceded by the line `<!-- runs in tests/task/test_readme.py -->` runs here, in the README's
 order: shell blocks with bash (set -e), python blocks with python. They run in a copy of the
 repository (the files git tracks or would track, as they are in the working tree), with this
 virtual environment's bin first on PATH, the hub offline and caches of their own. The only change
@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ROOT, read_json
 
-MARKER = "<!-- runs in tests/test_readme.py -->"
+MARKER = "<!-- runs in tests/task/test_readme.py -->"
 LANGUAGES = {"sh": "bash", "bash": "bash", "shell": "bash", "console": "bash", "python": "python"}
 TRAIN_ROWS = 1000
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lr.bin",

@@ -1,7 +1,7 @@
 """The data path: every file type, hub-style dataset folders, ClassLabel ids, the tokenization cache,
 and the length-grouped sampler.
 
-    pytest tests/test_data.py
+    pytest tests/task/test_data.py
 """
 import json
 import os

@@ -1,7 +1,7 @@
 """The default modeling.py: the contract train.py relies on, a save/load round trip, a pretrained
 encoder folder, another encoder architecture.
 
-    pytest tests/test_model.py
+    pytest tests/task/test_model.py
 """
 import pytest
 import torch

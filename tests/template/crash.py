@@ -1,6 +1,6 @@
 """Runs train.py and kills the process right after the N-th rename onto a path named NAME.
 
-    accelerate launch tests/crash.py NAME N [train.py options ...]
+    accelerate launch tests/template/crash.py NAME N [train.py options ...]   # in the repository's folder
 
 Every step of a checkpoint save that matters ends in an os.replace (a JSON file written via a
 temporary, a staging folder published, the previous checkpoint moved aside), so "right after the
@@ -8,9 +8,8 @@ N-th os.replace onto NAME" reaches each moment of a save without any hook in the
 """
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, os.getcwd())  # the train.py of the folder it runs in (the tests: their copy)
 NAME, N = sys.argv[1], int(sys.argv[2])
 sys.argv = ["train.py", *sys.argv[3:]]
 real_replace, seen = os.replace, 0

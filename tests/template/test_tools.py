@@ -1,6 +1,6 @@
 """tools/plot.py and the Accelerate configs in configs/accelerate/.
 
-    pytest tests/test_tools.py
+    pytest tests/template/test_tools.py
 """
 import json
 import os
@@ -13,9 +13,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 import modeling
-from conftest import ROOT, data_args, read_json, tiny_tokenizer
+from conftest import TREE, data_args, read_json, tiny_tokenizer
 
-CONFIGS = ROOT / "configs" / "accelerate"
+CONFIGS = TREE / "configs" / "accelerate"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -32,7 +32,7 @@ def log_json(tmp_path):
 
 
 def plot(*args, env=None):
-    return subprocess.run([sys.executable, "tools/plot.py", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "tools/plot.py", *map(str, args)], cwd=TREE, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
@@ -75,7 +75,7 @@ def test_cpu_config_runs_two_processes(tiny_data, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS / "cpu.yaml", "train.py",
                *data_args(tiny_data), "--outdir", outdir, "--epochs", 1, "--batch_size", 8]
-    result = subprocess.run(list(map(str, command)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(list(map(str, command)), cwd=TREE, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-5000:]
     files = {p.name for p in (outdir / "last").iterdir()}
     assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= files  # one per process: world size 2
@@ -105,7 +105,7 @@ def test_config_loads_and_says_how_to_launch(name):
 def test_fsdp_saves_full_weights_and_wraps_the_default_model_layers():
     fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-    model = modeling.build_model(ROOT / "assets" / "tiny-bert",
+    model = modeling.build_model(TREE / "assets" / "tiny-bert",
                                  types.SimpleNamespace(labels=["a", "b"], tokenizer=tiny_tokenizer()))
     layer_classes = {type(module).__name__ for module in model.modules()}
     assert set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= layer_classes
@@ -115,7 +115,7 @@ def test_gpu_check_skips_in_one_line_without_cuda():
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: run python tools/gpu_check.py itself")
-    result = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=TREE, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0
     assert result.stdout.strip().splitlines() == ["gpu_check: no CUDA GPU on this machine; nothing was checked."]

@@ -1,7 +1,7 @@
 """predict.py on a checkpoint of a real (tiny, 1-epoch) run: one line per input row, in order, the
 same accuracy as training's validation, embeddings that do not depend on the batch, clear errors.
 
-    pytest tests/test_predict.py
+    pytest tests/task/test_predict.py
 """
 import json
 import subprocess

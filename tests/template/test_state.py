@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_bitwise_equal, data_args, read_json
+from conftest import TREE, assert_bitwise_equal, data_args, read_json
 from core import checkpoint, runtime
 
 OBJECTS = '    objects = {"optimizer": optimizer, "scheduler": scheduler}\n'
@@ -35,8 +35,8 @@ def fork(tmp_path, edits):
     tree = tmp_path / "fork"
     tree.mkdir()
     for name in ("train.py", "utils.py", "modeling.py", "dataset.py"):
-        shutil.copy(ROOT / name, tree / name)
-    shutil.copytree(ROOT / "core", tree / "core", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(TREE / name, tree / name)
+    shutil.copytree(TREE / "core", tree / "core", ignore=shutil.ignore_patterns("__pycache__"))
     source = (tree / "train.py").read_text()
     for old, new in edits.items():
         assert source.count(old) == 1, f"train.py no longer has this line once: {old!r}"
@@ -54,7 +54,7 @@ def train(tree, *args):
 
 def test_an_ema_and_a_loss_scaler_added_by_a_forker_resume_bitwise(tiny_data, tmp_path):
     tree = fork(tmp_path, {OBJECTS: EMA, STEP: EMA_UPDATE, SETUP: SCALER})
-    args = [*data_args(tiny_data), "--model_name_or_path", ROOT / "assets" / "tiny-bert", "--epochs", 1,
+    args = [*data_args(tiny_data), "--model_name_or_path", TREE / "assets" / "tiny-bert", "--epochs", 1,
             "--batch_size", 16]
     train(tree, *args, "--outdir", tmp_path / "whole")
     train(tree, *args, "--outdir", tmp_path / "stopped", "--stop_after_steps", 9)
@@ -75,7 +75,7 @@ def test_an_ema_and_a_loss_scaler_added_by_a_forker_resume_bitwise(tiny_data, tm
 
 
 def test_a_checkpoint_without_an_object_that_train_py_now_has_is_refused_by_name(tiny_data, tmp_path):
-    args = [*data_args(tiny_data), "--model_name_or_path", ROOT / "assets" / "tiny-bert", "--epochs", 1]
+    args = [*data_args(tiny_data), "--model_name_or_path", TREE / "assets" / "tiny-bert", "--epochs", 1]
     train(fork(tmp_path, {}), *args, "--outdir", tmp_path / "model", "--stop_after_steps", 2)
     shutil.rmtree(tmp_path / "fork")
     result = subprocess.run([sys.executable, "train.py", "--resume", tmp_path / "model" / "last"],

@@ -1,0 +1,117 @@
+"""USER EDITS: the model. The default is text classification: an encoder and a linear head.
+
+What train.py and predict.py read from this file (nothing else):
+  * `Model` (required): a transformers PreTrainedModel, so that it saves and loads with
+    save_pretrained(dir) / from_pretrained(dir) like BertModel: a trained checkpoint loads with
+    `Model.from_pretrained("model/best")` and no train.py. `Model.forward(**batch)` takes the keys
+    the dataset's collate function yields and returns a ModelOutput whose `.loss` is a scalar tensor.
+  * `build_model(model_name_or_path, train_set)` (required) returns the model to train. `train_set`
+    is what dataset.generate_dataset() built from --train_file, so the data can size the model
+    (here: the label names become config.id2label, the learnt vocabulary sizes the embeddings).
+  * `metric_inputs(batch, outputs)` and `compute_metrics(gathered)` (optional, both or neither): the
+    first picks per-example tensors (first dimension = batch size) that train.py gathers from all
+    processes over the validation set; the second turns them into {"name": float}, shown in the
+    VALID bar and stored in log.json next to the validation loss. Without them validation reports
+    the loss only. --metric_for_best picks one of them to decide best/: lower is better for names
+    like loss, error, mse, mae, rmse, perplexity, higher for the others (--greater_is_better overrides).
+  * `format_samples(model, tokenizer, batch, outputs, k)` (optional, for --sample_every) shows k
+    examples of a training batch as text (input / prediction / gold). It runs on the main process
+    only, with the RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).
+  * `predictions(config, batch, outputs)` (optional, for predict.py) turns a batch's outputs into one
+    JSON-able dict per example; without it predict.py writes the raw outputs. `outputs.embeddings`
+    (optional) is what predict.py --embeddings writes.
+
+To change the task, change the head and the loss in forward(), and the functions below it.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+
+class ModelConfig(PretrainedConfig):
+    model_type = "template-classifier"
+
+    def __init__(self, encoder=None, classifier_dropout=0.1, **kwargs):
+        self.encoder = encoder or {}  # the backbone's own config, as a dict (config.json of BERT etc.)
+        self.classifier_dropout = classifier_dropout
+        super().__init__(**kwargs)
+
+
+AutoConfig.register(ModelConfig.model_type, ModelConfig)  # so Auto* classes read a checkpoint's config.json
+
+
+@dataclass
+class ClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None  # the pooled vector the head reads (predict.py --embeddings)
+
+
+class Model(PreTrainedModel):
+    config_class = ModelConfig
+    base_model_prefix = "encoder"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        encoder_config = AutoConfig.for_model(**config.encoder)
+        self.encoder = AutoModel.from_config(encoder_config)
+        self.encoder.pooler = None  # unused: the head pools itself (an unused layer would make DDP fail)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.head = nn.Linear(encoder_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, labels=None, **inputs):  # inputs: what the tokenizer gave (input_ids, attention_mask, ...)
+        pooled = self.encoder(**inputs).last_hidden_state[:, 0]  # the [CLS] position
+        logits = self.head(self.dropout(pooled))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return ClassifierOutput(loss=loss, logits=logits, embeddings=pooled)
+
+
+def build_model(model_name_or_path, train_set):
+    """A directory with only a config.json (assets/tiny-bert) gives a randomly initialised encoder
+    sized to the vocabulary dataset.py learnt; a hub id or a directory with weights gives that
+    pretrained encoder under a new head."""
+    labels = train_set.labels
+    # trust_remote_code=False here and below: a folder that asks to run its own code is refused.
+    encoder_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
+    local = Path(model_name_or_path)
+    has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
+    if not has_weights:
+        encoder_config.vocab_size = len(train_set.tokenizer)
+        encoder_config.pad_token_id = train_set.tokenizer.pad_token_id
+    config = ModelConfig(encoder=encoder_config.to_dict(), id2label=dict(enumerate(labels)),
+                         label2id={label: i for i, label in enumerate(labels)})
+    model = Model(config)
+    if has_weights:
+        model.encoder = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=False)
+        model.encoder.pooler = None  # as in Model.__init__
+    return model
+
+
+def metric_inputs(batch, outputs):
+    return {"predictions": outputs.logits.argmax(-1), "labels": batch["labels"]}
+
+
+def compute_metrics(gathered):
+    predictions, labels = gathered["predictions"], gathered["labels"]
+    f1 = [2 * ((predictions == c) & (labels == c)).sum() / ((predictions == c).sum() + (labels == c).sum())
+          for c in torch.cat([predictions, labels]).unique()]  # per class: 2 TP / (predicted + gold)
+    return {"accuracy": (predictions == labels).float().mean().item(),
+            "macro_f1": torch.stack(f1).mean().item()}  # over the classes seen, like sklearn's f1_score
+
+
+def format_samples(model, tokenizer, batch, outputs, k):
+    names = model.config.id2label
+    predicted = outputs.logits[:k].argmax(-1).tolist()
+    return [f"input: {tokenizer.decode(ids, skip_special_tokens=True)}\n  prediction: {names[p]}  gold: {names[g]}"
+            for ids, p, g in zip(batch["input_ids"][:k].tolist(), predicted, batch["labels"][:k].tolist())]
+
+
+def predictions(config, batch, outputs):
+    scores, ids = outputs.logits.float().softmax(-1).max(-1)
+    return [{"label": config.id2label[i], "score": round(s, 6)} for i, s in zip(ids.tolist(), scores.tolist())]
