@@ -5,16 +5,9 @@ import codecs
 import csv
 import json
 import os
-import weakref
 from pathlib import Path
-from typing import NamedTuple, Optional
 
 import datasets
-import datasets.table
-import numpy
-import pyarrow
-import pyarrow.compute
-import pyarrow.ipc
 from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -33,12 +26,16 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", "
 
 
 # Opening a cached file reads every record batch's header, and the kernel maps 64 KiB of the file
-# around each one: with datasets' default of 1,000 rows a batch that is ~64 bytes of resident
-# memory per row before a single row is read. Up to 100,000 rows a batch (JSON is read in 10 MB
-# blocks: ~60,000 short rows) bring that near 1 byte. Local files only: their readers hand over
-# whole blocks; a hub dataset keeps its builder's (one that yields images one by one would hold
-# that many).
+# around each one: with datasets' default of 1,000 rows a batch that is ~64 bytes of resident memory
+# per row before a single row is read. Up to 100,000 rows a batch (JSON: a block of
+# JSON_BYTES_PER_READ, ~6,000 short rows) bring that near 1 byte. Local files only: their readers
+# hand over whole blocks; a hub dataset keeps its builder's (one that yields images one by one would
+# hold that many).
 ROWS_PER_RECORD_BATCH = 100_000
+# JSON lines are read 1 MiB at a time (datasets' default: 10 MB), ~6,000 short rows a record batch:
+# pyarrow parses each block on its threads, and its allocator and Python's kept ~100 MB of what a
+# 1M-row file's 10 MB blocks had used (~100 bytes a row, on the first run only); 1 MiB blocks ~20 MB.
+JSON_BYTES_PER_READ = 1 << 20
 
 
 def load_rows(path, split="train", config_name=None):
@@ -54,7 +51,7 @@ def load_rows(path, split="train", config_name=None):
                 raise UserError(f"{path}: the file holds no examples.")
             if suffix != ".parquet" and not is_utf8(path):  # pyarrow's JSON reader lets bad bytes through
                 raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.")
-            options = {}
+            options = {"chunksize": JSON_BYTES_PER_READ} if FILE_TYPES[suffix] == "json" else {}
             if suffix in (".csv", ".tsv"):
                 # Everything stays a string ("NA", "null" too), and TSV is split on tabs only:
                 # GLUE-style files hold unbalanced quotes. A UTF-8 BOM is dropped by the reader.
@@ -131,160 +128,6 @@ def row_name(path, index):
     if suffix in (".csv", ".tsv"):
         return f"line {index + 2}"
     return f"row {index + 1}"
-
-
-class CachedRows:
-    """The rows of a datasets.Dataset as a torch Dataset reads them: rows[i], rows.__getitems__(indices)
-    (a batch, what DataLoader asks for), len(rows), and rows.lengths(column) of a list column.
-
-    Numbers and lists of numbers (token ids, labels: what a tokenizer makes) are read from the
-    dataset's cache file with os.pread, not through datasets' memory map. Why: every page that a read
-    through a map touches counts in the process's resident memory, and the kernel maps 64 KiB to
-    2 MiB of the file around it (fault-around, large folios): the first two batches of 32 random rows
-    of a 1M-row cache cost ~20 MiB, the lengths 4 bytes a row more, and the map itself ~64 KiB per
-    record batch. What is kept instead is where each record batch's columns lie in the file. Other
-    data (strings, booleans, nulls, a format or columns chosen, rows selected, renamed or added after
-    caching, a dataset held in memory, no os.pread as on Windows) is read through datasets."""
-
-    def __init__(self, dataset):
-        self.size, self.fd, self.batches = len(dataset), None, None
-        self.path = dataset.cache_files[0]["filename"] if len(dataset.cache_files) == 1 else None
-        # The table must be the file as written: datasets records later changes (a rename, a column
-        # selected) as replays on the table, and added rows or columns make another kind of table.
-        if (hasattr(os, "pread") and self.path and isinstance(dataset.data, datasets.table.MemoryMappedTable)
-                and all(change == "replace_schema_metadata" for change, *_ in dataset.data.replays)
-                and dataset._indices is None and dataset.format["type"] is None
-                and dataset.format["columns"] in (None, dataset.column_names)):
-            self.identity = file_identity(os.stat(self.path))
-            self.batches = record_batches(self.path, dataset.data.schema, len(dataset))
-            self.starts = numpy.array([start for start, _ in self.batches or []])
-        # Read by hand, datasets' table and its map are not needed: they go.
-        self.dataset = dataset if self.batches is None else None
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, indices):
-        if self.batches is None:
-            return self.dataset.__getitems__(indices)
-        rows, fd = [], self.file()
-        indices = [range(self.size)[i] for i in indices]  # IndexError outside; negative: from the end
-        for i, batch in zip(indices, numpy.searchsorted(self.starts, indices, side="right") - 1):
-            start, columns = self.batches[batch]
-            rows.append({name: column.read(fd, i - start) for name, column in columns.items()})
-        return rows
-
-    def lengths(self, column):
-        """The length of each row's list in `column` (int32), one read of its offsets per record batch."""
-        if self.batches is None:
-            lists = self.dataset.with_format("arrow")[column]  # in the dataset's order (a selection too)
-            return pyarrow.compute.list_value_length(lists).cast(pyarrow.int32()).to_numpy()
-        ends = [*self.starts[1:], self.size]
-        return numpy.concatenate([numpy.diff(columns[column].offsets_of(self.file(), 0, end - start)).astype(numpy.int32)
-                                  for (start, columns), end in zip(self.batches, ends)])
-
-    def file(self):
-        """The cache file, opened by the process that reads (a DataLoader worker started by spawn
-        too): the same file whose layout was read, or a message if it was deleted or replaced."""
-        if self.fd is None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = None
-            if fd is None or file_identity(os.fstat(fd)) != self.identity:
-                raise UserError(f"{self.path}: this cache file of the tokenized data was deleted or replaced "
-                                f"while the run read it (another run cleaning the datasets cache?). Start again.")
-            self.fd = fd
-            weakref.finalize(self, os.close, fd)
-        return self.fd
-
-    def __getstate__(self):
-        return {**self.__dict__, "fd": None}
-
-
-def file_identity(stat):
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-class Column(NamedTuple):
-    """Where a column of one record batch lies in an Arrow IPC file: the file offset of its values,
-    of `dtype`; for a list column, also that of its offsets (where each row's values start, one
-    more than the rows, of `offsets_dtype`)."""
-    values: int
-    dtype: numpy.dtype
-    offsets: Optional[int] = None
-    offsets_dtype: Optional[numpy.dtype] = None
-
-    def read(self, fd, row):
-        if self.offsets is None:
-            return read_array(fd, self.dtype, self.values, row, 1).tolist()[0]
-        start, end = self.offsets_of(fd, row, 1).tolist()
-        return read_array(fd, self.dtype, self.values, start, end - start).tolist()
-
-    def offsets_of(self, fd, row, rows):
-        if self.offsets is None:
-            raise ValueError("lengths(): not a column of lists")
-        return read_array(fd, self.offsets_dtype, self.offsets, row, rows + 1)
-
-
-def read_array(fd, dtype, at, first, count):
-    """Items first..first + count - 1 of an array of `dtype` that starts at offset `at` of a file."""
-    data = os.pread(fd, count * dtype.itemsize, at + first * dtype.itemsize)
-    if len(data) != count * dtype.itemsize:  # not silently fewer tokens
-        raise EOFError("a cache file of the tokenized data was cut short while the run read it")
-    return numpy.frombuffer(data, dtype)
-
-
-def record_batches(path, schema, rows):
-    """[(first row, {column name: Column})] of each record batch with rows of an Arrow IPC stream (how
-    datasets caches), or None unless every column holds numbers or lists of numbers, without nulls.
-    Reads the file's headers only, through a memory map that closes with it."""
-    batches, start = [], 0
-    with pyarrow.memory_map(path) as f:
-        messages = pyarrow.ipc.MessageReader.open_stream(f)
-        if not pyarrow.ipc.read_schema(messages.read_next_message()).equals(schema):
-            return None
-        while True:
-            try:
-                message = messages.read_next_message()
-            except StopIteration:
-                break
-            batch = pyarrow.ipc.read_record_batch(message, schema)  # its buffers: slices of the body, unread
-            if batch.num_rows:
-                columns = {name: column_of(array, message.body, f.tell() - message.body.size)
-                           for name, array in zip(schema.names, batch.columns)}
-                if None in columns.values():
-                    return None
-                batches.append((start, columns))
-                start += batch.num_rows
-    return batches if start == rows else None
-
-
-def column_of(array, body, at):
-    """The Column of `array`, whose buffers lie in a message `body` at file offset `at`, or None."""
-    def offset(buffer):
-        if buffer.size == 0:  # nothing to read
-            return at
-        inside = body.address <= buffer.address and buffer.address + buffer.size <= body.address + body.size
-        return at + buffer.address - body.address if inside else None  # not inside: a decompressed copy
-    pa_type, offsets = array.type, [offset(b) if b is not None else None for b in array.buffers()]
-    if array.null_count or array.offset:
-        return None
-    if is_number(pa_type) and offsets[1] is not None:
-        return Column(offsets[1], numpy.dtype(pa_type.to_pandas_dtype()))
-    if ((pyarrow.types.is_list(pa_type) or pyarrow.types.is_large_list(pa_type)) and is_number(pa_type.value_type)
-            and not array.values.null_count and not array.values.offset and len(offsets) == 4
-            and None not in (offsets[1], offsets[3])):
-        return Column(offsets[3], numpy.dtype(pa_type.value_type.to_pandas_dtype()), offsets[1],
-                      numpy.dtype(numpy.int32 if pyarrow.types.is_list(pa_type) else numpy.int64))
-    return None
-
-
-def is_number(pa_type):
-    return pyarrow.types.is_integer(pa_type) or pyarrow.types.is_floating(pa_type)
 
 
 # ---------------------------------------------------------------- a vocabulary of the user's own words

@@ -6,10 +6,10 @@ generated training file of N rows, then one shuffled pass over every batch, as t
 
 Each size runs in a fresh process with an empty datasets cache, then once more on the warm cache
 (the second run of train.py on the same file). Printed per run: seconds to build the dataset,
-seconds for the pass, the peak RSS (VmHWM: would include any page of a memory-mapped file the pass
-touched; dataset.py reads rows with os.pread, see utils.CachedRows) and the peak anonymous memory
-(RssAnon, sampled: what the process itself holds). The loader here is torch's own shuffled one,
-whose order is a Python list (~36 bytes a row); train.py's holds 4 bytes a row.
+seconds for the pass, the peak RSS (VmHWM: includes the pages of datasets' memory-mapped cache
+files that the pass touched, which the kernel drops when it needs the memory) and the peak
+anonymous memory (RssAnon, sampled: what the process itself holds). The loader here is torch's own
+shuffled one, whose order is a Python list (~36 bytes a row); train.py's holds 4 bytes a row.
 """
 import argparse
 import json

@@ -279,13 +279,6 @@ def load_data(spec):
     return tokenizer, generate_dataset(spec["train_file"], "train", tokenizer, options)
 
 
-def as_datasets(train_set):
-    """dataset.py's tokenized rows as the datasets.Dataset a Trainer user passes (the same cache file)."""
-    import datasets
-    rows = train_set.rows
-    return rows.dataset if rows.dataset is not None else datasets.Dataset.from_file(rows.path)
-
-
 def run_bare(spec, probe):
     """The same work per step as train.py, and nothing else."""
     import torch
@@ -339,7 +332,7 @@ def run_trainer(spec, probe):
         remove_unused_columns=False,  # forward(labels, **inputs) would otherwise lose input_ids
         train_sampling_strategy="group_by_length" if spec["grouped"] else "random")
     # The tokenized datasets.Dataset, as a Trainer user passes it; Trainer's default collator pads per batch.
-    Trainer(model=model, args=args, train_dataset=as_datasets(train_set), processing_class=tokenizer).train()
+    Trainer(model=model, args=args, train_dataset=train_set.rows, processing_class=tokenizer).train()
 
 
 def run_data(spec, probe):
@@ -591,7 +584,7 @@ def trainer_job(outdir):
     args = TrainingArguments(output_dir=outdir, per_device_train_batch_size=32, learning_rate=1e-3, weight_decay=0.01,
                              max_steps=1, save_strategy="steps", save_steps=1, eval_strategy="no", report_to="none",
                              remove_unused_columns=False, seed=42)
-    Trainer(model=model, args=args, train_dataset=as_datasets(train_set), processing_class=tokenizer).train()
+    Trainer(model=model, args=args, train_dataset=train_set.rows, processing_class=tokenizer).train()
 
 
 def measure_startup(repeats, workdir, progress=print):

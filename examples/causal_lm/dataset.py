@@ -16,17 +16,18 @@ What train.py expects of this file (as for the default task):
     -100 on padding; the model shifts them by one position itself).
   * `Dataset.lengths`: the length of each sample, for --group_by_length.
 """
+import pyarrow.compute
 import torch
 from transformers import AutoTokenizer
 
-from utils import CachedRows, UserError, load_rows, row_name
+from utils import UserError, load_rows, row_name
 
 TEXT = "text"
 
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, tokenizer, max_len):
-        self.rows = CachedRows(rows)  # datasets' rows of input_ids and attention_mask, read from its cache
+        self.rows = rows  # a datasets.Dataset of input_ids and attention_mask, read from its cache
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
         self.max_len = max_len  # the longest a text can be (--max_len): build_model() checks the model's positions
@@ -41,8 +42,8 @@ class Dataset(torch.utils.data.Dataset):
         return self.rows.__getitems__(indices)
 
     @property
-    def lengths(self):
-        return self.rows.lengths("input_ids")
+    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
+        return pyarrow.compute.list_value_length(self.rows.with_format("arrow")["input_ids"]).to_numpy()
 
     def collate(self, samples):
         batch = self.tokenizer.pad(samples, padding_side="right", return_tensors="pt")

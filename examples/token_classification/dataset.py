@@ -26,10 +26,11 @@ What train.py expects of this file (as for the default task):
 import re
 
 import datasets
+import pyarrow.compute
 import torch
 from transformers import AutoTokenizer, DataCollatorForTokenClassification
 
-from utils import CachedRows, UserError, load_rows, row_name
+from utils import UserError, load_rows, row_name
 
 WORDS, TAGS = "tokens", "tags"
 
@@ -42,7 +43,7 @@ def tag_names(entity_types):
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, labels, tokenizer):
-        self.rows = CachedRows(rows)  # input_ids, attention_mask, ..., labels, word_starts (from the cache)
+        self.rows = rows  # input_ids, attention_mask, ..., labels, word_starts (from the cache)
         self.labels = labels  # the tag names, index = tag id
         self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
         self.padding_side = tokenizer.padding_side
@@ -57,8 +58,8 @@ class Dataset(torch.utils.data.Dataset):
         return self.rows.__getitems__(indices)
 
     @property
-    def lengths(self):
-        return self.rows.lengths("input_ids")
+    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
+        return pyarrow.compute.list_value_length(self.rows.with_format("arrow")["input_ids"]).to_numpy()
 
     def collate(self, samples):
         word_starts = [sample.pop("word_starts") for sample in samples]

@@ -47,8 +47,8 @@ def test_speed_prints_the_startup_threads_and_memory_ratios():
     figures = {m[1]: float(m[2]) for m in re.finditer(r"^ {2,4}(\S.*?)\s{2,}(-?[\d.]+)(?: s|\s|$)", out, re.M)}
     for label in ("template", "trainer", "import train", "start-up to step 1 and a checkpoint: template / trainer",
                   "accelerate launch / python train.py (time)", "1 thread (before) / accelerate launch now (time)",
-                  "bytes per training row beyond a fixed cost (peak RSS)",
-                  "batch of 32 random rows, read by hand (os.pread), us", "batch of 32 random rows, read through datasets, us"):
+                  "peak RssAnon", "peak RSS (with the pages of mapped files)",
+                  "batch of 32 random rows, read through datasets, us"):
         assert label in figures, f"{label!r} not printed:\n{out}"
     assert 0 < figures["start-up to step 1 and a checkpoint: template / trainer"] == pytest.approx(
         figures["template"] / figures["trainer"], abs=0.01)

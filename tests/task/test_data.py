@@ -16,10 +16,9 @@ import torch
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
 
-from core import options
 import utils
-from core import samplers
 from conftest import ROOT, tiny_tokenizer
+from core import options, samplers
 from dataset import generate_dataset
 
 TOKENIZER = tiny_tokenizer()
@@ -78,109 +77,41 @@ def test_a_hub_style_dataset_folder_with_splits_and_class_label_ids(tmp_path):
 def test_tokenization_is_cached_and_redone_only_when_what_it_depends_on_changes(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", ROWS * 10)
     first = load(path)
-    cache_file = first.rows.path
+    cache_file = cache_file_of(first)
     written = os.stat(cache_file).st_mtime_ns
     second = load(path)
-    assert second.rows.path == cache_file and os.stat(cache_file).st_mtime_ns == written
-    assert load(path, max_len=4).rows.path != cache_file  # another max_len: tokenized again
+    assert cache_file_of(second) == cache_file and os.stat(cache_file).st_mtime_ns == written
+    assert cache_file_of(load(path, max_len=4)) != cache_file  # another max_len: tokenized again
     write_jsonl(path, ROWS * 11)  # the file changed: tokenized again
     assert len(load(path)) == 33
 
 
+def cache_file_of(data):
+    (cache,) = data.rows.cache_files
+    return cache["filename"]
+
+
 def test_the_rows_are_read_from_the_cache_file_not_loaded():
     dataset = load(ROOT / "data" / "train.jsonl")
-    assert dataset.rows.dataset is None and os.path.isfile(dataset.rows.path)  # read by hand, nothing held
+    assert isinstance(dataset.rows.data, datasets.table.MemoryMappedTable)  # a map of the file, nothing held
     everything = range(len(dataset))
-    assert dataset.rows.__getitems__(everything) == datasets.Dataset.from_file(dataset.rows.path).__getitems__(everything)
+    assert dataset.__getitems__(everything) == datasets.Dataset.from_file(cache_file_of(dataset)).__getitems__(everything)
 
 
-def cached(tmp_path, columns, rows_per_batch=700):
-    """A datasets.Dataset of `columns` cached in a file of record batches of `rows_per_batch` rows."""
-    source = datasets.Dataset.from_dict({"n": list(range(len(next(iter(columns.values())))))})
-    return source.map(lambda batch, indices: {k: [v[i] for i in indices] for k, v in columns.items()}, batched=True,
-                      with_indices=True, batch_size=rows_per_batch, writer_batch_size=rows_per_batch,
-                      remove_columns=["n"], cache_file_name=str(tmp_path / "rows.arrow"))
-
-
-def numbers_of_every_kind(n):
-    generator = random.Random(0)
-    return {"input_ids": [[generator.randrange(50_000) for _ in range(generator.randrange(0, 20))] for _ in range(n)],
-            "labels": [generator.randrange(3) for _ in range(n)], "score": [generator.random() for _ in range(n)],
-            "vector": [[generator.random() for _ in range(3)] for _ in range(n)]}
-
-
-def test_cached_rows_read_by_hand_are_datasets_own(tmp_path):
-    rows = cached(tmp_path, numbers_of_every_kind(5000))
-    mine = utils.CachedRows(rows)
-    assert mine.dataset is None and len(mine.batches) == 8 and len(mine) == 5000  # read by hand, 8 record batches
-    indices = [*random.Random(1).sample(range(5000), 500), 0, 4999, -1, -5000]
-    assert mine.__getitems__(indices) == rows.__getitems__(indices)
-    assert mine[-1] == rows[-1] and mine[699] == rows[699] and mine[700] == rows[700]  # across a batch boundary
-    assert mine.lengths("input_ids").tolist() == [len(ids) for ids in rows["input_ids"]]
-    assert mine.lengths("input_ids").dtype == numpy.int32
-    for outside in (5000, -5001):
-        with pytest.raises(IndexError):
-            mine[outside]
-    assert pickle.loads(pickle.dumps(mine)).__getitems__(indices) == rows.__getitems__(indices)  # spawned workers
-
-
-def test_cached_rows_read_anything_else_through_datasets(tmp_path):
-    numbers = cached(tmp_path, numbers_of_every_kind(50))
-    others = {"strings": cached(tmp_path / "s", {"text": ["a", "b"]}),
-              "nulls": cached(tmp_path / "n", {"labels": [1, None]}),
-              "booleans": cached(tmp_path / "b", {"mask": [[True], [False]]}),
-              "rows selected": numbers.select([3, 1, 2]), "a format": numbers.with_format("numpy"),
-              "columns chosen": numbers.with_format(None, columns=["labels"]),
-              "a column replaced": numbers.remove_columns("vector").add_column("vector", [[0.0]] * 50),
-              "a row added": numbers.skip(1).add_item(numbers[0]),
-              "columns renamed": numbers.rename_columns({"labels": "score", "score": "labels"}).select_columns(
-                  ["input_ids", "labels", "score", "vector"]),
-              "in memory": datasets.Dataset.from_dict({"labels": [1, 2]})}
-    for name, rows in others.items():
-        mine = utils.CachedRows(rows)
-        assert mine.dataset is rows, name
-        assert str(mine.__getitems__([1, 0])) == str(rows.__getitems__([1, 0])) and len(mine) == len(rows), name
-    lengths = utils.CachedRows(numbers.select([3, 1])).lengths("input_ids")
-    assert lengths.tolist() == [len(numbers[3]["input_ids"]), len(numbers[1]["input_ids"])] and lengths.dtype == numpy.int32
-
-
-def test_cached_rows_with_empty_lists_and_a_file_replaced(tmp_path):
-    rows = cached(tmp_path, {"input_ids": [[1, 2]] * 700 + [[]] * 700, "labels": [0] * 1400})  # a batch of empty lists
-    mine = utils.CachedRows(rows)
-    assert mine.dataset is None and mine.__getitems__([0, 700, 1399]) == rows.__getitems__([0, 700, 1399])
-    copy = pickle.loads(pickle.dumps(mine))  # what a spawned DataLoader worker gets: it opens the file again
-    cached(tmp_path / "other", {"input_ids": [[3]] * 1400, "labels": [1] * 1400}, rows_per_batch=1000)
-    os.replace(tmp_path / "other" / "rows.arrow", tmp_path / "rows.arrow")  # another layout under the same name
-    with pytest.raises(SystemExit, match="rows.arrow: this cache file of the tokenized data was deleted or replaced"):
-        copy[0]
-    assert mine[700] == {"input_ids": [], "labels": 0}  # the file this one opened: read to the end
-
-
-def mapped_kib(path):
-    """KiB of the file at `path` in this process's resident memory through memory maps (/proc/self/smaps)."""
-    kib, mapping = 0, None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if line[0] in "0123456789abcdef":  # a mapping: address range, perms, offset, device, inode, path
-                mapping = fields[5] if len(fields) > 5 else None
-            elif fields[0] == "Rss:" and mapping == str(path):
-                kib += int(fields[1])
-    return kib
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
-def test_random_rows_read_by_hand_map_no_page_of_the_cache(tmp_path):
-    n = 200_000
-    rows = cached(tmp_path, {"input_ids": [[i] * (i % 40) for i in range(n)], "labels": [i % 3 for i in range(n)]},
-                  rows_per_batch=10_000)
-    mine, path = utils.CachedRows(rows), tmp_path / "rows.arrow"
-    batch = random.Random(0).sample(range(n), 64)
-    before = mapped_kib(path)  # datasets' map of it: the record batches' headers, read when it opened
-    read, lengths = mine.__getitems__(batch), mine.lengths("input_ids")
-    assert mapped_kib(path) <= before
-    assert read == rows.__getitems__(batch) and lengths.tolist() == [i % 40 for i in range(n)]
-    assert mapped_kib(path) - before >= 64 * 4  # through the map: 4 KiB or more for each random row
+def test_rows_are_datasets_own_and_their_lengths_count_their_tokens(tmp_path):
+    """The Dataset reads rows through datasets (__getitems__, the batch DataLoader asks for) and
+    counts each row's tokens with arrow, in the order of the rows it holds (a selection too)."""
+    data = load(write_jsonl(tmp_path / "rows.jsonl", ROWS * 400))
+    assert isinstance(data.rows, datasets.Dataset) and os.path.isfile(cache_file_of(data))
+    indices = [*random.Random(1).sample(range(len(data)), 100), 0, len(data) - 1, -1]
+    assert data.__getitems__(indices) == [data[i] for i in indices] == data.rows.__getitems__(indices)
+    assert data[0]["input_ids"][0] == TOKENIZER.cls_token_id and data[2]["labels"] == 0  # negative sorts first
+    lengths = data.lengths
+    assert lengths.dtype == numpy.int32 and lengths.tolist() == [len(row["input_ids"]) for row in data.rows]
+    assert sorted(set(lengths.tolist())) == sorted({len(TOKENIZER(text)["input_ids"]) for text, _ in ROWS})
+    picked = type(data)(data.rows.select([2, 0, 1]), data.labels, data.tokenizer)
+    assert picked.lengths.tolist() == [lengths[2], lengths[0], lengths[1]]
+    assert pickle.loads(pickle.dumps(data)).__getitems__(indices) == data.__getitems__(indices)  # spawned workers
 
 
 class Lengths:

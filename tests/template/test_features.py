@@ -184,7 +184,7 @@ def test_gradient_checkpointing_is_bitwise_the_same_run(tiny_data, tmp_path):
 
 
 def test_loader_workers_read_the_same_batches(tiny_data, tmp_path):
-    """Rows read by hand from the cache file (utils.CachedRows) in DataLoader workers: the same run."""
+    """Rows read from the cache file in DataLoader workers: the same batches, the same run."""
     args = [*data_args(tiny_data), *FAST, "--epochs", 1]
     run(*args, "--outdir", tmp_path / "plain")
     run(*args, "--outdir", tmp_path / "workers", "--num_workers", 2)

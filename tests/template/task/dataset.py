@@ -21,17 +21,18 @@ What train.py and predict.py read from this file (nothing else):
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with
 the same file, tokenizer and max_len does not tokenize again), and the Dataset reads its rows from
-the cache file (utils.CachedRows): memory grows by the order the sampler holds, 4 bytes a row.
+the cache file, memory-mapped (datasets' own Dataset.__getitems__).
 """
 import math
 from pathlib import Path
 
 import datasets
 import pyarrow
+import pyarrow.compute
 import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from utils import CachedRows, UserError, learn_vocabulary, load_rows, row_name
+from utils import UserError, learn_vocabulary, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
 VOCABULARY_SIZE = 8000  # at most, for a vocabulary learnt from the training file (training from scratch)
@@ -54,7 +55,7 @@ def load_tokenizer(source, args):
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, labels, tokenizer):
-        self.rows = CachedRows(rows)  # datasets' rows of input_ids and labels (class ids), read from its cache
+        self.rows = rows  # a datasets.Dataset of input_ids and labels (class ids), read from its cache file
         self.labels = labels  # index = class id; build_model() puts them in the model config
         self.tokenizer = tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
         self.collate = DataCollatorWithPadding(tokenizer)
@@ -69,8 +70,8 @@ class Dataset(torch.utils.data.Dataset):
         return self.rows.__getitems__(indices)
 
     @property
-    def lengths(self):
-        return self.rows.lengths("input_ids")
+    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
+        return pyarrow.compute.list_value_length(self.rows.with_format("arrow")["input_ids"]).to_numpy()
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
@@ -115,7 +116,6 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
 
     # The cache key is the data's fingerprint plus a hash of encode() with everything it uses
     # (tokenizer, max_len, label ids): change any of them and the data is tokenized again.
-    # 10,000 rows a batch, one record batch of the cache file each (see ROWS_PER_RECORD_BATCH in utils.py).
-    rows = rows.map(encode, batched=True, batch_size=10_000, writer_batch_size=10_000, with_indices=True,
-                    remove_columns=rows.column_names, desc=f"Tokenizing {path}")
+    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
+                    desc=f"Tokenizing {path}")
     return Dataset(rows, labels, tokenizer)
