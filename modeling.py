@@ -14,6 +14,11 @@ What train.py and predict.py read from this file (nothing else):
     VALID bar and stored in log.json next to the validation loss. Without them validation reports
     the loss only. --metric_for_best picks one of them to decide best/: lower is better for names
     like loss, error, mse, mae, rmse, perplexity, higher for the others (--greater_is_better overrides).
+  * `loss_items(batch)` (optional): per example (a tensor, first dimension = batch size), the items
+    `.loss` is a mean over, for a loss whose number of items varies between batches (tokens with a
+    label: see examples/). train.py then weighs every item of an optimizer step alike, however the
+    step is split into --accumulation batches and processes, and logs means over items. Without
+    it each batch weighs the same: right for this file's loss, a mean over examples.
   * `format_samples(model, tokenizer, batch, outputs, k)` (optional, for --sample_every) shows k
     examples of a training batch as text (input / prediction / gold). It runs on the main process
     only, with the RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).

@@ -8,6 +8,7 @@
 Writes OUTDIR/best/ (best validation loss), OUTDIR/last/ (end of each epoch, every --save_steps)
 and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, not the loop.
 """
+import contextlib
 import gc
 import math
 import os
@@ -44,7 +45,8 @@ def main(argv=None):
         guard.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
     model = build(args, train_set)
     if args.check:  # a few seconds of checks on the two user files instead of the run
-        failed = wiring.run(accelerator, model, train_set, valid_set, args)
+        failed = wiring.run(accelerator, model, train_set, valid_set, args,
+                            getattr(modeling, "loss_items", None))
         return runtime.finish(accelerator, failed)
     greater = preflight.first_batch(model, train_set, valid_set, args,
                                     lambda batch, outputs: compute_metrics(metrics_of(batch, outputs)))
@@ -99,8 +101,10 @@ def setup(args):
         args.accumulation = checkpoint.elastic_accumulation(
             args.resume, resumed.num_processes, args.accumulation, int(os.environ.get("WORLD_SIZE", 1)),
             args.ignore_mismatch)
+    # No gradient_accumulation_steps: the loop accumulates --accumulation batches itself, weighing
+    # each by its items (accelerate would divide every batch's loss by the same number).
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.accumulation, mixed_precision=args.mixed_precision,
+        mixed_precision=args.mixed_precision,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
         log_with=runtime.tracker(args.report_to), project_dir=args.outdir,
         # Any sampler's permutation a function of (seed, epoch) only, so a resumed epoch replays it
@@ -179,7 +183,8 @@ def prepare(accelerator, args, model, train_set, valid_set):
     workers = 2 * gpu if args.num_workers is None else args.num_workers
     loader_options = {"num_workers": workers, "pin_memory": gpu, "persistent_workers": workers > 0,
                       "generator": torch.Generator()}
-    sampler = (samplers.LengthGroupedSampler(args.batch_size, train_set, args.seed) if args.group_by_length
+    step_batch = args.batch_size * args.accumulation * accelerator.num_processes  # grouped per step
+    sampler = (samplers.LengthGroupedSampler(step_batch, train_set, args.seed) if args.group_by_length
                else samplers.ShuffledSampler(len(train_set), args.seed))
     train_loader = DataLoader(train_set, args.batch_size, sampler=sampler,  # collate None: torch's own
                               collate_fn=getattr(train_set, "collate", None), **loader_options)
@@ -203,6 +208,8 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
     why it stopped early: a signal number, "--stop_after_steps", or None. `greater`: whether a
     greater --metric_for_best is better."""
     optimizer, scheduler = objects["optimizer"], objects["scheduler"]
+    steps_per_epoch = math.ceil(len(train_loader) / args.accumulation)
+    loss_items = getattr(modeling, "loss_items", None)  # what the loss is a mean over (optional)
     # Taken after prepare(): FSDP2 replaces every parameter by a sharded one (a DTensor), and the
     # old ones would never see a gradient (nothing clipped, no NaN noticed).
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -226,30 +233,32 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
         batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
         bar = runtime.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done,
                                total=len(train_loader))
-        for batch in batches:
-            with accelerator.accumulate(model):
-                outputs = model(**batch)
-                preflight.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
-                    if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
-                        grad_norm = grad_norm.full_tensor()
-                    # After backward() every process holds the same (all-reduced) gradients, so
-                    # all of them skip the same steps.
-                    skipped = runtime.step(optimizer, grad_norm, accelerator.scaler)
-                    running.nonfinite_steps += skipped
-                    scheduler.step()
-                    optimizer.zero_grad()
-            running.add(outputs.loss.detach())
-            bar.update()  # by hand: the bar closes before validation, inside the epoch's last step
-            if not accelerator.sync_gradients:
-                continue
+        # One optimizer step a window of --accumulation batches. Its items are counted first, so
+        # that every token weighs the same however the step's batch is split (see loss_divisors).
+        for window in runtime.windows(batches, args.accumulation):
+            divisors, items = runtime.loss_divisors(window, loss_items, args.accumulation, accelerator)
+            for i, batch in enumerate(window):
+                # The gradients are all-reduced once a step, in the window's last backward.
+                with accelerator.no_sync(model) if i < len(window) - 1 else contextlib.nullcontext():
+                    outputs = model(**batch)
+                    preflight.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
+                    accelerator.backward(outputs.loss / divisors[i])
+                running.add(outputs.loss.detach(), items[i])
+                bar.update()  # by hand: the bar closes before validation, inside the epoch's last step
+            grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
+            if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
+                grad_norm = grad_norm.full_tensor()
+            # After backward() every process holds the same (all-reduced) gradients, so all of
+            # them skip the same steps.
+            skipped = runtime.step(optimizer, grad_norm, accelerator.scaler)
+            running.nonfinite_steps += skipped
+            scheduler.step()
+            optimizer.zero_grad()
 
             # One optimizer step done: show, validate at the end of the epoch, save, stop.
             state.global_step += 1
             state.steps_done_in_epoch += 1
-            end_of_epoch = accelerator.gradient_state.end_of_dataloader
+            end_of_epoch = state.steps_done_in_epoch == steps_per_epoch
             if args.sample_every and state.global_step % args.sample_every == 0:
                 runtime.show_samples(accelerator, modeling.format_samples, model, tokenizer, batch,
                                      outputs, args.samples, state.global_step, bar)
@@ -335,23 +344,27 @@ def compute_metrics(gathered):
 
 
 def evaluate(accelerator, model, loader, desc):
-    """Validation loss and metrics over the whole validation set, gathered from every process; the
-    VALID bar ends showing them all."""
+    """Validation loss (a mean over items, as the training loss) and metrics over the whole
+    validation set, gathered from every process; the VALID bar ends showing them all."""
+    loss_items = getattr(modeling, "loss_items", None)
     model.eval()
-    losses, gathered = [], defaultdict(list)
+    losses, items, gathered = [], [], defaultdict(list)
     # Updated by hand: it closes after the metrics.
     bar = runtime.progress(accelerator, None, desc, total=len(loader))
     with torch.no_grad():
         for batch in loader:
             outputs = model(**batch)
-            batch_size = len(next(iter(batch.values())))
-            per_example = outputs.loss.detach().float().repeat(batch_size)
-            losses.append(accelerator.gather_for_metrics(per_example))
+            # Per example (gather_for_metrics drops the copies that even out the last batches): its
+            # items (tokens, with modeling.loss_items; else 1), and the batch's loss times them.
+            per_example = (loss_items(batch).float() if loss_items else
+                           torch.ones(len(next(iter(batch.values()))), device=accelerator.device))
+            losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float() * per_example))
+            items.append(accelerator.gather_for_metrics(per_example))
             for key, value in metrics_of(batch, outputs).items():
                 gathered[key].append(accelerator.gather_for_metrics(value))
             bar.update()
     model.train()
-    metrics = {"loss": torch.cat(losses).mean().item(),
+    metrics = {"loss": (torch.cat(losses).sum() / torch.cat(items).sum()).item(),
                **compute_metrics({key: torch.cat(values) for key, values in gathered.items()})}
     bar.set_postfix(metrics)
     bar.close()

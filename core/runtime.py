@@ -64,39 +64,70 @@ LAUNCHED = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" i
 PARENT = os.getppid()
 
 
+def windows(batches, accumulation):
+    """The micro-batches of each optimizer step, as lists of `accumulation` (the epoch's last may be
+    shorter): a step's items are counted before its first backward."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == accumulation:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def loss_divisors(window, loss_items, accumulation, accelerator=None):
+    """(divisors, items): each micro-batch's loss of `window` is divided by its divisor before
+    backward(), and weighs `items` in the logged mean. With modeling.loss_items (the loss is a mean
+    over tokens, say), every item of the optimizer step weighs the same, over the window and over
+    `accelerator`'s processes (one all-reduce of a count, no wait for the GPU; DDP then averages the
+    processes' gradients): the update of --batch_size 16 is that of 8 x --accumulation 2 or of 2
+    processes x 8. Without it every micro-batch weighs the same, as accelerate has it: exact for a
+    mean over examples in batches of one size."""
+    if loss_items is None:
+        return [accumulation] * len(window), [1] * len(window)
+    items = [loss_items(batch).sum() for batch in window]
+    total, processes = torch.stack(items).sum(), 1
+    if accelerator is not None and accelerator.num_processes > 1:
+        total, processes = accelerator.reduce(total, reduction="sum"), accelerator.num_processes
+    return [total / (count * processes) for count in items], items
+
+
 class RunningLoss:
-    """The training loss of the epoch in progress (this process's sum and batch count) and the number
-    of skipped non-finite steps, kept on the device: reading them waits for the GPU, so they are read
+    """The training loss of the epoch in progress (this process's sum of losses times their items,
+    and the items: a mean over tokens with modeling.loss_items, else over batches) and the number of
+    skipped non-finite steps, kept on the device: reading them waits for the GPU, so they are read
     only when shown, every --log_every steps."""
 
     def __init__(self, device, saved=(0.0, 0)):
         self.sum = torch.tensor(saved[0], dtype=torch.float64, device=device)
-        self.batches = torch.tensor(saved[1], dtype=torch.float64, device=device)
+        self.items = torch.tensor(saved[1], dtype=torch.float64, device=device)
         self.nonfinite_steps = torch.zeros((), dtype=torch.float64, device=device)
         self.shown = (float(saved[0]), float(saved[1]))  # the sums when last shown
 
-    def add(self, loss):
+    def add(self, loss, items=1):
         finite = torch.isfinite(loss)  # a non-finite loss is left out of the mean (and its step skipped)
-        self.sum += torch.where(finite, loss, 0.0)
-        self.batches += finite
+        self.sum += torch.where(finite, loss * items, 0.0)
+        self.items += finite * items
 
     def since_shown(self):
         """(mean loss since the last call or None, non-finite steps since the last call): one read."""
-        total, batches, nonfinite = torch.stack([self.sum, self.batches, self.nonfinite_steps]).tolist()
-        (shown_total, shown_batches), self.shown = self.shown, (total, batches)
+        total, items, nonfinite = torch.stack([self.sum, self.items, self.nonfinite_steps]).tolist()
+        (shown_total, shown_items), self.shown = self.shown, (total, items)
         self.nonfinite_steps.zero_()
-        return ((total - shown_total) / (batches - shown_batches) if batches > shown_batches else None), int(nonfinite)
+        return ((total - shown_total) / (items - shown_items) if items > shown_items else None), int(nonfinite)
 
     def per_process(self, accelerator):
-        """[[sum, batches] of each process], for the checkpoint (a collective: every process calls it)."""
-        return accelerator.gather(torch.stack([self.sum, self.batches])[None]).tolist()
+        """[[sum, items] of each process], for the checkpoint (a collective: every process calls it)."""
+        return accelerator.gather(torch.stack([self.sum, self.items])[None]).tolist()
 
     def epoch_mean(self, accelerator):
-        """The mean over every process's batches of the epoch; then starts the next epoch's sums."""
-        totals = accelerator.reduce(torch.stack([self.sum, self.batches]), reduction="sum")
+        """The mean over every process's items of the epoch; then starts the next epoch's sums."""
+        totals = accelerator.reduce(torch.stack([self.sum, self.items]), reduction="sum")
         mean = (totals[0] / totals[1]).item()
         self.sum.zero_()
-        self.batches.zero_()
+        self.items.zero_()
         self.shown = (0.0, 0.0)
         return mean
 

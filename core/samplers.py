@@ -34,7 +34,9 @@ class LengthGroupedSampler(ShuffledSampler):
     sorted by length, longest first, and the longest example moved to the very front: the indices of
     transformers' get_length_grouped_indices), as a function of (seed, epoch) like ShuffledSampler,
     so that a resumed epoch replays the same batches. Written here because Trainer's makes Python
-    lists of every index and length (~70 bytes an example); this one holds int32 tensors."""
+    lists of every index and length (~70 bytes an example); this one holds int32 tensors.
+    `batch_size`: the examples of one optimizer step (train.py: --batch_size x --accumulation x
+    processes, which take consecutive batches), so that every split of a step groups alike."""
 
     def __init__(self, batch_size, dataset, seed):
         lengths = getattr(dataset, "lengths", None)

@@ -7,7 +7,8 @@ at), nothing written into --outdir. The exit status is 0 only if no check failed
 
 The checks follow the well-known recipe for training neural networks: look at a batch, check the
 initial loss, that every layer gets a gradient, that padding changes nothing, that one batch can be
-learnt by heart, that the model survives save_pretrained / from_pretrained, and what the time goes to.
+learnt by heart, that the model survives save_pretrained / from_pretrained, that a batch split in two
+takes the same step, and what the time goes to.
 """
 import copy
 import inspect
@@ -20,8 +21,11 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
+from core import runtime
+
 
 PADDING_TOLERANCE = 1e-4  # float32 outputs of one example, alone and padded in a batch (absolute)
+SPLIT_TOLERANCE = 1e-4  # one step's gradient, a batch whole against in two halves (relative)
 OVERFIT_STEPS, OVERFIT_FACTOR = 40, 0.5  # steps on one batch; the loss must end below half its start
 LEARNING_FACTOR = 0.9  # the validation loss after as many steps on distinct batches, against its start
 
@@ -45,7 +49,7 @@ def first_tensor(outputs):
     return next(v for k, v in outputs.items() if k != "loss" and torch.is_tensor(v))
 
 
-def run(accelerator, model, train_set, valid_set, args):
+def run(accelerator, model, train_set, valid_set, args, loss_items=None):
     report = Report(accelerator)
     collate = getattr(train_set, "collate", None) or torch.utils.data.default_collate
     loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
@@ -90,7 +94,8 @@ def run(accelerator, model, train_set, valid_set, args):
     model = copy.deepcopy(model).to(device)  # the checks train it: the run's model stays as built
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         checks = {"forward": forward_and_gradients, "padding": padding_invariance, "overfit": overfit,
-                  "learning": learning, "round-trip": round_trip, "speed": throughput}
+                  "learning": learning, "round-trip": round_trip,
+                  "split": lambda *common: batch_split(*common, loss_items), "speed": throughput}
         for name, check in checks.items():
             try:
                 check(report, accelerator, model, batch, train_set, valid_set, collate, args)
@@ -263,8 +268,44 @@ def round_trip(report, accelerator, model, batch, train_set, valid_set, collate,
         report("PASS", "round-trip", "save_pretrained / from_pretrained reproduces the outputs exactly")
 
 
+def batch_split(report, accelerator, model, batch, train_set, valid_set, collate, args, loss_items):
+    """7. One step's gradient at --batch_size B and at B/2 x --accumulation 2, each batch weighed as
+    train.py weighs it (runtime.loss_divisors), dropout off: the same to float noise, unless the loss
+    is a mean over items whose number varies between batches (tokens) and loss_items() does not count
+    them."""
+    size = max(2, min(args.batch_size, len(train_set)))
+    if len(train_set) < 2:
+        report("WARN", "split", "one training example: no batch to split")
+        return
+    chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:size].tolist()
+    samples, half = [train_set[i] for i in chosen], size // 2
+    gradients = []
+    for window in ([samples], [samples[:half], samples[half:]]):
+        window = [send_to_device(collate(copy.deepcopy(part)), accelerator.device) for part in window]
+        trained = copy.deepcopy(model).eval()  # dropout off: the two splits would draw other masks
+        divisors, _ = runtime.loss_divisors(window, loss_items, len(window))
+        for micro, divisor in zip(window, divisors):
+            (trained(**micro).loss / divisor).backward()
+        gradients.append(torch.cat([p.grad.double().flatten() for p in trained.parameters() if p.grad is not None]))
+    whole, split = gradients
+    difference = ((split - whole).norm() / whole.norm().clamp(min=1e-30)).item()
+    steps = f"one step at --batch_size {size} and at {half} x --accumulation 2"
+    if difference <= SPLIT_TOLERANCE:
+        report("PASS", "split", f"{steps} give the same gradient (relative difference {difference:.1e})"
+                                + ("; loss_items() counts the items" if loss_items else ""))
+    elif loss_items is None:
+        report("WARN", "split", f"{steps} give gradients {difference:.1e} apart: the loss is a mean over "
+                                f"items (tokens?) whose number varies between batches. Add loss_items(batch) "
+                                f"to modeling.py (per example, the items its loss is a mean over) and "
+                                f"train.py weighs every item of a step alike")
+    else:
+        report("WARN", "split", f"{steps} give gradients {difference:.1e} apart although loss_items() "
+                                f"counts items: does it count exactly what the loss is a mean over (a causal "
+                                f"LM predicts every token but the first)?")
+
+
 def throughput(report, accelerator, model, batch, train_set, valid_set, collate, args):
-    """7. Per batch: the time to load it against the time of a training step."""
+    """8. Per batch: the time to load it against the time of a training step."""
     loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=args.num_workers or 0, generator=torch.Generator().manual_seed(args.seed))
     trained, optimizer = trainable_copy(model, args.lr)
@@ -289,7 +330,7 @@ def throughput(report, accelerator, model, batch, train_set, valid_set, collate,
 
 
 def processes(report, accelerator, model, train_set, collate, args):
-    """8. With several processes: each sees other batches, and one DDP step leaves the weights equal."""
+    """9. With several processes: each sees other batches, and one DDP step leaves the weights equal."""
     loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(args.seed))
     ddp_model, optimizer = trainable_copy(model, args.lr)

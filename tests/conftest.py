@@ -73,14 +73,18 @@ def home(which=None):
     return TREE if (which or ACTIVE[0]) == "template" else ROOT
 
 
+FOLDERS = {"template": TASK, "task": ROOT, "causal_lm": ROOT / "examples" / "causal_lm"}  # of each pair
+
+
 def activate(which):
-    """Makes `import modeling, dataset, train, predict` give the pair of `which`: the pinned copy
-    for "template", the root files for "task"; train.py and predict.py import whichever is active."""
+    """Makes `import modeling, dataset, train, predict` give the pair of `which` (FOLDERS: the pinned
+    copy for "template", the root files for "task", an example's); train.py and predict.py import
+    whichever is active."""
     ACTIVE[0] = which
     if which not in PAIRS:
         for name in ("modeling", "dataset", "train", "predict"):
             sys.modules.pop(name, None)
-        folder = TASK if which == "template" else ROOT
+        folder = FOLDERS[which]
         for name, where in [("modeling", folder), ("dataset", folder), ("train", ROOT), ("predict", ROOT)]:
             spec = importlib.util.spec_from_file_location(name, where / f"{name}.py")
             module = sys.modules[name] = importlib.util.module_from_spec(spec)

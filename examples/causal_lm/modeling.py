@@ -10,6 +10,8 @@ What train.py expects of this file (as for the default task):
   * `Model.forward(**batch)` returns a ModelOutput with `.loss`: here the mean cross-entropy of
     each next token, which the hub's causal LMs compute themselves from `labels`.
   * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py.
+  * `loss_items(batch)`: the loss is a mean over tokens, and this counts them, so that train.py
+    weighs every token of an optimizer step alike however its batch is split.
   * `metric_inputs(batch, outputs)` / `compute_metrics(gathered)`: the validation perplexity.
   * `format_samples(...)`: for --sample_every, a greedy continuation of the first tokens of a text.
   * `predictions(config, batch, outputs)`: each text's loss and perplexity, for predict.py.
@@ -47,6 +49,12 @@ def build_model(model_name_or_path, train_set):
     if vocabulary > model.get_input_embeddings().num_embeddings:  # a tokenizer with added tokens
         model.resize_token_embeddings(vocabulary)
     return model
+
+
+def loss_items(batch):
+    """Per text, the tokens its loss is a mean over: all but the first (position t predicts token t + 1)
+    and the padding (-100)."""
+    return (batch["labels"][:, 1:] != -100).sum(1)
 
 
 def token_losses(batch, outputs):

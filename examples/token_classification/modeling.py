@@ -12,6 +12,8 @@ What train.py expects of this file (as for the default task):
   * `Model.forward(**batch)` returns a ModelOutput with `.loss`: the cross-entropy of each word's
     tag, read at its first sub-token (labels -100 elsewhere).
   * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py.
+  * `loss_items(batch)`: the loss is a mean over words, and this counts them, so that train.py
+    weighs every word of an optimizer step alike however its batch is split.
   * `metric_inputs(batch, outputs)` / `compute_metrics(gathered)`: word accuracy, and precision,
     recall and F1 of whole entities (exact type and span, as seqeval and conlleval count them).
   * `format_samples(...)` shows the predicted and the gold entities of a few sentences;
@@ -62,6 +64,11 @@ class Model(PreTrainedModel):
         if labels is not None:  # -100 (later sub-tokens, [CLS], [SEP], padding) is left out of the mean
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return TokenClassifierOutput(loss=loss, logits=logits)
+
+
+def loss_items(batch):
+    """Per sentence, the words its loss is a mean over: the labels that are not -100."""
+    return (batch["labels"] != -100).sum(1)
 
 
 def build_model(model_name_or_path, train_set):

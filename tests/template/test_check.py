@@ -36,7 +36,8 @@ def verdicts(lines):
 def test_the_default_pair_passes_every_check(tiny_data, tmp_path):
     status, lines = check(tiny_data, tmp_path)
     assert status == 0, lines
-    expected = {"data", "labels", "keys", "forward", "gradients", "padding", "overfit", "learning", "round-trip", "speed"}
+    expected = {"data", "labels", "keys", "forward", "gradients", "padding", "overfit", "learning", "round-trip",
+                "split", "speed"}
     assert set(lines) == expected and all(v == {"PASS"} for v in verdicts(lines).values()), lines
     assert "negative: " in lines["labels"][0][1] and "ln 3 = 1.0986" in lines["forward"][0][1]
 
@@ -160,3 +161,4 @@ def test_both_example_pairs_pass_check_unchanged(name, tmp_path):
     result = launch(*options, "--check", cwd=repo)
     assert "--check: every check passed" in result.stdout, result.stdout
     assert "FAIL" not in result.stdout
+    assert "PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the same gradient" in result.stdout

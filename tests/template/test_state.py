@@ -15,13 +15,13 @@ from conftest import TREE, assert_bitwise_equal, data_args, read_json
 from core import checkpoint, runtime
 
 OBJECTS = '    objects = {"optimizer": optimizer, "scheduler": scheduler}\n'
-STEP = "                    optimizer.zero_grad()\n"
+STEP = "            optimizer.zero_grad()\n"
 SETUP = "    runtime.shard_fsdp_on_cpu(accelerator)\n"
 # An EMA of the weights: its creation and the one line that adds it to what is saved ...
 EMA = (OBJECTS + "    ema = torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), "
        "multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))\n"
        '    objects["ema"] = ema\n')
-EMA_UPDATE = STEP + '                    objects["ema"].update_parameters(model)\n'  # ... and its update
+EMA_UPDATE = STEP + '            objects["ema"].update_parameters(model)\n'  # ... and its update
 # fp16's loss scaler, as accelerate makes it on a GPU (it makes none on CPU): a real GradScaler,
 # which doubles its scale after every step without an overflow (a resume that started it afresh
 # ends at other weights, and at another scale).
