@@ -112,6 +112,7 @@ def setup(args):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     runtime.shard_fsdp_on_cpu(accelerator)
     guard.refuse_deepspeed(accelerator)
+    guard.refuse_fp16_on_cpu(accelerator)
     if args.resume:
         if accelerator.is_main_process:
             checkpoint.verify(args.resume)  # every file against its manifest, before any is read

@@ -3,8 +3,10 @@ into a datasets.Dataset with line-numbered messages, and a vocabulary learnt fro
 It imports nothing of the project; train.py's own machinery is in core/."""
 import codecs
 import csv
+import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import datasets
@@ -46,7 +48,9 @@ def load_rows(path, split="train", config_name=None):
     try:
         if suffix in FILE_TYPES:
             if not Path(path).is_file():
-                raise UserError(f"{path}: no such data file. Check --train_file / --valid_file.")
+                what = file_kind(path)
+                raise UserError(f"{path}: {f'a {what}, not a file of data' if what else 'no such data file'}. "
+                                f"Check --train_file / --valid_file.")
             if Path(path).stat().st_size == 0:
                 raise UserError(f"{path}: the file holds no examples.")
             if suffix != ".parquet" and not is_utf8(path):  # pyarrow's JSON reader lets bad bytes through
@@ -58,8 +62,17 @@ def load_rows(path, split="train", config_name=None):
                 options = {"keep_default_na": False, "na_filter": False, "chunksize": ROWS_PER_RECORD_BATCH}
                 if suffix == ".tsv":
                     options.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+            # datasets keys its cache of a local file, and the rows' fingerprint (which keys the
+            # tokenized cache and the learnt vocabulary), by path and mtime: a file rewritten with
+            # the same size and its old mtime (rsync -t, a restore) would give the old rows. Keyed by
+            # the file's bytes as well, a changed file is always read again.
+            digest = sha256(path)
+            cache = Path(datasets.config.HF_DATASETS_CACHE) / "by-content" / digest[:16]
             rows = datasets.load_dataset(FILE_TYPES[suffix], data_files={split: path}, split=split,
-                                         writer_batch_size=ROWS_PER_RECORD_BATCH, **options)
+                                         cache_dir=str(cache), writer_batch_size=ROWS_PER_RECORD_BATCH,
+                                         **options)
+            fingerprint = Hasher.hash((rows._fingerprint, digest))
+            rows = rows.select_columns(rows.column_names, new_fingerprint=fingerprint)  # a view: no copy
         elif Path(path).is_file():
             raise UserError(f"{path}: unknown file type '{suffix}'. Give a {', '.join(FILE_TYPES)} file.")
         else:
@@ -79,6 +92,36 @@ def load_rows(path, split="train", config_name=None):
     if len(rows) == 0:
         raise UserError(f"{path}: the file holds no examples.")
     return rows
+
+
+def file_kind(path):
+    """What is at `path` when it is not a regular file: "folder", "FIFO", ... or None (nothing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def sha256(path, remember=True):
+    """The sha256 of a file's bytes (hex). remember: computed once per version of a data file in a
+    process (by its inode, size, mtime and ctime: a write changes ctime, which no tool sets back)."""
+    info = os.stat(path)
+    key = (os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if key not in DIGESTS or not remember:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if not remember:
+            return digest.hexdigest()
+        DIGESTS[key] = digest.hexdigest()
+    return DIGESTS[key]
+
+
+DIGESTS = {}
 
 
 def bad_line(path):

@@ -5,7 +5,6 @@ files) plus what exact resume needs: optimizer.pt, lr.bin (scheduler), trainer_s
 (position, best loss, log) and one rng_state_<rank>.safetensors per process. Nothing in it is
 unpickled: tensors are loaded with weights_only=True, the rest is JSON.
 """
-import hashlib
 import json
 import os
 import pickle
@@ -26,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
-from utils import UserError
+from utils import UserError, sha256
 
 
 @dataclass
@@ -93,7 +92,8 @@ def verify(path, option="--resume", recover=True):
     for name in sorted(expected - set(files)):  # a manifest rewritten to leave a file out
         raise UserError(f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. {other}.")
     for name, digest in files.items():
-        if Path(name).name != name or not (path / name).is_file() or sha256(path / name) != digest:
+        if (Path(name).name != name or not (path / name).is_file()
+                or sha256(path / name, remember=False) != digest):
             raise UserError(f"{option} {path}: {path / name} is missing, truncated or changed since it was "
                             f"saved (it does not match manifest.json). Use another checkpoint, e.g. {other}.")
 
@@ -156,24 +156,25 @@ def fsync_tree(directory):
             os.close(fd)
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def publish(staging, target):
     """Replaces `target` by the complete directory `staging`. A crash at any moment leaves either
     `target` or `.old-<target>` whole; verify() takes the latter back."""
     old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(old, ignore_errors=True)
+    discard(old)
     if target.exists():
         os.replace(target, old)
     os.replace(staging, target)
     fsync_tree(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    discard(old)
+
+
+def discard(old):
+    """Removes a previous checkpoint that publish() moved aside: a folder, or a link (rmtree leaves a
+    link in place, and the next save's rename onto it would fail)."""
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # Where each object of train.py's `objects` is saved: today's names for the optimizer and the
@@ -265,7 +266,8 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
 
 def publish_all(outdir, staging, names, state):
     """The main process: manifest.json, fsync, then each name published by renames, and log.json."""
-    manifest = {"global_step": state.global_step, "files": {p.name: sha256(p) for p in sorted(staging.iterdir())}}
+    files = {p.name: sha256(p, remember=False) for p in sorted(staging.iterdir())}
+    manifest = {"global_step": state.global_step, "files": files}
     write_json(staging / "manifest.json", manifest)
     fsync_tree(staging)
     for name in names[1:]:  # best/ shares last/'s files as hard links: nothing is written in place

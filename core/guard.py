@@ -12,8 +12,8 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType
 
-from core.checkpoint import find, read_state, sha256, written_here
-from utils import UserError, load_rows
+from core.checkpoint import find, read_state, written_here
+from utils import UserError, load_rows, sha256
 
 
 def refuse_folders_with_code(args):
@@ -28,6 +28,15 @@ def refuse_deepspeed(accelerator):
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise UserError("DeepSpeed is not supported by this template: FSDP2 is its sharded engine "
                         "(configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume).")
+
+
+def refuse_fp16_on_cpu(accelerator):
+    """accelerate runs --mixed_precision fp16 on a CPU in float32 (no autocast, no loss scaler): said,
+    not run silently."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed_precision fp16 on a CPU: accelerate would run it in float32 (no fp16 "
+                        "autocast or loss scaling on CPU). Use --mixed_precision bf16, which runs on CPU, "
+                        "or no (set in `accelerate config` too).")
 
 
 def refuse_custom_code(folder, what):
@@ -45,10 +54,21 @@ def refuse_custom_code(folder, what):
 
 
 def check_outdir(outdir, resume, resumed, overwrite):
-    """Before anything is read or written: the outdir holds nothing of anyone else's, and no run
-    other than the one --resume continues (`resumed`: its TrainState; --overwrite replaces a run only
-    once the new one has saved its first checkpoint: see save())."""
+    """Before anything is read or written: the outdir can be written, holds nothing of anyone else's
+    and no links among its checkpoints, and no run other than the one --resume continues (`resumed`:
+    its TrainState; --overwrite replaces a run only once the new one has saved its first checkpoint:
+    see save())."""
     outdir = Path(outdir)
+    if int(os.environ.get("RANK", 0)) == 0:
+        check_writable(outdir)
+    if resume and Path(resume).is_symlink():
+        raise UserError(f"--resume {resume} is a symbolic link (to {os.readlink(resume)}): resume from "
+                        f"{Path(resume).resolve()} itself, and choose where this run goes with --outdir.")
+    for name in ("last", "best", ".old-last", ".old-best"):
+        if (outdir / name).is_symlink():
+            raise UserError(f"--outdir {outdir}: {name} is a symbolic link (to {os.readlink(outdir / name)}). "
+                            f"Checkpoints are replaced by renames, which would move the link and mix two "
+                            f"runs: remove the link (or copy the checkpoint in its place), or pick another --outdir.")
     held = [name for name in ("last", "best", "log.json") if (outdir / name).exists()]
     foreign = [name for name in held if not written_here(outdir / name)]
     if foreign:
@@ -64,6 +84,26 @@ def check_outdir(outdir, resume, resumed, overwrite):
         raise UserError(f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
                         f"--resume {outdir}/last, start over with --overwrite (the old run is replaced once the "
                         f"new one has saved a checkpoint), or pick another --outdir.")
+
+
+def check_writable(outdir):
+    """One line, before any work, if --outdir cannot be created or written (read-only, no permission,
+    a path too long); a folder created for the test is removed again."""
+    created = []
+    try:
+        for folder in [outdir, *outdir.parents][::-1]:
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        probe = outdir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--outdir {outdir}: cannot write there ({e.strerror or e}). Pick a folder you can "
+                        f"write, with a shorter path if it is too long.") from None
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
 
 
 HELD_LOCKS = {}  # outdir -> the open lock file of this process's run into it

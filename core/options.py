@@ -160,6 +160,29 @@ def read_options_file(path):
     return values
 
 
+def read_config(path, including=()):
+    """{option: (value, the file it came from)} of a --config file, after those it includes: a
+    `config: base.yaml` key (relative to the including file's folder) is read first, and the file's
+    own values override it. A file that includes itself, or one that includes it, is refused."""
+    path = Path(path)
+    chain = [*including, path.resolve()]
+    if path.resolve() in including:
+        raise UserError(f"{path}: includes itself ({' -> '.join(map(str, chain))}). Remove the `config:` "
+                        f"key that closes the loop.")
+    values = read_options_file(path)
+    base = values.pop("config", None)
+    merged = {}
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: config: {base!r} is not the path of an options file.")
+        if not (path.parent / base).is_file():
+            raise UserError(f"{path}: config: {base}: no such options file ({path.parent / base}; a path "
+                            f"relative to {path.parent}).")
+        merged = read_config(path.parent / base, chain)
+    merged.update({key: (value, str(path)) for key, value in values.items()})
+    return merged
+
+
 def check_value(action, value, source):
     """A value from a file, held to what the option takes on the command line: its type, range and choices."""
     def refuse(expected):
@@ -195,11 +218,13 @@ def parse_options(parser, argv=None):
                             f"Give a checkpoint directory such as model/last.")
         saved = read_options_file(folder / "my_config.json")
         defaults.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
+    sources = {key: f"{known.resume}/my_config.json" for key in defaults}
     if known.config:
-        defaults.update(read_options_file(known.config))
+        for key, (value, source) in read_config(known.config).items():
+            defaults[key], sources[key] = value, source
     actions = {action.dest: action for action in parser._actions}
     for key, value in defaults.items():
-        source = known.config if key not in saved or saved[key] != value else f"{known.resume}/my_config.json"
+        source = sources[key]
         if key not in actions:
             parser.error(f"{source}: unknown option '{key}'")
         check_value(actions[key], value, source)
@@ -218,6 +243,6 @@ def parse_options(parser, argv=None):
         changed.append(f"--{key} {value} -> {getattr(args, key)}")
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"changed on resume: {', '.join(changed)}", file=sys.stderr)
-    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
+    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):  # (False for a path too long)
         raise UserError(f"--outdir {args.outdir} is a file; give a folder (it is created if missing).")
     return args
