@@ -39,6 +39,10 @@ finally:  # (~1 s of start-up); what the imports made lives as long as the proce
 def main(argv=None):
     args = options.parse_args(argv, __doc__)
     accelerator, resumed, threads = setup(args)
+    if resumed and finished(resumed, args):  # run again as it was (--resume auto): nothing to do
+        accelerator.print(f"{args.resume}: the run is finished (epoch {resumed.epoch} of --epochs "
+                          f"{args.epochs}); nothing to do. Pass a larger --epochs to train further.")
+        return runtime.finish(accelerator, 0)
     with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
         tokenizer, train_set, valid_set, data = load_data(args)
     if resumed:
@@ -78,14 +82,25 @@ def main(argv=None):
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("runs", config=config)
 
-    stop = train(accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state,
-                 greater)
+    try:
+        stop = train(accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state,
+                     greater)
+    except RuntimeError as e:  # a collective that failed: said in one line, not gloo's traceback
+        if accelerator.num_processes > 1 and runtime.peer_stopped(e):
+            runtime.exit_peer_stopped(accelerator, args.outdir)
+        raise
     if stop:
         accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
                           f"{state.global_step} optimizer steps; {args.outdir}/last holds the full "
                           f"state. Continue with: {runtime.resume_command(accelerator, args.outdir)}")
     # A signal's exit status (128 + its number): a scheduler sees a preemption.
     runtime.finish(accelerator, 128 + stop if isinstance(stop, int) else 0)
+
+
+def finished(state, args):
+    """Whether the resumed run has nothing left: every epoch done, or stopped early."""
+    patience = args.early_stopping_patience
+    return state.epoch >= args.epochs or bool(patience and state.bad_epochs >= patience)
 
 
 def setup(args):
@@ -101,6 +116,7 @@ def setup(args):
         args.accumulation = checkpoint.elastic_accumulation(
             args.resume, resumed.num_processes, args.accumulation, int(os.environ.get("WORLD_SIZE", 1)),
             args.ignore_mismatch)
+    runtime.join_restarted_group()  # after a restart by torchrun's agent only
     # No gradient_accumulation_steps: the loop accumulates --accumulation batches itself, weighing
     # each by its items (accelerate would divide every batch's loss by the same number).
     accelerator = Accelerator(

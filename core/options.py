@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from accelerate.utils import LoggerType
 
-from core.checkpoint import find
+from core.checkpoint import find, read_state
 from utils import UserError
 
 
@@ -100,7 +100,8 @@ def parse_args(argv=None, description=None):
     run.add_argument("--outdir", default="model", help="where best/, last/ and log.json go")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --outdir")
     run.add_argument("--resume", metavar="DIR", help="a checkpoint (model/last or model/best) to continue; "
-                     "its my_config.json gives the defaults")
+                     "its my_config.json gives the defaults. auto: OUTDIR/last if there is one, else a new "
+                     "run (the same command continues after a requeue or a restart)")
     run.add_argument("--ignore_mismatch", action="store_true",
                      help="resume even with another batch size, seed, model or number of processes")
     run.add_argument("--save_steps", type=number(int, 0), default=0, help="also save last/ every N optimizer steps")
@@ -160,6 +161,25 @@ def read_options_file(path):
     return values
 
 
+def resume_auto(parser, argv):
+    """--resume auto: OUTDIR/last if --outdir holds a checkpoint (so the same command continues a run,
+    as a scheduler's requeue or torchrun's restart runs it again), else a new run; said in one line."""
+    fresh = [a for i, a in enumerate(argv) if a != "--resume=auto" and not (
+        a == "--resume" and argv[i + 1:i + 2] == ["auto"]) and not (a == "auto" and argv[i - 1:i] == ["--resume"])]
+    outdir = parse_options(parser, fresh).outdir
+    last = Path(outdir) / "last"
+    if not (find(last) / "trainer_state.json").is_file():
+        say(f"--resume auto: {outdir} holds no checkpoint: a new run.")
+        return parse_options(parser, fresh)
+    say(f"--resume auto: continuing {last} (step {read_state(find(last)).global_step}).")
+    return parse_options(parser, [*fresh, "--resume", str(last)])
+
+
+def say(line):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+
+
 def read_config(path, including=()):
     """{option: (value, the file it came from)} of a --config file, after those it includes: a
     `config: base.yaml` key (relative to the including file's folder) is read first, and the file's
@@ -210,6 +230,8 @@ def check_value(action, value, source):
 def parse_options(parser, argv=None):
     """Defaults < the resumed checkpoint's my_config.json < --config FILE < flags on the command line."""
     known, _ = parser.parse_known_args(argv)
+    if known.resume == "auto":
+        return resume_auto(parser, sys.argv[1:] if argv is None else list(argv))
     defaults, saved = {}, {}
     if known.resume:
         folder = find(known.resume)  # or .old-<name>, where a crash between the two renames of a save left it
@@ -241,8 +263,8 @@ def parse_options(parser, argv=None):
                             f"resumed run would not continue the same run. Drop the option, or add "
                             f"--ignore_mismatch to resume anyway (data order and results then differ).")
         changed.append(f"--{key} {value} -> {getattr(args, key)}")
-    if changed and int(os.environ.get("RANK", 0)) == 0:
-        print(f"changed on resume: {', '.join(changed)}", file=sys.stderr)
+    if changed:
+        say(f"changed on resume: {', '.join(changed)}")
     if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):  # (False for a path too long)
         raise UserError(f"--outdir {args.outdir} is a file; give a folder (it is created if missing).")
     return args

@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from packaging import version
 from tqdm.auto import tqdm
 
+from core.checkpoint import find, read_state
 from utils import UserError
 
 
@@ -246,6 +247,47 @@ def add_lora(model, args):
             raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:300]}") from None
     for param in model.parameters():
         param.requires_grad = id(param) not in backbone  # the adapters and the head
+
+
+def join_restarted_group():
+    """In a group that torchrun's agent started again (--max_restarts, TORCHELASTIC_RESTART_COUNT > 0):
+    the default process group, joined under a key prefix of its own. Written by hand because torch's
+    static rendezvous (accelerate launch's default) hands every restart the same TCPStore, where the
+    dead processes' gloo addresses (NCCL ids) are still found: the new processes then connect to
+    those (Connection refused) or wait for ever, about 1 restart in 3 on 2 CPU processes."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if (not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or torch.distributed.is_initialized()):
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                       is_master=False)
+    gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    torch.distributed.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size,
+                                         store=torch.distributed.PrefixStore(f"/restart_{restart}", store))
+
+
+# How a collective fails when another process of the run died (killed, out of memory, its node
+# gone): gloo's socket errors, NCCL's and torch's distributed errors.
+PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator",
+               "Socket Timeout")
+
+
+def peer_stopped(error):
+    return isinstance(error, torch.distributed.DistError) or any(text in str(error) for text in PEER_ERRORS)
+
+
+def exit_peer_stopped(accelerator, outdir):
+    """One line for a process whose peer died mid-step (instead of gloo's traceback), then exit 1;
+    the launcher (torchrun's agent) reports or restarts the group."""
+    last = find(Path(outdir) / "last")
+    where = (f"{Path(outdir) / 'last'} is the last whole checkpoint (step {read_state(last).global_step})"
+             if (last / "trainer_state.json").is_file() else "no checkpoint was saved yet")
+    print(f"error: another process of this run stopped (process {accelerator.process_index} saw its "
+          f"connection close mid-step); {where}. Continue with: {resume_command(accelerator, outdir)} "
+          f"(or the same command with --resume auto).", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def finish(accelerator, status):

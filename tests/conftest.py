@@ -52,7 +52,7 @@ def make_tree():
     shutil.copytree(TASK / "tiny-bert", tree / "assets" / "tiny-bert")
     shutil.copytree(TASK / "data", tree / "data")
     (tree / "tests").mkdir()
-    for name in ("crash.py", "record.py"):  # scripts the template tests launch
+    for name in ("crash.py", "record.py", "kill_once.py"):  # scripts the template tests launch
         shutil.copy(ROOT / "tests" / "template" / name, tree / "tests" / name)
     return tree
 

@@ -142,7 +142,7 @@ def test_a_malicious_lr_bin_is_refused_and_never_runs(reference, tmp_path):
     manifest["files"]["lr.bin"] = checkpoint_module.sha256(checkpoint / "lr.bin")
     checkpoint_module.write_json(checkpoint / "manifest.json", manifest)
     with pytest.raises(SystemExit, match="lr.bin: refused to load"):
-        train.main(["--resume", str(checkpoint), "--outdir", str(tmp_path / "out")])
+        train.main(["--resume", str(checkpoint), "--outdir", str(tmp_path / "out"), "--epochs", "3"])
     assert not SENTINEL.exists()
 
 
@@ -173,5 +173,5 @@ def test_resuming_into_another_architecture_is_refused_even_with_ignore_mismatch
     with pytest.raises(SystemExit, match="model_name_or_path .* differs"):
         options.parse_args(["--resume", str(reference(1) / "last"), "--model_name_or_path", str(other)])
     with pytest.raises(SystemExit, match="its weights do not fit the model"):
-        train.main(["--resume", str(reference(1) / "last"), "--model_name_or_path", str(other), "--ignore_mismatch",
-                    "--outdir", str(tmp_path / "out")])
+        train.main(["--resume", str(reference(1) / "last"), "--model_name_or_path", str(other), "--epochs", "3",
+                    "--ignore_mismatch", "--outdir", str(tmp_path / "out")])

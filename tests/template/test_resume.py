@@ -112,3 +112,23 @@ def test_best_is_not_replaced_by_a_worse_model_after_resume(tiny_data, tmp_path)
     assert log["Epoch 2"]["valid_log"]["loss"] > max(log["Epoch 0"]["valid_log"]["loss"], log["Epoch 1"]["valid_log"]["loss"])
     assert {p.name: p.read_bytes() for p in (outdir / "best").iterdir()} == best_before
     assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 3
+
+
+def test_resume_auto_starts_a_run_continues_it_and_leaves_it_alone_once_finished(tiny_data, reference, tmp_path):
+    """The same command, run again (a requeued job, a restarted worker): --resume auto starts a new
+    run, continues it from OUTDIR/last, and once the run is finished changes nothing."""
+    outdir = tmp_path / "model"
+    command = [*common_args(tiny_data, 1), "--outdir", outdir, "--resume", "auto"]
+    first = run(*command, "--stop_after_steps", STEPS_PER_EPOCH + 7)  # stopped, as by a time limit
+    assert f"--resume auto: {outdir} holds no checkpoint: a new run." in first.stderr
+    second = run(*command)
+    assert f"--resume auto: continuing {outdir / 'last'} (step {STEPS_PER_EPOCH + 7})." in second.stderr
+    assert_bitwise_equal(reference(1) / "last", outdir / "last")
+    assert read_json(outdir / "log.json") == read_json(reference(1) / "log.json")
+
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outdir.rglob("*") if p.is_file()}
+    third = run(*command)
+    assert f"{outdir / 'last'}: the run is finished (epoch 2 of --epochs 2); nothing to do" in third.stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outdir.rglob("*") if p.is_file()} == before
+    with pytest.raises(SystemExit, match="--lr 0.0005 differs from"):  # not the same options: refused
+        train.main([str(a) for a in [*command, "--lr", 5e-4, "--epochs", 3]])
