@@ -151,10 +151,11 @@ def load_data(args):
     """dataset.py's tokenizer (the checkpoint's on --resume) and datasets, and what the data was."""
     # The data side decides whether there is a tokenizer (or other processor).
     load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
-    tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
-    train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
-    valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
-                                 getattr(train_set, "labels", None))
+    with guard.datasets_cache_space():  # a full disk there: one line, no partial file left
+        tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
+        train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
+        valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
+                                     getattr(train_set, "labels", None))
     data = {"train": guard.describe_data(args.train_file, args.train_split, args.dataset_config,
                                          len(train_set)),
             "valid": guard.describe_data(args.valid_file, args.valid_split, args.dataset_config,

@@ -3,6 +3,7 @@ into a datasets.Dataset with line-numbered messages, and a vocabulary learnt fro
 It imports nothing of the project; train.py's own machinery is in core/."""
 import codecs
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -80,11 +81,15 @@ def load_rows(path, split="train", config_name=None):
     except UnicodeDecodeError:
         raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.") from None
     except datasets.exceptions.DatasetGenerationError as e:
+        if disk_full(e):  # the cache's disk, not the file: train.py says so
+            raise
         if isinstance(e.__cause__, UnicodeDecodeError):
             raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.") from None
         bad = bad_line(path)
         raise UserError(f"{path}, {bad}" if bad else f"{path}: {e.__cause__ or e}") from None
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # OSError: hub unreachable too
+        if disk_full(e):
+            raise
         if suffix in FILE_TYPES and "corresponds to no data" in str(e):
             raise UserError(f"{path}: the file holds no examples.") from None
         raise UserError(f"{path}: could not load it as a file ({', '.join(FILE_TYPES)}) or a dataset "
@@ -92,6 +97,16 @@ def load_rows(path, split="train", config_name=None):
     if len(rows) == 0:
         raise UserError(f"{path}: the file holds no examples.")
     return rows
+
+
+def disk_full(error):
+    """Whether `error`, or one it came from, is a full disk (ENOSPC: OSError, or the text of tokenizers'
+    and pyarrow's own errors); datasets' map follows it with "I/O operation on closed file"."""
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def file_kind(path):
@@ -209,8 +224,12 @@ def learn_vocabulary(rows, column, size=8000, max_len=None):
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
         cache.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tokenizer.save(str(temporary))
-        os.replace(temporary, cache)  # whole or absent, whichever process gets there first
+        try:
+            tokenizer.save(str(temporary))
+            os.replace(temporary, cache)  # whole or absent, whichever process gets there first
+        except BaseException:  # a full disk, say: no partial file stays behind
+            temporary.unlink(missing_ok=True)
+            raise
     options = {} if max_len is None else {"model_max_length": max_len}
     return PreTrainedTokenizerFast(tokenizer_file=str(cache), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", **options)

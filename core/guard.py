@@ -2,6 +2,7 @@
 holds something of someone else's or another run (and the lock that keeps one run per outdir), and
 resumed training data that changed since the checkpoint, an engine the checkpoints were never
 tested with (DeepSpeed)."""
+import contextlib
 import fcntl
 import json
 import os
@@ -10,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 from accelerate.utils import DistributedType
 
 from core.checkpoint import find, read_state, written_here
-from utils import UserError, load_rows, sha256
+from utils import UserError, disk_full, load_rows, sha256
 
 
 def refuse_folders_with_code(args):
@@ -84,6 +86,25 @@ def check_outdir(outdir, resume, resumed, overwrite):
         raise UserError(f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
                         f"--resume {outdir}/last, start over with --overwrite (the old run is replaced once the "
                         f"new one has saved a checkpoint), or pick another --outdir.")
+
+
+@contextlib.contextmanager
+def datasets_cache_space():
+    """A full disk under the datasets cache while the data is read, tokenized or its vocabulary
+    learnt: one line naming the folder, and the temporary files datasets left there (tmpXXXX, from a
+    map cut short) removed; the next run with room starts them afresh."""
+    cache, start = Path(datasets.config.HF_DATASETS_CACHE), time.time() - 1
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        for path in cache.rglob("tmp*"):  # written since this run started, never finished
+            if path.is_file() and path.stat().st_mtime >= start:
+                path.unlink()
+        raise UserError(f"no space left on the device of the datasets cache {cache} while reading or "
+                        f"tokenizing the data. Free space there, or set HF_DATASETS_CACHE to a folder "
+                        f"with room, and run again.") from None
 
 
 def check_writable(outdir):

@@ -1,16 +1,20 @@
 """Nothing silent, round two: a data file rewritten under its old mtime, options files that include
 others, links among the checkpoints, an outdir that cannot be written, fp16 on a CPU (and bf16,
 which runs there), a data file that is not a regular file. Each through the real mechanism: a real
-mtime restore, a real symlink, a real read-only bind mount (where root may make one), a real FIFO.
+mtime restore, a real symlink, a real read-only bind mount (where root may make one), a real FIFO;
+and a full disk under the datasets cache (a real small tmpfs).
 
     pytest tests/template/test_silent.py              # in this process
     pytest -m slow tests/template/test_silent.py      # bf16 on CPU, stopped and resumed (python train.py)
 """
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import datasets
 import pytest
 
 import dataset
@@ -173,3 +177,45 @@ def test_a_data_file_that_is_a_fifo_or_a_folder_says_what_it_is(tiny_data, tmp_p
     (tmp_path / "valid.jsonl").mkdir()
     refused(["--train_file", tiny_data / "train.jsonl", "--valid_file", tmp_path / "valid.jsonl",
              "--outdir", tmp_path / "m"], "valid.jsonl: a folder, not a file of data")
+
+
+# ---------------------------------------------------------------- a full disk under the datasets cache
+
+
+@pytest.fixture
+def cache_disk(tmp_path, monkeypatch):
+    """HF_DATASETS_CACHE on a real 1 MiB tmpfs (skipped where mount is not allowed)."""
+    disk = tmp_path / "cache"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(disk))
+    yield disk
+    subprocess.run(["umount", "-l", disk], check=False)
+
+
+def fill(disk):
+    """Writes a file until the disk is full; returns it."""
+    filler = disk / "filler"
+    try:
+        with open(filler, "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_datasets_cache_is_one_line_and_leaves_no_partial_file(cache_disk, tiny_data, tmp_path):
+    args = [*data_args(tiny_data), "--epochs", 1, "--batch_size", 32]
+    run(*args, "--outdir", tmp_path / "first")  # the rows and the vocabulary cached on the small disk
+    shutil.rmtree(cache_disk / "vocabularies")
+    for extra in ([], ["--max_len", 64]):  # the vocabulary to learn again; then new tokenized rows
+        filler = fill(cache_disk)
+        message = refused([*args, *extra, "--outdir", tmp_path / "full"], "no space left on the device of "
+                          f"the datasets cache {cache_disk} while reading or tokenizing the data. Free space")
+        assert "I/O operation on closed file" not in message
+        assert not [p for p in cache_disk.rglob("*") if p.name.startswith(("tmp", "."))], list(cache_disk.rglob("*"))
+        filler.unlink()
+        run(*args, *extra, "--outdir", tmp_path / f"after{len(extra)}")  # with room: afresh, and it trains
+        assert (tmp_path / f"after{len(extra)}" / "last" / "model.safetensors").is_file()
