@@ -73,7 +73,7 @@ def metric_inputs(batch, outputs):
 
 def compute_metrics(gathered):
     token_loss = (gathered["loss_sum"].sum() / gathered["tokens"].sum()).item()
-    # Lower is better: with --metric_for_best perplexity, pass --no-greater_is_better too.
+    # Lower is better: train.py takes --metric_for_best perplexity that way (a part of LOWER_IS_BETTER).
     return {"perplexity": math.exp(min(token_loss, 700.0))}  # exp(700) is about the largest float
 
 
