@@ -67,7 +67,7 @@ def load_rows(path, split="train", config_name=None):
             # tokenized cache and the learnt vocabulary), by path and mtime: a file rewritten with
             # the same size and its old mtime (rsync -t, a restore) would give the old rows. Keyed by
             # the file's bytes as well, a changed file is always read again.
-            digest = sha256(path)
+            digest = data_sha256(path)
             cache = Path(datasets.config.HF_DATASETS_CACHE) / "by-content" / digest[:16]
             rows = datasets.load_dataset(FILE_TYPES[suffix], data_files={split: path}, split=split,
                                          cache_dir=str(cache), writer_batch_size=ROWS_PER_RECORD_BATCH,
@@ -120,19 +120,23 @@ def file_kind(path):
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
-def sha256(path, remember=True):
-    """The sha256 of a file's bytes (hex). remember: computed once per version of a data file in a
-    process (by its inode, size, mtime and ctime: a write changes ctime, which no tool sets back)."""
+def sha256(path):
+    """The sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_sha256(path):
+    """sha256() of a data file, computed once per version of the file in a process (the cache key and
+    the checkpoint's record both need it): by its inode, size, mtime and ctime (a write changes
+    ctime, which no tool sets back)."""
     info = os.stat(path)
     key = (os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-    if key not in DIGESTS or not remember:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if not remember:
-            return digest.hexdigest()
-        DIGESTS[key] = digest.hexdigest()
+    if key not in DIGESTS:
+        DIGESTS[key] = sha256(path)
     return DIGESTS[key]
 
 

@@ -93,7 +93,7 @@ def verify(path, option="--resume", recover=True):
         raise UserError(f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. {other}.")
     for name, digest in files.items():
         if (Path(name).name != name or not (path / name).is_file()
-                or sha256(path / name, remember=False) != digest):
+                or sha256(path / name) != digest):
             raise UserError(f"{option} {path}: {path / name} is missing, truncated or changed since it was "
                             f"saved (it does not match manifest.json). Use another checkpoint, e.g. {other}.")
 
@@ -266,7 +266,7 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
 
 def publish_all(outdir, staging, names, state):
     """The main process: manifest.json, fsync, then each name published by renames, and log.json."""
-    files = {p.name: sha256(p, remember=False) for p in sorted(staging.iterdir())}
+    files = {p.name: sha256(p) for p in sorted(staging.iterdir())}
     manifest = {"global_step": state.global_step, "files": files}
     write_json(staging / "manifest.json", manifest)
     fsync_tree(staging)

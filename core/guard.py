@@ -15,7 +15,7 @@ import datasets
 from accelerate.utils import DistributedType
 
 from core.checkpoint import find, read_state, written_here
-from utils import UserError, disk_full, load_rows, sha256
+from utils import UserError, data_sha256, disk_full, load_rows
 
 
 def refuse_folders_with_code(args):
@@ -159,7 +159,7 @@ def describe_data(path, split, config_name, rows):
     """What a data file or hub split is, for the checkpoint to record: its number of examples and a
     fingerprint (the sha256 of a local file's bytes; for a hub dataset, the datasets library's own)."""
     if Path(path).is_file():
-        return {"path": str(path), "rows": rows, "sha256": sha256(path)}
+        return {"path": str(path), "rows": rows, "sha256": data_sha256(path)}
     return {"path": str(path), "split": split, "config": config_name, "rows": rows,
             "fingerprint": load_rows(path, split, config_name)._fingerprint}
 

@@ -164,15 +164,13 @@ def read_options_file(path):
 def resume_auto(parser, argv):
     """--resume auto: OUTDIR/last if --outdir holds a checkpoint (so the same command continues a run,
     as a scheduler's requeue or torchrun's restart runs it again), else a new run; said in one line."""
-    fresh = [a for i, a in enumerate(argv) if a != "--resume=auto" and not (
-        a == "--resume" and argv[i + 1:i + 2] == ["auto"]) and not (a == "auto" and argv[i - 1:i] == ["--resume"])]
-    outdir = parse_options(parser, fresh).outdir
-    last = Path(outdir) / "last"
+    fresh = parse_options(parser, [*argv, "--resume", ""])  # the last --resume counts: none
+    fresh.resume, last = None, Path(fresh.outdir) / "last"
     if not (find(last) / "trainer_state.json").is_file():
-        say(f"--resume auto: {outdir} holds no checkpoint: a new run.")
-        return parse_options(parser, fresh)
+        say(f"--resume auto: {fresh.outdir} holds no checkpoint: a new run.")
+        return fresh
     say(f"--resume auto: continuing {last} (step {read_state(find(last)).global_step}).")
-    return parse_options(parser, [*fresh, "--resume", str(last)])
+    return parse_options(parser, [*argv, "--resume", str(last)])
 
 
 def say(line):
