@@ -8,11 +8,17 @@ What train.py and predict.py read from this file (nothing else):
   * `build_model(model_name_or_path, train_set)` (required) returns the model to train. `train_set`
     is what dataset.generate_dataset() built from --train_file, so the data can size the model
     (here: the label names become config.id2label, the learnt vocabulary sizes the embeddings).
-  * `metric_inputs(batch, outputs)` and `compute_metrics(gathered)` (optional, both or neither): the
-    first picks per-example tensors (first dimension = batch size) that train.py gathers from all
-    processes over the validation set; the second turns them into {"name": float}, shown in the
-    VALID bar and stored in log.json next to the validation loss. Without them validation reports
-    the loss only. --metric_for_best picks one of them to decide best/: lower is better for names
+  * The optional hooks that look at a batch's outputs all take `(model, tokenizer, batch, outputs)`:
+    `model` is the unwrapped model in eval mode, without gradients (it may call model.generate()),
+    `tokenizer` what dataset.load_tokenizer() gave (None without it).
+  * `metric_inputs(model, tokenizer, batch, outputs)` and `compute_metrics(gathered)` (optional,
+    both or neither): the first picks per-example tensors (first dimension = batch size, the same
+    other dimensions for every batch: scores or counts, not token ids of varying length) that
+    train.py gathers from all processes over the validation set; it runs on every process, on its
+    share of the set. The second turns them into {"name": float}, shown in the VALID bar and
+    stored in log.json next to the validation loss. A metric of generated text: generate and score
+    each example in metric_inputs, add the scores up in compute_metrics (see examples/seq2seq).
+    Without them validation reports the loss only. --metric_for_best picks one of them to decide best/: lower is better for names
     like loss, error, mse, mae, rmse, perplexity, higher for the others (--greater_is_better overrides).
   * `loss_items(batch)` (optional): per example (a tensor, first dimension = batch size), the items
     `.loss` is a mean over, for a loss whose number of items varies between batches (tokens with a
@@ -22,7 +28,7 @@ What train.py and predict.py read from this file (nothing else):
   * `format_samples(model, tokenizer, batch, outputs, k)` (optional, for --sample_every) shows k
     examples of a training batch as text (input / prediction / gold). It runs on the main process
     only, with the RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).
-  * `predictions(config, batch, outputs)` (optional, for predict.py) turns a batch's outputs into one
+  * `predictions(model, tokenizer, batch, outputs)` (optional, for predict.py) turns a batch into one
     JSON-able dict per example; without it predict.py writes the raw outputs. `outputs.embeddings`
     (optional) is what predict.py --embeddings writes.
 
@@ -98,7 +104,7 @@ def build_model(model_name_or_path, train_set):
     return model
 
 
-def metric_inputs(batch, outputs):
+def metric_inputs(model, tokenizer, batch, outputs):
     return {"predictions": outputs.logits.argmax(-1), "labels": batch["labels"]}
 
 
@@ -117,6 +123,6 @@ def format_samples(model, tokenizer, batch, outputs, k):
             for ids, p, g in zip(batch["input_ids"][:k].tolist(), predicted, batch["labels"][:k].tolist())]
 
 
-def predictions(config, batch, outputs):
+def predictions(model, tokenizer, batch, outputs):
     scores, ids = outputs.logits.float().softmax(-1).max(-1)
-    return [{"label": config.id2label[i], "score": round(s, 6)} for i, s in zip(ids.tolist(), scores.tolist())]
+    return [{"label": model.config.id2label[i], "score": round(s, 6)} for i, s in zip(ids.tolist(), scores.tolist())]

@@ -113,7 +113,7 @@ def write_lines(path, lines):
         temporary.unlink(missing_ok=True)
 
 
-def raw_outputs(config, batch, outputs):
+def raw_outputs(model, tokenizer, batch, outputs):
     """For a modeling.py without predictions(): each per-example tensor of the outputs (not the loss)."""
     size = len(next(iter(batch.values())))
     tensors = {key: value for key, value in outputs.items()
@@ -121,7 +121,7 @@ def raw_outputs(config, batch, outputs):
     return [{key: value[i].float().tolist() for key, value in tensors.items()} for i in range(size)]
 
 
-def predict(model, loader, device, with_embeddings):
+def predict(model, tokenizer, loader, device, with_embeddings):
     """Yields one dict per example, in the loader's order."""
     predictions = getattr(modeling, "predictions", raw_outputs)
     index = 0
@@ -129,7 +129,7 @@ def predict(model, loader, device, with_embeddings):
         for batch in tqdm(loader, desc="[PREDICT]", dynamic_ncols=True):
             batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
             outputs = model(**batch)
-            rows = predictions(model.config, batch, outputs)
+            rows = predictions(model, tokenizer, batch, outputs)  # model.generate() if it likes
             batch_size = len(next(iter(batch.values())))
             if len(rows) != batch_size:
                 raise UserError(f"predictions() in modeling.py returned {len(rows)} dicts for a batch of "
@@ -175,11 +175,11 @@ def main(argv=None):
     # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
     loader = DataLoader(data, args.batch_size, collate_fn=getattr(data, "collate", None))
     if not hasattr(modeling, "predictions"):
-        print("note: modeling.py has no predictions(config, batch, outputs): writing the model's raw outputs.",
+        print("note: modeling.py has no predictions(model, tokenizer, batch, outputs): writing the model's raw outputs.",
               file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    write_lines(args.output_file, predict(model, loader, device, args.embeddings))
+    write_lines(args.output_file, predict(model, tokenizer, loader, device, args.embeddings))
     print(f"Wrote {len(data)} predictions to {args.output_file}", file=sys.stderr)
 
 

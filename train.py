@@ -52,8 +52,8 @@ def main(argv=None):
         failed = wiring.run(accelerator, model, train_set, valid_set, args,
                             getattr(modeling, "loss_items", None))
         return runtime.finish(accelerator, failed)
-    greater = preflight.first_batch(model, train_set, valid_set, args,
-                                    lambda batch, outputs: compute_metrics(metrics_of(batch, outputs)))
+    greater = preflight.first_batch(model, train_set, valid_set, args, lambda batch, outputs:
+                                    compute_metrics(metrics_of(model, tokenizer, batch, outputs)))
     accelerator.print(f"best/ keeps the epoch with the {'highest' if greater else 'lowest'} valid "
                       f"{args.metric_for_best} (--{'no-' if greater else ''}greater_is_better to change it).")
     adapt(model, args)
@@ -291,8 +291,8 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
             improved = False
             if end_of_epoch:
                 bar.close()
-                improved = end_epoch(accelerator, args, model, valid_loader, running, state,
-                                     scheduler, greater)
+                improved = end_epoch(accelerator, args, model, tokenizer, valid_loader, running,
+                                     state, scheduler, greater)
             if save:  # the periodic, the end-of-epoch and the final save are this one
                 state.loss_sums = running.per_process(accelerator)
                 names = ["last", "best"] if improved else ["last"]
@@ -324,11 +324,11 @@ def log_steps(accelerator, args, running, state, scheduler, bar):
         accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
 
 
-def end_epoch(accelerator, args, model, valid_loader, running, state, scheduler, greater):
+def end_epoch(accelerator, args, model, tokenizer, valid_loader, running, state, scheduler, greater):
     """Validation at the end of an epoch, into log.json, the tracker and one printed line; moves
     `state` to the next epoch. Returns whether --metric_for_best improved (best/ is then saved)."""
     epoch = state.epoch
-    valid_log = evaluate(accelerator, model, valid_loader, f"[Epoch {epoch}] [VALID]")
+    valid_log = evaluate(accelerator, model, tokenizer, valid_loader, f"[Epoch {epoch}] [VALID]")
     train_log = {"loss": running.epoch_mean(accelerator), "lr": scheduler.get_last_lr()[0]}
     if args.skip_nonfinite:
         train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
@@ -351,9 +351,10 @@ def has_metrics():
     return hasattr(modeling, "metric_inputs") and hasattr(modeling, "compute_metrics")
 
 
-def metrics_of(batch, outputs):
-    """modeling.metric_inputs(batch, outputs): per-example tensors to gather from every process."""
-    return modeling.metric_inputs(batch, outputs) if has_metrics() else {}
+def metrics_of(model, tokenizer, batch, outputs):
+    """modeling.metric_inputs(model, tokenizer, batch, outputs): per-example tensors to gather from
+    every process. `model` is the unwrapped model in eval mode (it may generate)."""
+    return modeling.metric_inputs(model, tokenizer, batch, outputs) if has_metrics() else {}
 
 
 def compute_metrics(gathered):
@@ -361,15 +362,18 @@ def compute_metrics(gathered):
     return modeling.compute_metrics(gathered) if has_metrics() else {}
 
 
-def evaluate(accelerator, model, loader, desc):
+def evaluate(accelerator, model, tokenizer, loader, desc):
     """Validation loss (a mean over items, as the training loss) and metrics over the whole
-    validation set, gathered from every process; the VALID bar ends showing them all."""
+    validation set, gathered from every process; the VALID bar ends showing them all. Every
+    process runs metric_inputs() on its share (generation too); no RNG stream moves."""
     loss_items = getattr(modeling, "loss_items", None)
     model.eval()
+    unwrapped = accelerator.unwrap_model(model)  # what metric_inputs() may call generate() on
     losses, items, gathered = [], [], defaultdict(list)
     # Updated by hand: it closes after the metrics.
     bar = runtime.progress(accelerator, None, desc, total=len(loader))
-    with torch.no_grad():
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # a sampling generate() draws numbers
         for batch in loader:
             outputs = model(**batch)
             # Per example (gather_for_metrics drops the copies that even out the last batches): its
@@ -378,7 +382,7 @@ def evaluate(accelerator, model, loader, desc):
                            torch.ones(len(next(iter(batch.values()))), device=accelerator.device))
             losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float() * per_example))
             items.append(accelerator.gather_for_metrics(per_example))
-            for key, value in metrics_of(batch, outputs).items():
+            for key, value in metrics_of(unwrapped, tokenizer, batch, outputs).items():
                 gathered[key].append(accelerator.gather_for_metrics(value))
             bar.update()
     model.train()

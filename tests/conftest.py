@@ -129,6 +129,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def fork(folder, edits=None):
+    """A copy of the template (train.py, predict.py, core/, utils.py and the pinned pair) in
+    folder/fork, edited the way a forker would: {file name: {old text: new text}}, each old text
+    matching exactly once (an empty old text appends the new one)."""
+    tree = Path(folder) / "fork"
+    tree.mkdir()
+    for name in ("train.py", "predict.py", "utils.py", "modeling.py", "dataset.py"):
+        shutil.copy(TREE / name, tree / name)
+    shutil.copytree(TREE / "core", tree / "core", ignore=shutil.ignore_patterns("__pycache__"))
+    for name, changes in (edits or {}).items():
+        source = (tree / name).read_text()
+        for old, new in changes.items():
+            assert not old or source.count(old) == 1, f"{name} no longer has this text once: {old!r}"
+            source = source.replace(old, new) if old else source + new
+        (tree / name).write_text(source)
+    return tree
+
+
 def launch(*args, processes=1, check=True, cwd=None, env=None, script="train.py", config=None):
     """Runs train.py under `accelerate launch` (with configs/accelerate/CONFIG if given: 2 CPU
     processes) in `cwd` (the half's home() if None); returns the CompletedProcess (stdout + stderr

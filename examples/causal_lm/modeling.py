@@ -12,9 +12,9 @@ What train.py expects of this file (as for the default task):
   * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py.
   * `loss_items(batch)`: the loss is a mean over tokens, and this counts them, so that train.py
     weighs every token of an optimizer step alike however its batch is split.
-  * `metric_inputs(batch, outputs)` / `compute_metrics(gathered)`: the validation perplexity.
+  * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: the validation perplexity.
   * `format_samples(...)`: for --sample_every, a greedy continuation of the first tokens of a text.
-  * `predictions(config, batch, outputs)`: each text's loss and perplexity, for predict.py.
+  * `predictions(model, tokenizer, batch, outputs)`: each text's loss and perplexity, for predict.py.
 """
 import math
 from pathlib import Path
@@ -64,7 +64,7 @@ def token_losses(batch, outputs):
     return losses.sum(1), (targets != -100).sum(1)
 
 
-def metric_inputs(batch, outputs):
+def metric_inputs(model, tokenizer, batch, outputs):
     # Per text, not per token: the texts of a batch differ in length, and train.py gathers along the
     # first dimension only. Sums and counts add up to the token-weighted mean over the whole set.
     loss_sum, tokens = token_losses(batch, outputs)
@@ -90,7 +90,7 @@ def format_samples(model, tokenizer, batch, outputs, k):
     return samples
 
 
-def predictions(config, batch, outputs):
+def predictions(model, tokenizer, batch, outputs):
     loss_sum, tokens = token_losses(batch, outputs)
     mean = (loss_sum / tokens.clamp(min=1)).tolist()
     return [{"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700.0)), 6), "tokens": n}

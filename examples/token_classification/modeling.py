@@ -14,10 +14,10 @@ What train.py expects of this file (as for the default task):
   * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py.
   * `loss_items(batch)`: the loss is a mean over words, and this counts them, so that train.py
     weighs every word of an optimizer step alike however its batch is split.
-  * `metric_inputs(batch, outputs)` / `compute_metrics(gathered)`: word accuracy, and precision,
+  * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: word accuracy, and precision,
     recall and F1 of whole entities (exact type and span, as seqeval and conlleval count them).
   * `format_samples(...)` shows the predicted and the gold entities of a few sentences;
-    `predictions(config, batch, outputs)` gives each sentence's tags, one per word, for predict.py.
+    `predictions(model, tokenizer, batch, outputs)` gives each sentence's tags, one per word, for predict.py.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +103,7 @@ def entities(tag_ids):
     return found
 
 
-def metric_inputs(batch, outputs):
+def metric_inputs(model, tokenizer, batch, outputs):
     # Fixed-size counts per sentence, not tags per token: sentences differ in length within and
     # across processes, and train.py gathers along the first dimension only.
     types = (outputs.logits.shape[-1] - 1) // 2
@@ -156,7 +156,7 @@ def format_samples(model, tokenizer, batch, outputs, k):
     return [f"prediction: {show(*p)}\n  gold:       {show(*g)}" for p, g in zip(predicted, gold)]
 
 
-def predictions(config, batch, outputs):
+def predictions(model, tokenizer, batch, outputs):
     predicted = outputs.logits.argmax(-1)
-    return [{"tags": [config.id2label[tag] for tag in tags[starts.bool()].tolist()]}
+    return [{"tags": [model.config.id2label[tag] for tag in tags[starts.bool()].tolist()]}
             for tags, starts in zip(predicted, batch["word_starts"])]

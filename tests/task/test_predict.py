@@ -118,11 +118,11 @@ def test_failure_midway_leaves_previous_output_whole(outdir, tiny_data, tmp_path
     output.write_text("previous\n")
     calls = []
 
-    def fails_on_second_batch(config, batch, outputs):
+    def fails_on_second_batch(model, tokenizer, batch, outputs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return original(config, batch, outputs)
+        return original(model, tokenizer, batch, outputs)
     original = predict.modeling.predictions
     monkeypatch.setattr(predict.modeling, "predictions", fails_on_second_batch)
     with pytest.raises(RuntimeError, match="boom"):

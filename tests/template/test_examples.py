@@ -98,9 +98,9 @@ def recompute(name, repo, checkpoint):
         for start in range(0, len(valid_set), 7):
             batch = valid_set.collate(valid_set.__getitems__(list(range(start, min(start + 7, len(valid_set))))))
             outputs = model(**batch)
-            for key, value in modeling.metric_inputs(batch, outputs).items():
+            for key, value in modeling.metric_inputs(model, tokenizer, batch, outputs).items():
                 gathered.setdefault(key, []).append(value)
-            predictions += modeling.predictions(model.config, batch, outputs)
+            predictions += modeling.predictions(model, tokenizer, batch, outputs)
     return modeling.compute_metrics({k: torch.cat(v) for k, v in gathered.items()}), predictions, model
 
 
@@ -194,10 +194,10 @@ def test_perplexity_of_a_uniform_guess_is_the_vocabulary_size_and_skips_padding(
     modeling = load_module(ROOT / "examples" / "causal_lm" / "modeling.py", "causal_lm_modeling")
     labels = torch.tensor([[5, 6, 7, 8], [9, 10, -100, -100]])  # the second text is padded
     outputs = SimpleNamespace(logits=torch.zeros(2, 4, 50))
-    inputs = modeling.metric_inputs({"labels": labels}, outputs)
+    inputs = modeling.metric_inputs(None, None, {"labels": labels}, outputs)
     assert inputs["tokens"].tolist() == [3, 1]
     assert modeling.compute_metrics(inputs)["perplexity"] == pytest.approx(50, rel=1e-5)
-    assert [p["tokens"] for p in modeling.predictions(None, {"labels": labels}, outputs)] == [3, 1]
+    assert [p["tokens"] for p in modeling.predictions(None, None, {"labels": labels}, outputs)] == [3, 1]
 
 
 def test_entities_and_f1_count_like_seqeval():
@@ -219,7 +219,7 @@ def test_entities_and_f1_count_like_seqeval():
     labels = torch.tensor([[-100, ids["B-PER"], -100, ids["I-PER"], ids["O"], ids["B-LOC"], -100]])
     predicted = [ids["B-ORG"], ids["B-PER"], ids["B-ORG"], ids["O"], ids["O"], ids["B-LOC"], ids["B-ORG"]]
     logits = torch.nn.functional.one_hot(torch.tensor([predicted]), len(TAGS)).float()
-    gathered = modeling.metric_inputs({"labels": labels}, SimpleNamespace(logits=logits))
+    gathered = modeling.metric_inputs(None, None, {"labels": labels}, SimpleNamespace(logits=logits))
     assert gathered["entity_counts"].shape == (1, 3, 3)  # fixed size per sentence: gathers across processes
     metrics = modeling.compute_metrics(gathered)
     assert metrics == pytest.approx({"accuracy": 0.75, "precision": 0.5, "recall": 0.5, "f1": 0.5,

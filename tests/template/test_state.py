@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TREE, assert_bitwise_equal, data_args, read_json
+from conftest import TREE, assert_bitwise_equal, data_args, fork, read_json
 from core import checkpoint, runtime
 
 OBJECTS = '    objects = {"optimizer": optimizer, "scheduler": scheduler}\n'
@@ -29,22 +29,6 @@ SCALER = SETUP + ('    accelerator.scaler = torch.amp.GradScaler("cpu", init_sca
                   'growth_interval=1)\n')
 
 
-def fork(tmp_path, edits):
-    """A copy of the template (train.py, core/, utils.py and the task pair) with train.py edited:
-    each {old text: new text} must match exactly once."""
-    tree = tmp_path / "fork"
-    tree.mkdir()
-    for name in ("train.py", "utils.py", "modeling.py", "dataset.py"):
-        shutil.copy(TREE / name, tree / name)
-    shutil.copytree(TREE / "core", tree / "core", ignore=shutil.ignore_patterns("__pycache__"))
-    source = (tree / "train.py").read_text()
-    for old, new in edits.items():
-        assert source.count(old) == 1, f"train.py no longer has this line once: {old!r}"
-        source = source.replace(old, new)
-    (tree / "train.py").write_text(source)
-    return tree
-
-
 def train(tree, *args):
     result = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=tree, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
@@ -53,7 +37,7 @@ def train(tree, *args):
 
 
 def test_an_ema_and_a_loss_scaler_added_by_a_forker_resume_bitwise(tiny_data, tmp_path):
-    tree = fork(tmp_path, {OBJECTS: EMA, STEP: EMA_UPDATE, SETUP: SCALER})
+    tree = fork(tmp_path, {"train.py": {OBJECTS: EMA, STEP: EMA_UPDATE, SETUP: SCALER}})
     args = [*data_args(tiny_data), "--model_name_or_path", TREE / "assets" / "tiny-bert", "--epochs", 1,
             "--batch_size", 16]
     train(tree, *args, "--outdir", tmp_path / "whole")
@@ -76,10 +60,10 @@ def test_an_ema_and_a_loss_scaler_added_by_a_forker_resume_bitwise(tiny_data, tm
 
 def test_a_checkpoint_without_an_object_that_train_py_now_has_is_refused_by_name(tiny_data, tmp_path):
     args = [*data_args(tiny_data), "--model_name_or_path", TREE / "assets" / "tiny-bert", "--epochs", 1]
-    train(fork(tmp_path, {}), *args, "--outdir", tmp_path / "model", "--stop_after_steps", 2)
+    train(fork(tmp_path), *args, "--outdir", tmp_path / "model", "--stop_after_steps", 2)
     shutil.rmtree(tmp_path / "fork")
     result = subprocess.run([sys.executable, "train.py", "--resume", tmp_path / "model" / "last"],
-                            cwd=fork(tmp_path, {OBJECTS: EMA}), capture_output=True, text=True, timeout=240)
+                            cwd=fork(tmp_path, {"train.py": {OBJECTS: EMA}}), capture_output=True, text=True, timeout=240)
     assert result.returncode == 1
     assert "no ema.pt: the checkpoint was saved without 'ema'" in result.stderr
     assert "Traceback" not in result.stderr
