@@ -48,6 +48,7 @@ def main(argv=None):
     if resumed:
         guard.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
     model = build(args, train_set)
+    preflight.check_positions(model, args)
     if args.check:  # a few seconds of checks on the two user files instead of the run
         failed = wiring.run(accelerator, model, train_set, valid_set, args,
                             getattr(modeling, "loss_items", None))

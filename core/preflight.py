@@ -4,11 +4,26 @@ cost seconds, not an epoch."""
 import inspect
 
 import torch
+from transformers import PreTrainedModel
 
 from utils import UserError
 
 
 LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
+
+
+POSITIONS = ("max_position_embeddings", "n_positions", "max_positions")  # what configs call them
+
+
+def check_positions(model, args):
+    """--max_len beyond the positions of the model (or of a model inside it: the default wraps an
+    encoder) is refused before anything runs: else an input that long fails mid-run with
+    'IndexError: index out of range in self'. Models without a limit (T5's relative positions) pass."""
+    limits = [getattr(module.config, name) for module in model.modules() if isinstance(module, PreTrainedModel)
+              for name in POSITIONS if isinstance(getattr(module.config, name, None), int)]
+    if limits and args.max_len > min(limits):
+        raise UserError(f"--max_len {args.max_len}: the model of {args.model_name_or_path} has {min(limits)} "
+                        f"positions, so a longer input would fail mid-run. Pass --max_len {min(limits)} or less.")
 
 
 def first_batch(model, train_set, valid_set, args, metrics):

@@ -27,6 +27,7 @@ from core import runtime
 PADDING_TOLERANCE = 1e-4  # float32 outputs of one example, alone and padded in a batch (absolute)
 SPLIT_TOLERANCE = 1e-4  # one step's gradient, a batch whole against in two halves (relative)
 OVERFIT_STEPS, OVERFIT_FACTOR = 40, 0.5  # steps on one batch; the loss must end below half its start
+NEXT_TOKEN_MARGIN = 0.1  # after them, the offset a causal LM learnt must beat "the next token" by this share
 LEARNING_FACTOR = 0.9  # the validation loss after as many steps on distinct batches, against its start
 
 
@@ -63,8 +64,10 @@ def run(accelerator, model, train_set, valid_set, args, loss_items=None):
                if "attention_mask" in batch else "")
     report("PASS", "data", f"{len(train_set)} training and {len(valid_set)} validation examples; first batch: "
                            f"{shapes}{padding}")
-    labels = label_counts(train_set, collate)
-    if labels is None:
+    labels = None if model.can_generate() else label_counts(train_set, collate)
+    if model.can_generate():  # labels are the tokens to generate: their counts are no class balance
+        report("PASS", "labels", "a generative model: the labels are token ids, no class distribution to check")
+    elif labels is None:
         report("PASS", "labels", "no integer `labels` in the batches: no class distribution to check")
     elif len(labels) > 50:
         report("PASS", "labels", f"{len(labels)} distinct label values (token ids?): no class distribution")
@@ -176,14 +179,29 @@ def padding_invariance(report, accelerator, model, batch, train_set, valid_set, 
         mine = first_tensor(model(**send_to_device(collate_copies([short]), accelerator.device)))[0]
         padded = first_tensor(model(**padded_batch))[0]
     model.train()
-    if padded.dim() and padded.shape[0] == padded_batch["attention_mask"].shape[1]:  # per token: the real ones
-        padded = padded[padded_batch["attention_mask"][0].bool()]
+    padded = padded[real_positions(model, padded_batch, padded)]
     difference = (mine.float() - padded.float()).abs().max().item() if mine.shape == padded.shape else math.inf
     if difference > PADDING_TOLERANCE:
         report("FAIL", "padding", f"an example's outputs change by {difference:.3g} when it is padded in a batch "
                                   f"(tolerance {PADDING_TOLERANCE}): is the attention_mask passed to the encoder?")
     else:
         report("PASS", "padding", f"outputs alone and padded agree to {difference:.1e} (tolerance {PADDING_TOLERANCE})")
+
+
+def real_positions(model, batch, output):
+    """Which positions of the first example's `output` are its own, not padding: per token of the
+    input (the attention mask), per token of the target for an encoder-decoder's decoder (its mask,
+    else the labels that are not -100), all for an output per example."""
+    if not output.dim():
+        return slice(None)
+    if getattr(model.config, "is_encoder_decoder", False):  # logits are per token of the target
+        target = batch.get("decoder_attention_mask")
+        target = target.bool() if target is not None else batch["labels"] != -100 if "labels" in batch else None
+        if target is not None and output.shape[0] == target.shape[1]:
+            return target[0]
+    elif output.shape[0] == batch["attention_mask"].shape[1]:
+        return batch["attention_mask"][0].bool()
+    return slice(None)
 
 
 def overfit(report, accelerator, model, batch, train_set, valid_set, collate, args):
@@ -200,10 +218,44 @@ def overfit(report, accelerator, model, batch, train_set, valid_set, collate, ar
     first, last = curve[0], min(curve[-5:])
     if last < OVERFIT_FACTOR * first:
         report("PASS", "overfit", f"{OVERFIT_STEPS} steps on one batch: loss {first:.4f} -> {last:.4f}")
+        next_token(report, trained, batch)
     else:
         report("FAIL", "overfit", f"{OVERFIT_STEPS} steps on one batch at --lr {args.lr}: loss {first:.4f} -> "
                                   f"{last:.4f}, not below {OVERFIT_FACTOR:g}x: a loss detached from the model, "
                                   f"an lr of 0, or a layer that cuts the gradient?")
+
+
+def next_token(report, model, batch):
+    """5c. A causal LM that learnt one batch by heart predicts at each position the token after it.
+    Labels shifted in dataset.py and again by the model teach it the token two ahead; unshifted
+    labels given to a loss that does not shift them teach it to copy its input. Either way the loss
+    falls and every other check passes."""
+    ids = batch.get("input_ids")
+    if not model.can_generate() or getattr(model.config, "is_encoder_decoder", False) or ids is None:
+        return
+    model.eval()
+    with torch.no_grad():
+        logits = first_tensor(model(**batch))
+    model.train()
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        return
+    predicted, real = logits.argmax(-1), batch.get("attention_mask", torch.ones_like(ids)).bool()
+    length = ids.shape[1]
+    # The share of the real tokens at offset k that the prediction k positions before them hits.
+    hits = {k: ((predicted[:, :length - k] == ids[:, k:]) & real[:, k:]).sum().item() / max(1, real[:, k:].sum().item())
+            for k in (0, 1, 2)}
+    learnt = max(hits, key=hits.get)
+    figures = f"token after: {hits[1]:.0%} right, itself: {hits[0]:.0%}, two ahead: {hits[2]:.0%}"
+    if learnt == 1 or hits[learnt] < hits[1] + NEXT_TOKEN_MARGIN:
+        report("PASS", "shift", f"after the overfit steps each position predicts the token after it ({figures})")
+    elif learnt == 2:
+        report("FAIL", "shift", f"after the overfit steps each position predicts the token two ahead ({figures}): "
+                                f"the labels are shifted twice, in dataset.py and by the model's loss? Give "
+                                f"labels equal to input_ids (-100 where no loss): a causal LM shifts them itself")
+    else:
+        report("FAIL", "shift", f"after the overfit steps each position predicts its own input token ({figures}): "
+                                f"the labels are not shifted by the loss? A hand-written loss compares "
+                                f"logits[:, :-1] with labels[:, 1:]")
 
 
 def learning(report, accelerator, model, batch, train_set, valid_set, collate, args):

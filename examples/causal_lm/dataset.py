@@ -26,11 +26,10 @@ TEXT = "text"
 
 
 class Dataset(torch.utils.data.Dataset):
-    def __init__(self, rows, tokenizer, max_len):
+    def __init__(self, rows, tokenizer):
         self.rows = rows  # a datasets.Dataset of input_ids and attention_mask, read from its cache
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
-        self.max_len = max_len  # the longest a text can be (--max_len): build_model() checks the model's positions
 
     def __len__(self):
         return len(self.rows)
@@ -89,4 +88,4 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                     desc=f"Tokenizing {path}")
     if len(rows) == 0:
         raise UserError(f"{path}: every text in it is blank.")
-    return Dataset(rows, tokenizer, max_len)
+    return Dataset(rows, tokenizer)

@@ -162,3 +162,27 @@ def test_both_example_pairs_pass_check_unchanged(name, tmp_path):
     assert "--check: every check passed" in result.stdout, result.stdout
     assert "FAIL" not in result.stdout
     assert "PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the same gradient" in result.stdout
+
+
+LABELS = '        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)\n'
+SHIFTED = {  # the causal LM example's labels, shifted by hand before the model shifts them again
+    "twice": LABELS + '        batch["labels"] = torch.cat([batch["labels"][:, 1:], '
+                      'torch.full_like(batch["labels"][:, :1], -100)], 1)\n',
+    "back": LABELS + '        batch["labels"] = torch.cat([torch.full_like(batch["labels"][:, :1], -100), '
+                     'batch["labels"][:, :-1]], 1)\n',  # the model then learns to copy its input
+}
+
+
+@pytest.mark.parametrize("shift, fragment", [
+    ("twice", "predicts the token two ahead"),
+    pytest.param("back", "predicts its own input token", marks=pytest.mark.slow),
+])
+def test_labels_shifted_by_hand_in_a_causal_lm_fail_the_shift_check(shift, fragment, tmp_path):
+    repo, options = fork_with_example("causal_lm", tmp_path)
+    source = (repo / "dataset.py").read_text()
+    assert source.count(LABELS) == 1
+    (repo / "dataset.py").write_text(source.replace(LABELS, SHIFTED[shift]))
+    result = launch(*options, "--check", cwd=repo, check=False)
+    assert result.returncode == 1, result.stdout
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL  shift") and fragment in failed[0], result.stdout

@@ -247,12 +247,6 @@ def test_causal_lm_keeps_blank_lines_for_predict_and_skips_them_in_training(tmp_
         dataset.generate_dataset(str(path), "train", tokenizer, example_args("causal_lm"))
 
 
-def test_causal_lm_refuses_max_len_beyond_the_models_positions(tmp_path):
-    modeling = load_module(ROOT / "examples" / "causal_lm" / "modeling.py", "causal_lm_modeling")
-    with pytest.raises(SystemExit, match=r"--max_len 300: .*tiny-gpt2 has 128 positions"):
-        modeling.build_model(str(ROOT / EXAMPLES["causal_lm"]["model"]), SimpleNamespace(max_len=300))
-
-
 def test_token_classification_refuses_a_word_without_tokens(tmp_path):
     dataset = load_module(ROOT / "examples" / "token_classification" / "dataset.py", "token_classification_dataset")
     tokenizer = AutoTokenizer.from_pretrained(ROOT / EXAMPLES["token_classification"]["model"])

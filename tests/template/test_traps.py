@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from core import options
 import train
 import utils
 from core import preflight
-from conftest import TREE, data_args, read_json, tiny_tokenizer
+from conftest import ROOT, TREE, data_args, read_json, tiny_tokenizer
 
 FAST = ["--batch_size", "32", "--epochs", "1"]
 
@@ -356,3 +357,21 @@ def test_another_thread_count_on_resume_is_said(tiny_data, tmp_path):
     from conftest import run as run_in_process
     result = run_in_process("--resume", outdir / "last")
     assert "changed on resume: 4 -> 1 CPU threads per process" in result.stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--check"]])
+def test_max_len_beyond_the_models_positions_is_one_line_before_training(extra, tiny_data, tmp_path):
+    """The pinned pair wraps a BERT of 128 positions inside its own model: found there."""
+    message = refused([*data_args(tiny_data), "--max_len", 129, "--outdir", tmp_path / "model", *extra])
+    assert message == ("error: --max_len 129: the model of assets/tiny-bert has 128 positions, so a longer input would "
+                       "fail mid-run. Pass --max_len 128 or less.")
+    assert not (tmp_path / "model").exists()
+
+
+def test_max_len_is_checked_against_a_causal_lms_positions():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    folder = str(ROOT / "examples" / "causal_lm" / "tiny-gpt2")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))  # GPT-2: n_positions 128
+    preflight.check_positions(model, SimpleNamespace(max_len=128, model_name_or_path=folder))
+    with pytest.raises(SystemExit, match=r"--max_len 300: the model of .*tiny-gpt2 has 128 positions"):
+        preflight.check_positions(model, SimpleNamespace(max_len=300, model_name_or_path=folder))
