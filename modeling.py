@@ -35,12 +35,13 @@ What train.py and predict.py read from this file (nothing else):
 To change the task, change the head and the loss in forward(), and the functions below it.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+
+from utils import has_weights
 
 
 class ModelConfig(PretrainedConfig):
@@ -90,15 +91,14 @@ def build_model(model_name_or_path, train_set):
     labels = train_set.labels
     # trust_remote_code=False here and below: a folder that asks to run its own code is refused.
     encoder_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
-    local = Path(model_name_or_path)
-    has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
-    if not has_weights:
+    pretrained = has_weights(model_name_or_path)
+    if not pretrained:
         encoder_config.vocab_size = len(train_set.tokenizer)
         encoder_config.pad_token_id = train_set.tokenizer.pad_token_id
     config = ModelConfig(encoder=encoder_config.to_dict(), id2label=dict(enumerate(labels)),
                          label2id={label: i for i, label in enumerate(labels)})
     model = Model(config)
-    if has_weights:
+    if pretrained:
         model.encoder = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=False)
         model.encoder.pooler = None  # as in Model.__init__
     return model

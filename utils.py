@@ -41,6 +41,13 @@ ROWS_PER_RECORD_BATCH = 100_000
 JSON_BYTES_PER_READ = 1 << 20
 
 
+def has_weights(model_name_or_path):
+    """Whether --model_name_or_path gives pretrained weights: a hub id, or a folder with weight
+    files. A folder with a config only (assets/tiny-bert) is a model to train from scratch."""
+    local = Path(model_name_or_path)
+    return not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
+
+
 def load_rows(path, split="train", config_name=None):
     """A data file (.jsonl .json .csv .tsv .parquet .txt) or a hub dataset name as a datasets.Dataset:
     memory-mapped from the datasets cache (HF_DATASETS_CACHE), so a second run reads it back."""

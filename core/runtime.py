@@ -15,7 +15,8 @@ from packaging import version
 from tqdm.auto import tqdm
 
 from core.checkpoint import find, read_state
-from utils import UserError
+from core.options import say
+from utils import UserError, has_weights
 
 
 def progress(accelerator, iterable, desc, **kwargs):
@@ -233,6 +234,10 @@ def add_lora(model, args):
         raise UserError(f"--lora_r: transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION}, "
                         f"installed {peft.__version__}. Install the tested versions: pip install -r requirements.txt "
                         f"-c constraints.txt")
+    if not args.resume and not has_weights(args.model_name_or_path):  # perplexity 222 against 1.8 in full
+        say(f"warning: --lora_r on {args.model_name_or_path}, which holds no weights: its backbone is random "
+            f"and stays frozen, so the adapters learn little. LoRA needs a pretrained backbone: give one (a hub "
+            f"id, or the best/ of a full run), or drop --lora_r to train every weight.")
     backbone = {id(p) for p in model.base_model.parameters()}
     if args.resume:
         model.load_adapter(str(args.resume), is_trainable=True)

@@ -17,11 +17,12 @@ What train.py expects of this file (as for the default task):
   * `predictions(model, tokenizer, batch, outputs)`: each text's loss and perplexity, for predict.py.
 """
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from utils import has_weights
 
 
 # The hub's own causal LM classes (GPT-2, Llama, ...) already are what train.py needs: forward()
@@ -37,9 +38,8 @@ def build_model(model_name_or_path, train_set):
     """A directory with only a config.json (examples/causal_lm/tiny-gpt2) gives a randomly initialised
     model; a hub id (gpt2) or a directory with weights gives that pretrained model."""
     config = AutoConfig.from_pretrained(model_name_or_path)  # train.py refuses a --max_len beyond its positions
-    local = Path(model_name_or_path)
-    has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
-    model = Model.from_pretrained(model_name_or_path) if has_weights else Model.from_config(config)
+    pretrained = has_weights(model_name_or_path)
+    model = Model.from_pretrained(model_name_or_path) if pretrained else Model.from_config(config)
     vocabulary = len(train_set.tokenizer)
     if vocabulary > model.get_input_embeddings().num_embeddings:  # a tokenizer with added tokens
         model.resize_token_embeddings(vocabulary)

@@ -20,12 +20,13 @@ What train.py expects of this file (as for the default task):
     `predictions(model, tokenizer, batch, outputs)` gives each sentence's tags, one per word, for predict.py.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+
+from utils import has_weights
 
 
 class ModelConfig(PretrainedConfig):
@@ -79,9 +80,8 @@ def build_model(model_name_or_path, train_set):
     config = ModelConfig(encoder=encoder_config.to_dict(), id2label=dict(enumerate(labels)),
                          label2id={label: i for i, label in enumerate(labels)})
     model = Model(config)
-    local = Path(model_name_or_path)
-    has_weights = not local.is_dir() or any(local.glob("*.safetensors")) or any(local.glob("*.bin"))
-    if has_weights:
+    pretrained = has_weights(model_name_or_path)
+    if pretrained:
         model.encoder = AutoModel.from_pretrained(model_name_or_path)
         model.encoder.pooler = None
     return model

@@ -232,3 +232,15 @@ def test_deepspeed_is_refused_before_anything_is_written(tiny_data, tmp_path, mo
     assert str(stopped.value.code) == ("error: DeepSpeed is not supported by this template: FSDP2 is its sharded "
                                        "engine (configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume).")
     assert not (tmp_path / "model").exists()
+
+
+def test_lora_on_a_model_without_weights_says_adapters_need_a_pretrained_backbone(tiny_data, pretrained, tmp_path):
+    args = [*data_args(tiny_data), *FAST, "--lora_r", 4, "--lora_target_modules", "query,value",
+            "--stop_after_steps", 1]
+    result = run(*args, "--outdir", tmp_path / "scratch")  # assets/tiny-bert: a config only
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: --lora_r")]
+    assert warned == ["warning: --lora_r on assets/tiny-bert, which holds no weights: its backbone is random and "
+                      "stays frozen, so the adapters learn little. LoRA needs a pretrained backbone: give one (a "
+                      "hub id, or the best/ of a full run), or drop --lora_r to train every weight."]
+    result = run(*args, "--outdir", tmp_path / "pretrained", "--model_name_or_path", pretrained)
+    assert "warning: --lora_r" not in result.stderr
