@@ -13,13 +13,14 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pytest
 
 import dataset
 import train
-from conftest import TREE, assert_bitwise_equal, data_args, read_json, run, tiny_tokenizer
+from conftest import TREE, assert_bitwise_equal, data_args, launch, read_json, run, tiny_tokenizer
 from core import checkpoint, options
 from test_hardening import refused
 
@@ -219,3 +220,23 @@ def test_a_full_datasets_cache_is_one_line_and_leaves_no_partial_file(cache_disk
         filler.unlink()
         run(*args, *extra, "--outdir", tmp_path / f"after{len(extra)}")  # with room: afresh, and it trains
         assert (tmp_path / f"after{len(extra)}" / "last" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # two runs at once
+def test_two_first_runs_at_once_on_a_new_data_file_both_succeed(tiny_data, tmp_path):
+    """Both read, cache and tokenize the same new file into one empty datasets cache at the same time
+    (the second run used to die reading a cache file the first replaced)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "valid.jsonl"):  # bytes no cache has seen: one more row each
+        (data / name).write_text((tiny_data / name).read_text() + (tiny_data / name).read_text().splitlines()[0] + "\n")
+    cache = tmp_path / "cache"
+
+    def first_run(outdir):
+        return launch(*data_args(data), "--epochs", 1, "--outdir", outdir, check=False,
+                      env={"HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(first_run, [tmp_path / "a", tmp_path / "b"]))
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert_bitwise_equal(tmp_path / "a" / "last", tmp_path / "b" / "last")  # the same rows, the same run
+    assert read_json(tmp_path / "a" / "log.json") == read_json(tmp_path / "b" / "log.json")
