@@ -45,6 +45,7 @@ def main(argv=None):
         return runtime.finish(accelerator, 0)
     with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
         tokenizer, train_set, valid_set, data = load_data(args)
+    preflight.check_collate(train_set, tokenizer, args)
     if resumed:
         guard.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
     model = build(args, train_set)

@@ -26,6 +26,25 @@ def check_positions(model, args):
                         f"positions, so a longer input would fail mid-run. Pass --max_len {min(limits)} or less.")
 
 
+def check_collate(train_set, tokenizer, args):
+    """Two training examples of unequal length through Dataset.collate(), before the model is built:
+    a tokenizer without a pad token is one line here, not transformers' traceback mid-run."""
+    collate = getattr(train_set, "collate", None)
+    lengths = getattr(train_set, "lengths", None)
+    if collate is None or len(train_set) < 2:
+        return
+    pair = [int(lengths.argmin()), int(lengths.argmax())] if lengths is not None else [0, 1]
+    try:
+        collate([train_set[i] for i in pair])
+    except ValueError:
+        if tokenizer is None or getattr(tokenizer, "pad_token", "") is not None:
+            raise  # another mistake in collate(): its own traceback says where
+        raise UserError(f"the tokenizer of {args.resume or args.model_name_or_path} has no pad token, which "
+                        f"Dataset.collate() needs to pad a batch: set one in dataset.py's load_tokenizer() "
+                        f"(tokenizer.pad_token = tokenizer.eos_token, as examples/causal_lm does) or give the "
+                        f"model folder's tokenizer_config.json a pad_token.") from None
+
+
 def first_batch(model, train_set, valid_set, args, metrics):
     """Before any training: the first validation examples and the longest training example through
     the model, so that a forward without a scalar loss, a --max_len beyond the model's positions or

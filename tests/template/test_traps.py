@@ -375,3 +375,18 @@ def test_max_len_is_checked_against_a_causal_lms_positions():
     preflight.check_positions(model, SimpleNamespace(max_len=128, model_name_or_path=folder))
     with pytest.raises(SystemExit, match=r"--max_len 300: the model of .*tiny-gpt2 has 128 positions"):
         preflight.check_positions(model, SimpleNamespace(max_len=300, model_name_or_path=folder))
+
+
+def test_a_tokenizer_without_a_pad_token_is_one_line_before_training(monkeypatch, tiny_data, tmp_path):
+    load_tokenizer = dataset.load_tokenizer
+
+    def without_pad_token(source, args):
+        tokenizer = load_tokenizer(source, args)
+        tokenizer.pad_token = None  # as in a tokenizer.json made without one
+        return tokenizer
+    monkeypatch.setattr(train.dataset, "load_tokenizer", without_pad_token)
+    for extra in ([], ["--check"]):
+        message = refused([*data_args(tiny_data), "--outdir", tmp_path / "model", *extra],
+                          "the tokenizer of assets/tiny-bert has no pad token, which Dataset.collate() needs",
+                          "tokenizer.pad_token = tokenizer.eos_token")
+        assert "\n" not in message and not (tmp_path / "model").exists()
