@@ -51,8 +51,7 @@ def main(argv=None):
     model = build(args, train_set)
     preflight.check_positions(model, args)
     if args.check:  # a few seconds of checks on the two user files instead of the run
-        failed = wiring.run(accelerator, model, train_set, valid_set, args,
-                            getattr(modeling, "loss_items", None))
+        failed = wiring.run(accelerator, model, tokenizer, train_set, valid_set, args, modeling)
         return runtime.finish(accelerator, failed)
     greater = preflight.first_batch(model, train_set, valid_set, args, lambda batch, outputs:
                                     compute_metrics(metrics_of(model, tokenizer, batch, outputs)))

@@ -50,8 +50,11 @@ def first_tensor(outputs):
     return next(v for k, v in outputs.items() if k != "loss" and torch.is_tensor(v))
 
 
-def run(accelerator, model, train_set, valid_set, args, loss_items=None):
+def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
+    """The checks, one line each; `hooks` is modeling.py (its optional loss_items, metric_inputs and
+    compute_metrics). Returns 1 if one failed, else 0."""
     report = Report(accelerator)
+    loss_items = getattr(hooks, "loss_items", None)
     collate = getattr(train_set, "collate", None) or torch.utils.data.default_collate
     loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(args.seed))
@@ -98,7 +101,8 @@ def run(accelerator, model, train_set, valid_set, args, loss_items=None):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         checks = {"forward": forward_and_gradients, "padding": padding_invariance, "overfit": overfit,
                   "learning": learning, "round-trip": round_trip,
-                  "split": lambda *common: batch_split(*common, loss_items), "speed": throughput}
+                  "split": lambda *common: batch_split(*common, loss_items),
+                  "metrics": lambda *common: metrics(*common, tokenizer, hooks), "speed": throughput}
         for name, check in checks.items():
             try:
                 check(report, accelerator, model, batch, train_set, valid_set, collate, args)
@@ -354,6 +358,46 @@ def batch_split(report, accelerator, model, batch, train_set, valid_set, collate
         report("WARN", "split", f"{steps} give gradients {difference:.1e} apart although loss_items() "
                                 f"counts items: does it count exactly what the loss is a mean over (a causal "
                                 f"LM predicts every token but the first)?")
+
+
+def metrics(report, accelerator, model, batch, train_set, valid_set, collate, args, tokenizer, hooks):
+    """7b. metric_inputs() and compute_metrics() on two validation batches, as validation calls them
+    (eval mode, no gradients, the unwrapped model): per-example tensors that train.py can gather
+    from every process, of one shape apart from the batch dimension, and finite metrics."""
+    metric_inputs, compute_metrics = (getattr(hooks, name, None) for name in ("metric_inputs", "compute_metrics"))
+    if not (metric_inputs and compute_metrics):
+        report("PASS", "metrics", "no metric_inputs() and compute_metrics(): validation reports the loss only")
+        return
+    valid_collate = getattr(valid_set, "collate", None) or collate
+    size = min(args.batch_size, max(1, len(valid_set) // 2))
+    gathered, shapes = {}, set()
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, min(2 * size, len(valid_set)), size):
+            part = send_to_device(valid_collate([valid_set[i] for i in range(start, min(start + size, len(valid_set)))]),
+                                  accelerator.device)
+            values = metric_inputs(model, tokenizer, part, model(**part))
+            examples = len(next(iter(part.values())))
+            for key, value in values.items():
+                if not torch.is_tensor(value) or not value.dim() or len(value) != examples:
+                    shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    report("FAIL", "metrics", f"metric_inputs() gave '{key}' of shape {shape} for a batch of "
+                                              f"{examples}: it must give a tensor per example (first dimension "
+                                              f"{examples}), which train.py gathers from every process")
+                    return
+                shapes.add((key, tuple(value.shape[1:])))
+                gathered.setdefault(key, []).append(value)
+    model.train()
+    if len(shapes) != len(gathered):
+        report("FAIL", "metrics", f"metric_inputs() gives tensors of other shapes in other batches "
+                                  f"({', '.join(f'{k} {s}' for k, s in sorted(shapes))}): per example, return "
+                                  f"scores or counts of a fixed size (not tokens of a batch's length)")
+        return
+    values = compute_metrics({key: torch.cat(parts) for key, parts in gathered.items()})
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values())
+    report("PASS" if finite else "FAIL", "metrics", f"on {sum(len(p) for p in next(iter(gathered.values())))} "
+           f"validation examples: {shown}" + ("" if finite else ": a metric is not a finite number"))
 
 
 def throughput(report, accelerator, model, batch, train_set, valid_set, collate, args):

@@ -37,9 +37,18 @@ def test_the_default_pair_passes_every_check(tiny_data, tmp_path):
     status, lines = check(tiny_data, tmp_path)
     assert status == 0, lines
     expected = {"data", "labels", "keys", "forward", "gradients", "padding", "overfit", "learning", "round-trip",
-                "split", "speed"}
+                "split", "metrics", "speed"}
     assert set(lines) == expected and all(v == {"PASS"} for v in verdicts(lines).values()), lines
     assert "negative: " in lines["labels"][0][1] and "ln 3 = 1.0986" in lines["forward"][0][1]
+    assert lines["metrics"][0][1].startswith("on 64 validation examples: accuracy ")
+
+
+def test_a_metric_that_is_not_per_example_fails_the_metrics_check(monkeypatch, tiny_data, tmp_path):
+    monkeypatch.setattr(modeling, "metric_inputs", lambda model, tokenizer, batch, outputs:
+                        {"correct": (outputs.logits.argmax(-1) == batch["labels"]).sum()})  # summed: one number
+    status, lines = check(tiny_data, tmp_path)
+    assert status == 1 and lines["metrics"][0][0] == "FAIL", lines
+    assert "gave 'correct' of shape () for a batch of 32: it must give a tensor per example" in lines["metrics"][0][1]
 
 
 def test_check_changes_nothing_a_later_run_does(tiny_data, tmp_path):
