@@ -242,11 +242,18 @@ def add_lora(model, args):
     if args.resume:
         model.load_adapter(str(args.resume), is_trainable=True)
     else:
+        # Every linear layer of the backbone by default: nn.Linear, and the Conv1D of GPT-2 (a linear
+        # layer with its weight transposed), which PEFT adapts alike.
+        linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
         targets = (args.lora_target_modules.split(",") if args.lora_target_modules else
                    [f"{model.base_model_prefix}.{name}" for name, module in model.base_model.named_modules()
-                    if isinstance(module, torch.nn.Linear)])
+                    if isinstance(module, linear)])
+        if not targets:
+            raise UserError(f"--lora_r: the backbone of {type(model).__name__} has no linear layer to adapt; name "
+                            f"the layers with --lora_target_modules (e.g. q_proj,v_proj).")
         try:
-            model.add_adapter(peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+            conv1d = any(isinstance(m, transformers.pytorch_utils.Conv1D) for m in model.base_model.modules())
+            model.add_adapter(peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, fan_in_fan_out=conv1d,
                                               lora_dropout=args.lora_dropout, target_modules=targets))
         except ValueError as e:
             raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:300]}") from None
