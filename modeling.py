@@ -18,8 +18,9 @@ What train.py and predict.py read from this file (nothing else):
     share of the set. The second turns them into {"name": float}, shown in the VALID bar and
     stored in log.json next to the validation loss. A metric of generated text: generate and score
     each example in metric_inputs, add the scores up in compute_metrics (see examples/seq2seq).
-    Without them validation reports the loss only. --metric_for_best picks one of them to decide best/: lower is better for names
-    like loss, error, mse, mae, rmse, perplexity, higher for the others (--greater_is_better overrides).
+    Without them validation reports the loss only. --metric_for_best picks one of them to decide
+    best/: lower is better for names like loss, error, mse, mae, rmse, perplexity, higher for the
+    others (--greater_is_better overrides).
   * `loss_items(batch)` (optional): per example (a tensor, first dimension = batch size), the items
     `.loss` is a mean over, for a loss whose number of items varies between batches (tokens with a
     label: see examples/). train.py then weighs every item of an optimizer step alike, however the

@@ -29,7 +29,7 @@ try:
     import dataset
     import modeling
     import utils
-    from core import checkpoint, guard, options
+    from core import checkpoint, guard, options, preflight
     from dataset import generate_dataset
     from modeling import Model
     from utils import UserError
@@ -164,6 +164,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_output_file(args)
     transformers.utils.logging.disable_progress_bar()
+    preflight.check_hooks(modeling)
     model, tokenizer, trained_with = load_checkpoint(args.checkpoint)
     if Path(args.input_file).suffix in utils.FILE_TYPES and not Path(args.input_file).is_file():
         raise UserError(f"--input_file {args.input_file}: no such file.")

@@ -53,13 +53,16 @@ def main(argv=None):
     if args.check:  # a few seconds of checks on the two user files instead of the run
         failed = wiring.run(accelerator, model, tokenizer, train_set, valid_set, args, modeling)
         return runtime.finish(accelerator, failed)
-    greater = preflight.first_batch(model, train_set, valid_set, args, lambda batch, outputs:
-                                    compute_metrics(metrics_of(model, tokenizer, batch, outputs)))
-    accelerator.print(f"best/ keeps the epoch with the {'highest' if greater else 'lowest'} valid "
-                      f"{args.metric_for_best} (--{'no-' if greater else ''}greater_is_better to change it).")
     adapt(model, args)
     model, optimizer, scheduler, train_loader, valid_loader = prepare(accelerator, args, model,
                                                                       train_set, valid_set)
+    # On the device, as validation will run it (a metric that generates costs what it costs there).
+    unwrapped = accelerator.unwrap_model(model)
+    greater = preflight.first_batch(unwrapped, train_set, valid_set, args, lambda batch, outputs:
+                                    compute_metrics(metrics_of(unwrapped, tokenizer, batch, outputs)),
+                                    accelerator.device)
+    accelerator.print(f"best/ keeps the epoch with the {'highest' if greater else 'lowest'} valid "
+                      f"{args.metric_for_best} (--{'no-' if greater else ''}greater_is_better to change it).")
 
     # Everything a checkpoint saves besides the weights and the position: {name: an object with
     # state_dict() / load_state_dict()}, saved as optimizer.pt, lr.bin, NAME.pt. A second optimizer
@@ -138,6 +141,7 @@ def setup(args):
     if accelerator.device.type == "cpu":
         accelerator.print(f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the "
                           f"command to choose).")
+    preflight.check_hooks(modeling)
     if args.sample_every and not hasattr(modeling, "format_samples"):
         raise UserError("--sample_every: modeling.py has no format_samples(model, tokenizer, batch, "
                         "outputs, k).")
@@ -366,7 +370,8 @@ def compute_metrics(gathered):
 def evaluate(accelerator, model, tokenizer, loader, desc):
     """Validation loss (a mean over items, as the training loss) and metrics over the whole
     validation set, gathered from every process; the VALID bar ends showing them all. Every
-    process runs metric_inputs() on its share (generation too); no RNG stream moves."""
+    process runs metric_inputs() on its share (generation too); torch's RNG streams are restored
+    afterwards (a sampling generate() draws from them)."""
     loss_items = getattr(modeling, "loss_items", None)
     model.eval()
     unwrapped = accelerator.unwrap_model(model)  # what metric_inputs() may call generate() on
@@ -374,7 +379,7 @@ def evaluate(accelerator, model, tokenizer, loader, desc):
     # Updated by hand: it closes after the metrics.
     bar = runtime.progress(accelerator, None, desc, total=len(loader))
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # a sampling generate() draws numbers
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         for batch in loader:
             outputs = model(**batch)
             # Per example (gather_for_metrics drops the copies that even out the last batches): its

@@ -3,8 +3,9 @@ scalar loss, a --max_len beyond the model's positions or a --metric_for_best tha
 cost seconds, not an epoch."""
 import inspect
 
+import numpy
 import torch
-from transformers import PreTrainedModel
+from accelerate.utils import send_to_device
 
 from utils import UserError
 
@@ -12,18 +13,50 @@ from utils import UserError
 LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
 
 
-POSITIONS = ("max_position_embeddings", "n_positions", "max_positions")  # what configs call them
+POSITIONS = ("position_embeddings", "wpe", "embed_positions")  # BERT, RoBERTa...; GPT-2; BART, OPT, Marian
+
+
+def positions(model):
+    """The fewest positions a learnt (or fixed) position table of the model holds, None without one
+    (T5's relative positions, rotary ones). Read from the tables, not the configs: a T5 config says
+    n_positions 512 and runs longer inputs; RoBERTa's 514 holds 512 (two offset rows)."""
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITIONS:
+            offset = getattr(module, "offset", None)  # BART's and OPT's tables start 2 rows in
+            if offset is None:  # RoBERTa's count from padding_idx + 1
+                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            limits.append(module.num_embeddings - offset)
+    return min(limits, default=None)
 
 
 def check_positions(model, args):
-    """--max_len beyond the positions of the model (or of a model inside it: the default wraps an
+    """--max_len beyond the model's positions (or those of a model inside it: the default wraps an
     encoder) is refused before anything runs: else an input that long fails mid-run with
-    'IndexError: index out of range in self'. Models without a limit (T5's relative positions) pass."""
-    limits = [getattr(module.config, name) for module in model.modules() if isinstance(module, PreTrainedModel)
-              for name in POSITIONS if isinstance(getattr(module.config, name, None), int)]
-    if limits and args.max_len > min(limits):
-        raise UserError(f"--max_len {args.max_len}: the model of {args.model_name_or_path} has {min(limits)} "
-                        f"positions, so a longer input would fail mid-run. Pass --max_len {min(limits)} or less.")
+    'IndexError: index out of range in self'."""
+    limit = positions(model)
+    if limit is not None and args.max_len > limit:
+        raise UserError(f"--max_len {args.max_len}: the model of {args.model_name_or_path} has {limit} "
+                        f"positions, so a longer input would fail mid-run. Pass --max_len {limit} or less.")
+
+
+HOOKS = {"metric_inputs": "model, tokenizer, batch, outputs", "compute_metrics": "gathered",
+         "loss_items": "batch", "format_samples": "model, tokenizer, batch, outputs, k",
+         "predictions": "model, tokenizer, batch, outputs"}  # what train.py and predict.py pass
+
+
+def check_hooks(modeling):
+    """modeling.py's optional hooks take what they are given: one made for other parameters (the
+    hooks before they took the model and the tokenizer) is one line, not a TypeError mid-run."""
+    for name, parameters in HOOKS.items():
+        hook = getattr(modeling, name, None)
+        try:
+            if hook is not None:
+                inspect.signature(hook).bind(*parameters.split(", "))
+        except TypeError:
+            raise UserError(f"modeling.py: {name}{inspect.signature(hook)} cannot take ({parameters}), what it "
+                            f"is called with: give it those parameters (the list at the top of modeling.py "
+                            f"says what each is).") from None
 
 
 def check_collate(train_set, tokenizer, args):
@@ -33,10 +66,10 @@ def check_collate(train_set, tokenizer, args):
     lengths = getattr(train_set, "lengths", None)
     if collate is None or len(train_set) < 2:
         return
-    pair = [int(lengths.argmin()), int(lengths.argmax())] if lengths is not None else [0, 1]
+    pair = [int(numpy.argmin(lengths)), int(numpy.argmax(lengths))] if lengths is not None else [0, 1]
     try:
         collate([train_set[i] for i in pair])
-    except ValueError:
+    except (ValueError, TypeError):  # transformers' "Asking to pad ...", or None in a padding by hand
         if tokenizer is None or getattr(tokenizer, "pad_token", "") is not None:
             raise  # another mistake in collate(): its own traceback says where
         raise UserError(f"the tokenizer of {args.resume or args.model_name_or_path} has no pad token, which "
@@ -45,19 +78,19 @@ def check_collate(train_set, tokenizer, args):
                         f"model folder's tokenizer_config.json a pad_token.") from None
 
 
-def first_batch(model, train_set, valid_set, args, metrics):
+def first_batch(model, train_set, valid_set, args, metrics, device=torch.device("cpu")):
     """Before any training: the first validation examples and the longest training example through
     the model, so that a forward without a scalar loss, a --max_len beyond the model's positions or
     a --metric_for_best that no metric has costs seconds, not an epoch. Returns whether a greater
     --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept. `metrics`:
-    (batch, outputs) -> {name: value}, modeling.py's metrics on one batch."""
+    (batch, outputs) -> {name: value}, modeling.py's metrics on one batch; `device`: the model's."""
     collate = getattr(valid_set, "collate", torch.utils.data.default_collate)
     samples = [valid_set[i] for i in range(min(2, len(valid_set)))]
     lengths = getattr(train_set, "lengths", None)
     samples += [train_set[int(lengths.argmax())]] if lengths is not None else []
-    batch = collate(samples)
+    batch = send_to_device(collate(samples), device)
     model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             outputs = model(**batch)
         except (RuntimeError, IndexError) as e:

@@ -26,15 +26,18 @@ def progress(accelerator, iterable, desc, **kwargs):
 
 def show_samples(accelerator, format_samples, model, tokenizer, batch, outputs, k, step, bar):
     """--sample_every: modeling.py's format_samples() on the main process, in eval mode, without gradients,
-    with the RNG streams restored afterwards: showing samples (even with generate()) changes nothing."""
-    if not accelerator.is_main_process:
+    with the RNG streams restored afterwards: showing samples (even with generate()) changes nothing.
+    Under FSDP every process runs it (each forward gathers the shards from all of them); the main one
+    prints."""
+    if not (accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP):
         return
     unwrapped = accelerator.unwrap_model(model).eval()
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         samples = format_samples(unwrapped, tokenizer, batch, outputs, k)
     unwrapped.train()
-    bar.write(f"--- samples at step {step}:\n" + "\n".join(samples[:k]))
+    if accelerator.is_main_process:
+        bar.write(f"--- samples at step {step}:\n" + "\n".join(samples[:k]))
 
 
 def resume_command(accelerator, outdir):

@@ -67,8 +67,9 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
                if "attention_mask" in batch else "")
     report("PASS", "data", f"{len(train_set)} training and {len(valid_set)} validation examples; first batch: "
                            f"{shapes}{padding}")
-    labels = None if model.can_generate() else label_counts(train_set, collate)
-    if model.can_generate():  # labels are the tokens to generate: their counts are no class balance
+    generative = model.can_generate()
+    labels = None if generative else label_counts(train_set, collate)
+    if generative:  # labels are the tokens to generate: their counts are no class balance
         report("PASS", "labels", "a generative model: the labels are token ids, no class distribution to check")
     elif labels is None:
         report("PASS", "labels", "no integer `labels` in the batches: no class distribution to check")
@@ -243,11 +244,17 @@ def next_token(report, model, batch):
     model.train()
     if logits.dim() != 3 or logits.shape[:2] != ids.shape:
         return
-    predicted, real = logits.argmax(-1), batch.get("attention_mask", torch.ones_like(ids)).bool()
     length = ids.shape[1]
-    # The share of the real tokens at offset k that the prediction k positions before them hits.
-    hits = {k: ((predicted[:, :length - k] == ids[:, k:]) & real[:, k:]).sum().item() / max(1, real[:, k:].sum().item())
-            for k in (0, 1, 2)}
+    # The positions that learnt something: those before a token with a label (a loss on the
+    # response only leaves the prompt's untrained), else those before a real token.
+    labels = batch.get("labels")
+    after = (labels != -100 if torch.is_tensor(labels) and labels.shape == ids.shape else
+             batch.get("attention_mask", torch.ones_like(ids)).bool())
+    trained = torch.cat([after[:, 1:], torch.zeros_like(after[:, :1])], 1)
+    predicted = logits.argmax(-1)
+    # Of those positions, the share whose prediction is the token k positions on.
+    hits = {k: ((predicted[:, :length - k] == ids[:, k:]) & trained[:, :length - k]).sum().item()
+            / max(1, trained[:, :length - k].sum().item()) for k in (0, 1, 2)}
     learnt = max(hits, key=hits.get)
     figures = f"token after: {hits[1]:.0%} right, itself: {hits[0]:.0%}, two ahead: {hits[2]:.0%}"
     if learnt == 1 or hits[learnt] < hits[1] + NEXT_TOKEN_MARGIN:

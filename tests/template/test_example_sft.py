@@ -297,15 +297,18 @@ def test_check_passes(runs):
 def test_two_processes_generate_on_every_process_and_gather(runs, sharded, tmp_path):
     """One epoch from full/best on 2 processes, DDP or FSDP2 (sharded: every forward of generate()
     gathers the shards from both processes, and transformers keeps them stepping together until both
-    are done): the exact match logged is predict.py's on the best/ it saved, in one process."""
+    are done), samples shown once: the exact match logged is predict.py's on the best/ it saved."""
     repo, outdir = runs.repo, tmp_path / "two"
     config = None
     if sharded:  # fsdp_cpu.yaml with GPT-2's block as the unit of sharding
         config = tmp_path / "fsdp_gpt2.yaml"
         config.write_text((repo / "configs" / "accelerate" / "fsdp_cpu.yaml").read_text()
                           .replace("fsdp_transformer_layer_cls_to_wrap: BertLayer", "fsdp_transformer_layer_cls_to_wrap: GPT2Block"))
-    launch(*runs.options, "--model_name_or_path", "full/best", "--epochs", 1, "--lr", 1e-3, "--outdir", outdir,
-           cwd=repo, processes=2, config=config, env={"HF_DATASETS_CACHE": str(repo / "cache-a")})
+    result = launch(*runs.options, "--model_name_or_path", "full/best", "--epochs", 1, "--lr", 1e-3, "--outdir", outdir,
+                    "--sample_every", 15, cwd=repo, processes=2, config=config,
+                    env={"HF_DATASETS_CACHE": str(repo / "cache-a")})
+    # Samples too: under FSDP2 every process generates them (the main one prints), else the main one.
+    assert result.stdout.count("--- samples at step ") == 1 and result.stdout.count("  generated:") == 3
     state = read_json(outdir / "best" / "trainer_state.json")
     assert (state["num_processes"], state["distributed_type"]) == (2, "FSDP" if sharded else "MULTI_CPU")
     launch("--checkpoint", outdir / "best", "--input_file", "valid.jsonl", "--output_file", tmp_path / "p.jsonl",

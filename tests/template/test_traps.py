@@ -22,7 +22,7 @@ from core import options
 import train
 import utils
 from core import preflight
-from conftest import ROOT, TREE, data_args, read_json, tiny_tokenizer
+from conftest import TREE, data_args, read_json, tiny_tokenizer
 
 FAST = ["--batch_size", "32", "--epochs", "1"]
 
@@ -368,13 +368,24 @@ def test_max_len_beyond_the_models_positions_is_one_line_before_training(extra, 
     assert not (tmp_path / "model").exists()
 
 
-def test_max_len_is_checked_against_a_causal_lms_positions():
-    from transformers import AutoConfig, AutoModelForCausalLM
-    folder = str(ROOT / "examples" / "causal_lm" / "tiny-gpt2")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))  # GPT-2: n_positions 128
-    preflight.check_positions(model, SimpleNamespace(max_len=128, model_name_or_path=folder))
-    with pytest.raises(SystemExit, match=r"--max_len 300: the model of .*tiny-gpt2 has 128 positions"):
-        preflight.check_positions(model, SimpleNamespace(max_len=300, model_name_or_path=folder))
+@pytest.mark.parametrize("config, limit", [
+    ({"model_type": "gpt2", "n_positions": 128}, 128),
+    ({"model_type": "roberta", "max_position_embeddings": 514}, 512),  # 2 rows before the first position
+    ({"model_type": "bart", "max_position_embeddings": 64}, 64),  # its table holds 66: an offset of 2
+    ({"model_type": "t5", "n_positions": 512}, None),  # relative positions: any length runs
+])
+def test_the_positions_are_read_from_the_models_position_table(config, limit):
+    from transformers import AutoConfig, AutoModel
+    sizes = {"gpt2": dict(n_embd=16, n_layer=1, n_head=2), "roberta": dict(hidden_size=16, num_hidden_layers=1,
+             num_attention_heads=2, intermediate_size=16), "t5": dict(d_model=16, num_layers=1, num_heads=2, d_ff=16,
+             d_kv=8), "bart": dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+             decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16)}[config["model_type"]]
+    model = AutoModel.from_config(AutoConfig.for_model(**config, **sizes))
+    assert preflight.positions(model) == limit
+    preflight.check_positions(model, SimpleNamespace(max_len=limit or 4096, model_name_or_path="m"))
+    if limit:
+        with pytest.raises(SystemExit, match=f"--max_len {limit + 1}: the model of m has {limit} positions"):
+            preflight.check_positions(model, SimpleNamespace(max_len=limit + 1, model_name_or_path="m"))
 
 
 def test_a_tokenizer_without_a_pad_token_is_one_line_before_training(monkeypatch, tiny_data, tmp_path):
@@ -390,3 +401,17 @@ def test_a_tokenizer_without_a_pad_token_is_one_line_before_training(monkeypatch
                           "the tokenizer of assets/tiny-bert has no pad token, which Dataset.collate() needs",
                           "tokenizer.pad_token = tokenizer.eos_token")
         assert "\n" not in message and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("script", ["train", "predict"])
+def test_a_hook_with_the_old_parameters_is_one_line(script, monkeypatch, tiny_data, tmp_path):
+    import predict
+    monkeypatch.setattr(train.modeling, "predictions", lambda config, batch, outputs: [])  # before the change
+    argv = ([*data_args(tiny_data), "--outdir", tmp_path / "model"] if script == "train" else
+            ["--checkpoint", tmp_path / "none", "--input_file", tiny_data / "valid.jsonl"])
+    with pytest.raises(SystemExit) as exit_info:
+        (train if script == "train" else predict).main([str(a) for a in argv])
+    assert str(exit_info.value.code) == (
+        "error: modeling.py: predictions(config, batch, outputs) cannot take (model, tokenizer, batch, outputs), "
+        "what it is called with: give it those parameters (the list at the top of modeling.py says what each is).")
+    assert not (tmp_path / "model").exists()
