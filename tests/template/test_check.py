@@ -13,7 +13,7 @@ from torch import nn
 import modeling
 import train
 from conftest import data_args, launch, run, weights
-from test_examples import EXAMPLES, fork_with_example
+from test_examples import EXAMPLES, copy_repository, fork_with_example
 
 
 def check(tiny_data, tmp_path, *extra):
@@ -195,3 +195,23 @@ def test_labels_shifted_by_hand_in_a_causal_lm_fail_the_shift_check(shift, fragm
     assert result.returncode == 1, result.stdout
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1 and failed[0].startswith("FAIL  shift") and fragment in failed[0], result.stdout
+
+
+ENCODER_MASK = "        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,\n"
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_that_drops_the_encoders_mask_fails_the_padding_check(tmp_path):
+    """examples/seq2seq passes --check (test_example_seq2seq.py); with the attention mask kept from
+    its encoder, the decoder's logits change by far more than the tolerance when a source is padded."""
+    repo = tmp_path / "repo"
+    copy_repository(repo)
+    source = (repo / "examples" / "seq2seq" / "modeling.py").read_text()
+    assert source.count(ENCODER_MASK) == 1
+    (repo / "modeling.py").write_text(source.replace(ENCODER_MASK, ENCODER_MASK.replace(
+        "attention_mask=attention_mask", "attention_mask=None")))
+    (repo / "dataset.py").write_text((repo / "examples" / "seq2seq" / "dataset.py").read_text())
+    result = launch("--config", "examples/seq2seq/train.yaml", "--check", cwd=repo, check=False)
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert result.returncode == 1 and len(failed) == 1, result.stdout
+    assert failed[0].startswith("FAIL  padding") and "is the attention_mask passed to the encoder?" in failed[0]
