@@ -6,6 +6,7 @@ import inspect
 import numpy
 import torch
 from accelerate.utils import send_to_device
+from torch.distributed.fsdp import FSDPModule
 
 from utils import UserError
 
@@ -101,6 +102,9 @@ def first_batch(model, train_set, valid_set, args, metrics, device=torch.device(
         loss_of(model, batch, outputs)
         names = ["loss", *metrics(batch, outputs)]
     model.train()
+    for module in model.modules():  # FSDP2 keeps what it gathered for a forward without a backward
+        if isinstance(module, FSDPModule):  # (the loop's list of parameters would hold those)
+            module.reshard()
     if args.metric_for_best not in names:
         raise UserError(f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
                         f"({', '.join(names)}); compute_metrics() in modeling.py makes them.")
