@@ -176,7 +176,8 @@ def main(argv=None):
     # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
     loader = DataLoader(data, args.batch_size, collate_fn=getattr(data, "collate", None))
     if not hasattr(modeling, "predictions"):
-        print("note: modeling.py has no predictions(model, tokenizer, batch, outputs): writing the model's raw outputs.",
+        print("note: modeling.py has no predictions(model, tokenizer, batch, outputs): writing the model's "
+              "raw outputs.",
               file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

@@ -254,8 +254,8 @@ def add_lora(model, args):
         if not targets:
             raise UserError(f"--lora_r: the backbone of {type(model).__name__} has no linear layer to adapt; name "
                             f"the layers with --lora_target_modules (e.g. q_proj,v_proj).")
+        conv1d = any(isinstance(m, transformers.pytorch_utils.Conv1D) for m in model.base_model.modules())
         try:
-            conv1d = any(isinstance(m, transformers.pytorch_utils.Conv1D) for m in model.base_model.modules())
             model.add_adapter(peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, fan_in_fan_out=conv1d,
                                               lora_dropout=args.lora_dropout, target_modules=targets))
         except ValueError as e:

@@ -377,24 +377,26 @@ def metrics(report, accelerator, model, batch, train_set, valid_set, collate, ar
         return
     valid_collate = getattr(valid_set, "collate", None) or collate
     size = min(args.batch_size, max(1, len(valid_set) // 2))
-    gathered, shapes = {}, set()
+    gathered, shapes, examples = {}, set(), 0
     model.eval()
-    with torch.no_grad():
-        for start in range(0, min(2 * size, len(valid_set)), size):
-            part = send_to_device(valid_collate([valid_set[i] for i in range(start, min(start + size, len(valid_set)))]),
-                                  accelerator.device)
-            values = metric_inputs(model, tokenizer, part, model(**part))
-            examples = len(next(iter(part.values())))
-            for key, value in values.items():
-                if not torch.is_tensor(value) or not value.dim() or len(value) != examples:
-                    shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                    report("FAIL", "metrics", f"metric_inputs() gave '{key}' of shape {shape} for a batch of "
-                                              f"{examples}: it must give a tensor per example (first dimension "
-                                              f"{examples}), which train.py gathers from every process")
-                    return
-                shapes.add((key, tuple(value.shape[1:])))
-                gathered.setdefault(key, []).append(value)
-    model.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, min(2 * size, len(valid_set)), size):
+                chosen = [valid_set[i] for i in range(start, min(start + size, len(valid_set)))]
+                part, size_now = send_to_device(valid_collate(chosen), accelerator.device), len(chosen)
+                values = metric_inputs(model, tokenizer, part, model(**part))
+                for key, value in values.items():
+                    if not torch.is_tensor(value) or not value.dim() or len(value) != size_now:
+                        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                        report("FAIL", "metrics", f"metric_inputs() gave '{key}' of shape {shape} for a batch of "
+                                                  f"{size_now}: it must give a tensor per example (first dimension "
+                                                  f"{size_now}), which train.py gathers from every process")
+                        return
+                    shapes.add((key, tuple(value.shape[1:])))
+                    gathered.setdefault(key, []).append(value)
+                examples += size_now
+    finally:
+        model.train()
     if len(shapes) != len(gathered):
         report("FAIL", "metrics", f"metric_inputs() gives tensors of other shapes in other batches "
                                   f"({', '.join(f'{k} {s}' for k, s in sorted(shapes))}): per example, return "
@@ -403,8 +405,8 @@ def metrics(report, accelerator, model, batch, train_set, valid_set, collate, ar
     values = compute_metrics({key: torch.cat(parts) for key, parts in gathered.items()})
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
     finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values())
-    report("PASS" if finite else "FAIL", "metrics", f"on {sum(len(p) for p in next(iter(gathered.values())))} "
-           f"validation examples: {shown}" + ("" if finite else ": a metric is not a finite number"))
+    report("PASS" if finite else "FAIL", "metrics", f"on {examples} validation examples: {shown}"
+           + ("" if finite else ": a metric is not a finite number"))
 
 
 def throughput(report, accelerator, model, batch, train_set, valid_set, collate, args):
