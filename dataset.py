@@ -23,6 +23,7 @@ Rows are read and tokenized with the `datasets` library: the result is cached (a
 the same file, tokenizer and max_len does not tokenize again), and the Dataset reads its rows from
 the cache file, memory-mapped (datasets' own Dataset.__getitems__).
 """
+
 import math
 from pathlib import Path
 
@@ -35,7 +36,9 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from utils import UserError, learn_vocabulary, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
-VOCABULARY_SIZE = 8000  # at most, for a vocabulary learnt from the training file (training from scratch)
+VOCABULARY_SIZE = (
+    8000  # at most, for a vocabulary learnt from the training file (training from scratch)
+)
 
 
 def load_tokenizer(source, args):
@@ -43,11 +46,15 @@ def load_tokenizer(source, args):
     and no tokenizer (training from scratch, like assets/tiny-bert), a WordPiece vocabulary learnt
     from --train_file (utils.learn_vocabulary), so that the user's own words are not [UNK]."""
     folder = Path(source)
-    if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+    if folder.is_dir() and not any(
+        (folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
         rows = load_rows(args.train_file, args.train_split, args.dataset_config)
         if TEXT not in rows.column_names:
-            raise UserError(f"{args.train_file}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
-                            f"Rename it, or change TEXT in dataset.py.")
+            raise UserError(
+                f"{args.train_file}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
+                f"Rename it, or change TEXT in dataset.py."
+            )
         return learn_vocabulary(rows, TEXT, VOCABULARY_SIZE, args.max_len)
     # trust_remote_code=False: a folder that asks to run its own tokenizer code is refused, never run.
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
@@ -55,9 +62,13 @@ def load_tokenizer(source, args):
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self, rows, labels, tokenizer):
-        self.rows = rows  # a datasets.Dataset of input_ids and labels (class ids), read from its cache file
+        self.rows = (
+            rows  # a datasets.Dataset of input_ids and labels (class ids), read from its cache file
+        )
         self.labels = labels  # index = class id; build_model() puts them in the model config
-        self.tokenizer = tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
+        self.tokenizer = (
+            tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
+        )
         self.collate = DataCollatorWithPadding(tokenizer)
 
     def __len__(self):
@@ -71,7 +82,9 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(self.rows.with_format("arrow")["input_ids"]).to_numpy()
+        return pyarrow.compute.list_value_length(
+            self.rows.with_format("arrow")["input_ids"]
+        ).to_numpy()
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
@@ -79,43 +92,73 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
     need_labels = not predicting or LABEL in rows.column_names
     for column in (TEXT, LABEL) if need_labels else (TEXT,):
         if column not in rows.column_names:
-            raise UserError(f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
-                            f"Rename it, or change TEXT / LABEL in dataset.py.")
+            raise UserError(
+                f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
+                f"Rename it, or change TEXT / LABEL in dataset.py."
+            )
     feature = rows.features.get(LABEL)
-    name_of = feature.int2str if isinstance(feature, datasets.ClassLabel) else str  # hub data: ids with names
-    if need_labels and labels is None:  # the training data decides the classes: its label names, sorted
+    name_of = (
+        feature.int2str if isinstance(feature, datasets.ClassLabel) else str
+    )  # hub data: ids with names
+    if (
+        need_labels and labels is None
+    ):  # the training data decides the classes: its label names, sorted
         try:
-            labels = sorted({name_of(label) for label in rows.unique(LABEL) if label not in (None, "")})
-        except pyarrow.ArrowNotImplementedError:  # the reader found numbers and strings in one column
-            raise UserError(f"{path}: the '{LABEL}' column mixes numbers and strings (e.g. 1 and \"1\"): write "
-                            f"every label the same way.") from None
+            labels = sorted(
+                {name_of(label) for label in rows.unique(LABEL) if label not in (None, "")}
+            )
+        except (
+            pyarrow.ArrowNotImplementedError
+        ):  # the reader found numbers and strings in one column
+            raise UserError(
+                f"{path}: the '{LABEL}' column mixes numbers and strings (e.g. 1 and \"1\"): write "
+                f"every label the same way."
+            ) from None
     label_ids = {name: i for i, name in enumerate(labels or [])}
     max_len = args.max_len  # not args itself: the cache key would then change with every option
 
     def encode(batch, indices):
         for i, text in zip(indices, batch[TEXT]):
             if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{path}, {row_name(path, i)}: the '{TEXT}' field is empty or not a string.")
+                raise UserError(
+                    f"{path}, {row_name(path, i)}: the '{TEXT}' field is empty or not a string."
+                )
         # Token ids only: the attention mask (all ones before padding) is made per batch by collate(), and
         # token type ids (all zeros for one text) are the model's default. A third of the cache to read.
         # For text pairs, tokenizer(a, b, ...), drop return_token_type_ids=False.
-        encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_len, return_attention_mask=False,
-                            return_token_type_ids=False)
+        encoded = tokenizer(
+            batch[TEXT],
+            truncation=True,
+            max_length=max_len,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
         if need_labels:
             names = [None if label in (None, "") else name_of(label) for label in batch[LABEL]]
             for i, label, name in zip(indices, batch[LABEL], names):
                 if isinstance(label, float) and not math.isfinite(label):
-                    raise UserError(f"{path}, {row_name(path, i)}: the '{LABEL}' field is {label}, not a class.")
+                    raise UserError(
+                        f"{path}, {row_name(path, i)}: the '{LABEL}' field is {label}, not a class."
+                    )
                 if name is None:
-                    raise UserError(f"{path}, {row_name(path, i)}: the '{LABEL}' field is missing or empty.")
+                    raise UserError(
+                        f"{path}, {row_name(path, i)}: the '{LABEL}' field is missing or empty."
+                    )
                 if name not in label_ids:
-                    raise UserError(f"{path}, {row_name(path, i)}: label '{name}' is not among the training labels "
-                                    f"({', '.join(labels)}).")
+                    raise UserError(
+                        f"{path}, {row_name(path, i)}: label '{name}' is not among the training labels "
+                        f"({', '.join(labels)})."
+                    )
             encoded["labels"] = [label_ids[name] for name in names]
         return encoded
 
     # The cache key is the data's fingerprint plus a hash of encode() with everything it uses
     # (tokenizer, max_len, label ids): change any of them and the data is tokenized again.
-    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    desc=f"Tokenizing {path}")
+    rows = rows.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        desc=f"Tokenizing {path}",
+    )
     return Dataset(rows, labels, tokenizer)

@@ -11,6 +11,7 @@ and the other options come from the checkpoint's my_config.json). A label column
 there is one, dataset.py checks it against the training labels. One process, on the GPU if there
 is one, else the CPU (for a large file, split it and run one predict.py per GPU).
 """
+
 import argparse
 import gc
 import json
@@ -39,16 +40,35 @@ finally:
 
 
 def parse_args(argv=None):
-    parser = options.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="model/best", help="a directory train.py wrote (model/best, model/last)")
-    parser.add_argument("--input_file", required=True,
-                        help="a data file like training's (.jsonl .csv ...; labels optional) or a hub dataset name")
+    parser = options.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="model/best",
+        help="a directory train.py wrote (model/best, model/last)",
+    )
+    parser.add_argument(
+        "--input_file",
+        required=True,
+        help="a data file like training's (.jsonl .csv ...; labels optional) or a hub dataset name",
+    )
     parser.add_argument("--output_file", default="predictions.jsonl")
-    parser.add_argument("--split", default="validation", help="the split of a hub dataset (ignored for files)")
-    parser.add_argument("--dataset_config", help="a hub dataset's configuration (default: the training run's)")
-    parser.add_argument("--batch_size", type=options.number(int, 1), default=64, help="reduce if out of memory")
-    parser.add_argument("--embeddings", action="store_true", help="also write outputs.embeddings as \"embedding\"")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output_file if it exists")
+    parser.add_argument(
+        "--split", default="validation", help="the split of a hub dataset (ignored for files)"
+    )
+    parser.add_argument(
+        "--dataset_config", help="a hub dataset's configuration (default: the training run's)"
+    )
+    parser.add_argument(
+        "--batch_size", type=options.number(int, 1), default=64, help="reduce if out of memory"
+    )
+    parser.add_argument(
+        "--embeddings", action="store_true", help='also write outputs.embeddings as "embedding"'
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output_file if it exists"
+    )
     return parser.parse_args(argv)
 
 
@@ -56,46 +76,67 @@ def load_checkpoint(directory):
     """The model, its tokenizer and the options it was trained with (train.py's defaults where unknown)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"--checkpoint {directory}: no such directory. Give a checkpoint that train.py wrote, "
-                        f"e.g. model/best.")
+        raise UserError(
+            f"--checkpoint {directory}: no such directory. Give a checkpoint that train.py wrote, "
+            f"e.g. model/best."
+        )
     if not (directory / "config.json").is_file():
-        raise UserError(f"--checkpoint {directory}: no config.json, so not a saved model. Give a checkpoint "
-                        f"that train.py wrote, e.g. model/best.")
+        raise UserError(
+            f"--checkpoint {directory}: no config.json, so not a saved model. Give a checkpoint "
+            f"that train.py wrote, e.g. model/best."
+        )
     if (directory / "manifest.json").is_file():
-        checkpoint.verify(directory, "--checkpoint", recover=False)  # every file whole and unchanged
+        checkpoint.verify(
+            directory, "--checkpoint", recover=False
+        )  # every file whole and unchanged
     else:
-        print(f"note: {directory} has no manifest.json (not saved by train.py?): its files are not checked.",
-              file=sys.stderr)
+        print(
+            f"note: {directory} has no manifest.json (not saved by train.py?): its files are not checked.",
+            file=sys.stderr,
+        )
     guard.refuse_custom_code(directory, "--checkpoint")
     try:
         saved_type = json.loads((directory / "config.json").read_text()).get("model_type")
     except (ValueError, AttributeError) as e:
-        raise UserError(f"--checkpoint {directory}: {directory / 'config.json'} is damaged ({e}).") from None
-    expected = getattr(getattr(Model, "config_class", None), "model_type", None)  # None: an Auto class
+        raise UserError(
+            f"--checkpoint {directory}: {directory / 'config.json'} is damaged ({e})."
+        ) from None
+    expected = getattr(
+        getattr(Model, "config_class", None), "model_type", None
+    )  # None: an Auto class
     if expected and saved_type != expected:
-        raise UserError(f"--checkpoint {directory}: trained with another modeling.py (model_type {saved_type}; this "
-                        f"modeling.py builds {expected}). Copy back the modeling.py and dataset.py it was "
-                        f"trained with.")
+        raise UserError(
+            f"--checkpoint {directory}: trained with another modeling.py (model_type {saved_type}; this "
+            f"modeling.py builds {expected}). Copy back the modeling.py and dataset.py it was "
+            f"trained with."
+        )
     try:
         with safe_open(directory / "model.safetensors", "pt") as f:
             f.keys()
     except Exception as e:  # safetensors' errors have classes of their own
-        raise UserError(f"--checkpoint {directory}: {directory / 'model.safetensors'} is damaged or missing "
-                        f"({str(e).splitlines()[0][:200]}).") from None
+        raise UserError(
+            f"--checkpoint {directory}: {directory / 'model.safetensors'} is damaged or missing "
+            f"({str(e).splitlines()[0][:200]})."
+        ) from None
     if (directory / "my_config.json").is_file():  # read and checked as --resume reads it
         trained_with = options.parse_args(["--resume", str(directory)])
     else:
         trained_with = options.parse_args([])  # a checkpoint saved by hand
-        print(f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
-              f"(--max_len {trained_with.max_len}).", file=sys.stderr)
+        print(
+            f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
+            f"(--max_len {trained_with.max_len}).",
+            file=sys.stderr,
+        )
     try:
         # Weights from safetensors only (never a pickled .bin), no code from the folder.
         model = Model.from_pretrained(directory, trust_remote_code=False, use_safetensors=True)
         load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
         tokenizer = load_tokenizer(directory, trained_with)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
-        raise UserError(f"--checkpoint {directory}: could not load it with modeling.py's Model "
-                        f"({str(e).splitlines()[0][:300]}).") from None
+        raise UserError(
+            f"--checkpoint {directory}: could not load it with modeling.py's Model "
+            f"({str(e).splitlines()[0][:300]})."
+        ) from None
     return model, tokenizer, trained_with
 
 
@@ -116,8 +157,11 @@ def write_lines(path, lines):
 def raw_outputs(model, tokenizer, batch, outputs):
     """For a modeling.py without predictions(): each per-example tensor of the outputs (not the loss)."""
     size = len(next(iter(batch.values())))
-    tensors = {key: value for key, value in outputs.items()
-               if key != "loss" and torch.is_tensor(value) and value.dim() > 0 and len(value) == size}
+    tensors = {
+        key: value
+        for key, value in outputs.items()
+        if key != "loss" and torch.is_tensor(value) and value.dim() > 0 and len(value) == size
+    }
     return [{key: value[i].float().tolist() for key, value in tensors.items()} for i in range(size)]
 
 
@@ -127,16 +171,23 @@ def predict(model, tokenizer, loader, device, with_embeddings):
     index = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="[PREDICT]", dynamic_ncols=True):
-            batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            batch = {
+                key: value.to(device) if torch.is_tensor(value) else value
+                for key, value in batch.items()
+            }
             outputs = model(**batch)
             rows = predictions(model, tokenizer, batch, outputs)  # model.generate() if it likes
             batch_size = len(next(iter(batch.values())))
             if len(rows) != batch_size:
-                raise UserError(f"predictions() in modeling.py returned {len(rows)} dicts for a batch of "
-                                f"{batch_size} examples; it must return one per example.")
+                raise UserError(
+                    f"predictions() in modeling.py returned {len(rows)} dicts for a batch of "
+                    f"{batch_size} examples; it must return one per example."
+                )
             if with_embeddings:
                 if getattr(outputs, "embeddings", None) is None:
-                    raise UserError("--embeddings: Model.forward() returns no .embeddings (see modeling.py).")
+                    raise UserError(
+                        "--embeddings: Model.forward() returns no .embeddings (see modeling.py)."
+                    )
                 for row, vector in zip(rows, outputs.embeddings.float().cpu().tolist()):
                     row["embedding"] = vector
             for row in rows:
@@ -148,16 +199,22 @@ def check_output_file(args):
     """Never over the input, a checkpoint's files, or (without --overwrite) any existing file."""
     output = Path(args.output_file).resolve()
     if output.is_dir():
-        raise UserError(f"--output_file {args.output_file} is a directory; give a file name, e.g. "
-                        f"{Path(args.output_file) / 'predictions.jsonl'}.")
+        raise UserError(
+            f"--output_file {args.output_file} is a directory; give a file name, e.g. "
+            f"{Path(args.output_file) / 'predictions.jsonl'}."
+        )
     if output == Path(args.input_file).resolve():
         raise UserError(f"--output_file {args.output_file} is the input file; give another name.")
     if output.parent == Path(args.checkpoint).resolve():
-        raise UserError(f"--output_file {args.output_file} is inside the checkpoint {args.checkpoint}; give a "
-                        f"file elsewhere.")
+        raise UserError(
+            f"--output_file {args.output_file} is inside the checkpoint {args.checkpoint}; give a "
+            f"file elsewhere."
+        )
     if output.exists() and not args.overwrite:
-        raise UserError(f"--output_file {args.output_file} exists; add --overwrite to replace it, or give "
-                        f"another name.")
+        raise UserError(
+            f"--output_file {args.output_file} exists; add --overwrite to replace it, or give "
+            f"another name."
+        )
 
 
 def main(argv=None):
@@ -172,13 +229,17 @@ def main(argv=None):
         trained_with.dataset_config = args.dataset_config
     # Label names in the order of their ids, so that a label column (optional) maps as in training.
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)] or None
-    data = generate_dataset(args.input_file, args.split, tokenizer, trained_with, labels=labels, predicting=True)
+    data = generate_dataset(
+        args.input_file, args.split, tokenizer, trained_with, labels=labels, predicting=True
+    )
     # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
     loader = DataLoader(data, args.batch_size, collate_fn=getattr(data, "collate", None))
     if not hasattr(modeling, "predictions"):
-        print("note: modeling.py has no predictions(model, tokenizer, batch, outputs): writing the model's "
-              "raw outputs.",
-              file=sys.stderr)
+        print(
+            "note: modeling.py has no predictions(model, tokenizer, batch, outputs): writing the model's "
+            "raw outputs.",
+            file=sys.stderr,
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     write_lines(args.output_file, predict(model, tokenizer, loader, device, args.embeddings))

@@ -8,6 +8,7 @@
 Writes OUTDIR/best/ (best validation loss), OUTDIR/last/ (end of each epoch, every --save_steps)
 and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, not the loop.
 """
+
 import contextlib
 import gc
 import math
@@ -19,9 +20,9 @@ gc.disable()
 try:
     import torch
     import transformers
-    from torch.distributed.tensor import DTensor
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import TorchDynamoPlugin, set_seed
+    from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
     from transformers import PreTrainedModel, get_scheduler
 
@@ -40,8 +41,10 @@ def main(argv=None):
     args = options.parse_args(argv, __doc__)
     accelerator, resumed, threads = setup(args)
     if resumed and finished(resumed, args):  # run again as it was (--resume auto): nothing to do
-        accelerator.print(f"{args.resume}: the run is finished (epoch {resumed.epoch} of --epochs "
-                          f"{args.epochs}); nothing to do. Pass a larger --epochs to train further.")
+        accelerator.print(
+            f"{args.resume}: the run is finished (epoch {resumed.epoch} of --epochs "
+            f"{args.epochs}); nothing to do. Pass a larger --epochs to train further."
+        )
         return runtime.finish(accelerator, 0)
     with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
         tokenizer, train_set, valid_set, data = load_data(args)
@@ -54,15 +57,23 @@ def main(argv=None):
         failed = wiring.run(accelerator, model, tokenizer, train_set, valid_set, args, modeling)
         return runtime.finish(accelerator, failed)
     adapt(model, args)
-    model, optimizer, scheduler, train_loader, valid_loader = prepare(accelerator, args, model,
-                                                                      train_set, valid_set)
+    model, optimizer, scheduler, train_loader, valid_loader = prepare(
+        accelerator, args, model, train_set, valid_set
+    )
     # On the device, as validation will run it (a metric that generates costs what it costs there).
     unwrapped = accelerator.unwrap_model(model)
-    greater = preflight.first_batch(unwrapped, train_set, valid_set, args, lambda batch, outputs:
-                                    compute_metrics(metrics_of(unwrapped, tokenizer, batch, outputs)),
-                                    accelerator.device)
-    accelerator.print(f"best/ keeps the epoch with the {'highest' if greater else 'lowest'} valid "
-                      f"{args.metric_for_best} (--{'no-' if greater else ''}greater_is_better to change it).")
+    greater = preflight.first_batch(
+        unwrapped,
+        train_set,
+        valid_set,
+        args,
+        lambda batch, outputs: compute_metrics(metrics_of(unwrapped, tokenizer, batch, outputs)),
+        accelerator.device,
+    )
+    accelerator.print(
+        f"best/ keeps the epoch with the {'highest' if greater else 'lowest'} valid "
+        f"{args.metric_for_best} (--{'no-' if greater else ''}greater_is_better to change it)."
+    )
 
     # Everything a checkpoint saves besides the weights and the position: {name: an object with
     # state_dict() / load_state_dict()}, saved as optimizer.pt, lr.bin, NAME.pt. A second optimizer
@@ -77,26 +88,34 @@ def main(argv=None):
     if resumed:  # the weights, the objects, the position, and the RNG streams last
         checkpoint.restore(args.resume, accelerator, model, objects, state)
         if state.threads and state.threads != threads and accelerator.device.type == "cpu":
-            accelerator.print(f"changed on resume: {state.threads} -> {threads} CPU threads per "
-                              f"process; float sums come in another order, so the continuation is "
-                              f"close to, not bitwise, the run it continues.")
+            accelerator.print(
+                f"changed on resume: {state.threads} -> {threads} CPU threads per "
+                f"process; float sums come in another order, so the continuation is "
+                f"close to, not bitwise, the run it continues."
+            )
     state.data, state.threads = data, threads
     state.distributed_type = accelerator.distributed_type.value
     if args.report_to:
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        config = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in vars(args).items()
+        }
         accelerator.init_trackers("runs", config=config)
 
     try:
-        stop = train(accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state,
-                     greater)
+        stop = train(
+            accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state, greater
+        )
     except RuntimeError as e:  # a collective that failed: said in one line, not gloo's traceback
         if accelerator.num_processes > 1 and runtime.peer_stopped(e):
             runtime.exit_peer_stopped(accelerator, args.outdir)
         raise
     if stop:
-        accelerator.print(f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
-                          f"{state.global_step} optimizer steps; {args.outdir}/last holds the full "
-                          f"state. Continue with: {runtime.resume_command(accelerator, args.outdir)}")
+        accelerator.print(
+            f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
+            f"{state.global_step} optimizer steps; {args.outdir}/last holds the full "
+            f"state. Continue with: {runtime.resume_command(accelerator, args.outdir)}"
+        )
     # A signal's exit status (128 + its number): a scheduler sees a preemption.
     runtime.finish(accelerator, 128 + stop if isinstance(stop, int) else 0)
 
@@ -118,18 +137,24 @@ def setup(args):
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
     if resumed:  # on another number of processes: the same global batch, by --accumulation
         args.accumulation = checkpoint.elastic_accumulation(
-            args.resume, resumed.num_processes, args.accumulation, int(os.environ.get("WORLD_SIZE", 1)),
-            args.ignore_mismatch)
+            args.resume,
+            resumed.num_processes,
+            args.accumulation,
+            int(os.environ.get("WORLD_SIZE", 1)),
+            args.ignore_mismatch,
+        )
     runtime.join_restarted_group()  # after a restart by torchrun's agent only
     # No gradient_accumulation_steps: the loop accumulates --accumulation batches itself, weighing
     # each by its items (accelerate would divide every batch's loss by the same number).
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
-        log_with=runtime.tracker(args.report_to), project_dir=args.outdir,
+        log_with=runtime.tracker(args.report_to),
+        project_dir=args.outdir,
         # Any sampler's permutation a function of (seed, epoch) only, so a resumed epoch replays it
         # (train.py's own samplers are built that way too).
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
     runtime.shard_fsdp_on_cpu(accelerator)
     guard.refuse_deepspeed(accelerator)
     guard.refuse_fp16_on_cpu(accelerator)
@@ -139,15 +164,20 @@ def setup(args):
         accelerator.wait_for_everyone()
     threads = runtime.cpu_threads(accelerator)
     if accelerator.device.type == "cpu":
-        accelerator.print(f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the "
-                          f"command to choose).")
+        accelerator.print(
+            f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the command to choose)."
+        )
     preflight.check_hooks(modeling)
     if args.sample_every and not hasattr(modeling, "format_samples"):
-        raise UserError("--sample_every: modeling.py has no format_samples(model, tokenizer, batch, "
-                        "outputs, k).")
+        raise UserError(
+            "--sample_every: modeling.py has no format_samples(model, tokenizer, batch, "
+            "outputs, k)."
+        )
     if not has_metrics():
-        accelerator.print("modeling.py has no metric_inputs() and compute_metrics(): validation "
-                          "reports the loss only.")
+        accelerator.print(
+            "modeling.py has no metric_inputs() and compute_metrics(): validation "
+            "reports the loss only."
+        )
     set_seed(args.seed, device_specific=True)
     return accelerator, resumed, threads
 
@@ -159,12 +189,17 @@ def load_data(args):
     with guard.datasets_cache_space():  # a full disk there: one line, no partial file left
         tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
         train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
-        valid_set = generate_dataset(args.valid_file, args.valid_split, tokenizer, args,
-                                     getattr(train_set, "labels", None))
-    data = {"train": guard.describe_data(args.train_file, args.train_split, args.dataset_config,
-                                         len(train_set)),
-            "valid": guard.describe_data(args.valid_file, args.valid_split, args.dataset_config,
-                                         len(valid_set))}
+        valid_set = generate_dataset(
+            args.valid_file, args.valid_split, tokenizer, args, getattr(train_set, "labels", None)
+        )
+    data = {
+        "train": guard.describe_data(
+            args.train_file, args.train_split, args.dataset_config, len(train_set)
+        ),
+        "valid": guard.describe_data(
+            args.valid_file, args.valid_split, args.dataset_config, len(valid_set)
+        ),
+    }
     return tokenizer, train_set, valid_set, data
 
 
@@ -172,10 +207,12 @@ def build(args, train_set):
     """modeling.py's model, checked to be one that save_pretrained / from_pretrained can keep."""
     model = build_model(args.model_name_or_path, train_set)
     if not isinstance(model, PreTrainedModel):
-        raise UserError(f"build_model() in modeling.py returned a {type(model).__name__}, not a "
-                        f"transformers PreTrainedModel, so its checkpoints could not be saved and loaded "
-                        f"with save_pretrained / from_pretrained. Subclass PreTrainedModel with a "
-                        f"PretrainedConfig as config_class, as the default Model does.")
+        raise UserError(
+            f"build_model() in modeling.py returned a {type(model).__name__}, not a "
+            f"transformers PreTrainedModel, so its checkpoints could not be saved and loaded "
+            f"with save_pretrained / from_pretrained. Subclass PreTrainedModel with a "
+            f"PretrainedConfig as config_class, as the default Model does."
+        )
     return model
 
 
@@ -187,7 +224,9 @@ def adapt(model, args):
         runtime.add_lora(model, args)
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
-            raise UserError(f"--gradient_checkpointing: {type(model).__name__} does not support it.")
+            raise UserError(
+                f"--gradient_checkpointing: {type(model).__name__} does not support it."
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -198,31 +237,53 @@ def prepare(accelerator, args, model, train_set, valid_set):
     no_decay = [p for p in trained if p.dim() < 2]
     # fused: one kernel per step, and it skips a step with non-finite gradients without the host
     # looking at them (runtime.step), so the loop never waits for the GPU between logs.
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)
     # Own generators: creating a loader's iterator then draws no number from the global RNG, whose
     # stream (dropout) must continue unchanged after a resume.
     gpu = torch.cuda.is_available()
     workers = 2 * gpu if args.num_workers is None else args.num_workers
-    loader_options = {"num_workers": workers, "pin_memory": gpu, "persistent_workers": workers > 0,
-                      "generator": torch.Generator()}
+    loader_options = {
+        "num_workers": workers,
+        "pin_memory": gpu,
+        "persistent_workers": workers > 0,
+        "generator": torch.Generator(),
+    }
     step_batch = args.batch_size * args.accumulation * accelerator.num_processes  # grouped per step
-    sampler = (samplers.LengthGroupedSampler(step_batch, train_set, args.seed) if args.group_by_length
-               else samplers.ShuffledSampler(len(train_set), args.seed))
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler,  # collate None: torch's own
-                              collate_fn=getattr(train_set, "collate", None), **loader_options)
-    valid_loader = DataLoader(valid_set, args.batch_size,
-                              collate_fn=getattr(valid_set, "collate", None), **loader_options)
-    model, optimizer, train_loader, valid_loader = accelerator.prepare(model, optimizer, train_loader,
-                                                                       valid_loader)
+    sampler = (
+        samplers.LengthGroupedSampler(step_batch, train_set, args.seed)
+        if args.group_by_length
+        else samplers.ShuffledSampler(len(train_set), args.seed)
+    )
+    train_loader = DataLoader(
+        train_set,
+        args.batch_size,
+        sampler=sampler,  # collate None: torch's own
+        collate_fn=getattr(train_set, "collate", None),
+        **loader_options,
+    )
+    valid_loader = DataLoader(
+        valid_set, args.batch_size, collate_fn=getattr(valid_set, "collate", None), **loader_options
+    )
+    model, optimizer, train_loader, valid_loader = accelerator.prepare(
+        model, optimizer, train_loader, valid_loader
+    )
     # A prepared scheduler steps once per process at each optimizer step, so it is sized in those
     # units; with the loader's length taken after prepare (per process), the schedule comes out the
     # same for any number of processes and any accumulation.
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation)
     processes = accelerator.num_processes
-    scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * processes,
-        num_training_steps=steps_per_epoch * args.epochs * processes))
+    scheduler = accelerator.prepare(
+        get_scheduler(
+            args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=args.num_warmup_steps * processes,
+            num_training_steps=steps_per_epoch * args.epochs * processes,
+        )
+    )
     return model, optimizer, scheduler, train_loader, valid_loader
 
 
@@ -236,33 +297,44 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
     # Taken after prepare(): FSDP2 replaces every parameter by a sharded one (a DTensor), and the
     # old ones would never see a gradient (nothing clipped, no NaN noticed).
     trained = [p for p in model.parameters() if p.requires_grad]
-    replacing = args.overwrite and not args.resume  # the previous run goes with our first checkpoint
+    replacing = (
+        args.overwrite and not args.resume
+    )  # the previous run goes with our first checkpoint
     # The epoch's loss sums of each process, as saved: log.json's mean comes out bitwise the same.
-    running = runtime.RunningLoss(accelerator.device, state.loss_sums[accelerator.process_index]
-                                  if state.loss_sums else (0.0, 0))
+    running = runtime.RunningLoss(
+        accelerator.device,
+        state.loss_sums[accelerator.process_index] if state.loss_sums else (0.0, 0),
+    )
     model.train()  # from_pretrained() returns a model in eval mode (dropout off)
     # SIGTERM / SIGUSR1 / Ctrl-C: the step in progress finishes, last/ is saved, the run ends.
     preemption = runtime.Preemption(args.outdir)
     stop = None
     for epoch in range(state.epoch, args.epochs):
         if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
-            accelerator.print(f"Early stopping: valid {args.metric_for_best} has not improved on "
-                              f"{state.best_metric:.4f} for {state.bad_epochs} epochs "
-                              f"(--early_stopping_patience {args.early_stopping_patience}).")
+            accelerator.print(
+                f"Early stopping: valid {args.metric_for_best} has not improved on "
+                f"{state.best_metric:.4f} for {state.bad_epochs} epochs "
+                f"(--early_stopping_patience {args.early_stopping_patience})."
+            )
             break
         state.epoch = epoch
         train_loader.set_epoch(epoch)
         done = state.steps_done_in_epoch * args.accumulation  # this epoch's batches before a resume
         batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
-        bar = runtime.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done,
-                               total=len(train_loader))
+        bar = runtime.progress(
+            accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=len(train_loader)
+        )
         # One optimizer step a window of --accumulation batches. Its items are counted first, so
         # that every token weighs the same however the step's batch is split (see loss_divisors).
         for window in runtime.windows(batches, args.accumulation):
-            divisors, items = runtime.loss_divisors(window, loss_items, args.accumulation, accelerator)
+            divisors, items = runtime.loss_divisors(
+                window, loss_items, args.accumulation, accelerator
+            )
             for i, batch in enumerate(window):
                 # The gradients are all-reduced once a step, in the window's last backward.
-                with accelerator.no_sync(model) if i < len(window) - 1 else contextlib.nullcontext():
+                with (
+                    accelerator.no_sync(model) if i < len(window) - 1 else contextlib.nullcontext()
+                ):
                     outputs = model(**batch)
                     preflight.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
                     accelerator.backward(outputs.loss / divisors[i])
@@ -283,8 +355,17 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
             state.steps_done_in_epoch += 1
             end_of_epoch = state.steps_done_in_epoch == steps_per_epoch
             if args.sample_every and state.global_step % args.sample_every == 0:
-                runtime.show_samples(accelerator, modeling.format_samples, model, tokenizer, batch,
-                                     outputs, args.samples, state.global_step, bar)
+                runtime.show_samples(
+                    accelerator,
+                    modeling.format_samples,
+                    model,
+                    tokenizer,
+                    batch,
+                    outputs,
+                    args.samples,
+                    state.global_step,
+                    bar,
+                )
             if state.global_step == args.stop_after_steps:
                 stop = "--stop_after_steps"
             periodic = args.save_steps and state.global_step % args.save_steps == 0
@@ -296,13 +377,31 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
             improved = False
             if end_of_epoch:
                 bar.close()
-                improved = end_epoch(accelerator, args, model, tokenizer, valid_loader, running,
-                                     state, scheduler, greater)
+                improved = end_epoch(
+                    accelerator,
+                    args,
+                    model,
+                    tokenizer,
+                    valid_loader,
+                    running,
+                    state,
+                    scheduler,
+                    greater,
+                )
             if save:  # the periodic, the end-of-epoch and the final save are this one
                 state.loss_sums = running.per_process(accelerator)
                 names = ["last", "best"] if improved else ["last"]
-                checkpoint.save(accelerator, args.outdir, names, model, tokenizer, objects, args, state,
-                                replacing)
+                checkpoint.save(
+                    accelerator,
+                    args.outdir,
+                    names,
+                    model,
+                    tokenizer,
+                    objects,
+                    args,
+                    state,
+                    replacing,
+                )
                 replacing = False
             if stop:
                 break
@@ -319,9 +418,11 @@ def log_steps(accelerator, args, running, state, scheduler, bar):
     and --skip_nonfinite is off."""
     loss, nonfinite = running.since_shown()
     if nonfinite and not args.skip_nonfinite:
-        raise UserError(f"non-finite gradients in {nonfinite} of the optimizer steps up to step "
-                        f"{state.global_step} (epoch {state.epoch}); no update was made with them. "
-                        f"Lower --lr, check the data, or pass --skip_nonfinite to skip such steps.")
+        raise UserError(
+            f"non-finite gradients in {nonfinite} of the optimizer steps up to step "
+            f"{state.global_step} (epoch {state.epoch}); no update was made with them. "
+            f"Lower --lr, check the data, or pass --skip_nonfinite to skip such steps."
+        )
     state.skipped_steps += nonfinite
     if loss is not None:
         values = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
@@ -329,7 +430,9 @@ def log_steps(accelerator, args, running, state, scheduler, bar):
         accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
 
 
-def end_epoch(accelerator, args, model, tokenizer, valid_loader, running, state, scheduler, greater):
+def end_epoch(
+    accelerator, args, model, tokenizer, valid_loader, running, state, scheduler, greater
+):
     """Validation at the end of an epoch, into log.json, the tracker and one printed line; moves
     `state` to the next epoch. Returns whether --metric_for_best improved (best/ is then saved)."""
     epoch = state.epoch
@@ -340,14 +443,17 @@ def end_epoch(accelerator, args, model, tokenizer, valid_loader, running, state,
     state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
     accelerator.log({f"valid/{k}": v for k, v in valid_log.items()}, step=state.global_step)
     value = valid_log[args.metric_for_best]
-    improved = state.best_metric is None or (value > state.best_metric if greater
-                                             else value < state.best_metric)
+    improved = state.best_metric is None or (
+        value > state.best_metric if greater else value < state.best_metric
+    )
     state.best_metric = value if improved else state.best_metric
     state.bad_epochs = 0 if improved else state.bad_epochs + 1
     state.epoch, state.steps_done_in_epoch = epoch + 1, 0
-    accelerator.print(f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
-                      + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
-                      + (" (best so far: saved best/)" if improved else ""))
+    accelerator.print(
+        f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
+        + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
+        + (" (best so far: saved best/)" if improved else "")
+    )
     return improved
 
 
@@ -384,16 +490,23 @@ def evaluate(accelerator, model, tokenizer, loader, desc):
             outputs = model(**batch)
             # Per example (gather_for_metrics drops the copies that even out the last batches): its
             # items (tokens, with modeling.loss_items; else 1), and the batch's loss times them.
-            per_example = (loss_items(batch).float() if loss_items else
-                           torch.ones(len(next(iter(batch.values()))), device=accelerator.device))
-            losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float() * per_example))
+            per_example = (
+                loss_items(batch).float()
+                if loss_items
+                else torch.ones(len(next(iter(batch.values()))), device=accelerator.device)
+            )
+            losses.append(
+                accelerator.gather_for_metrics(outputs.loss.detach().float() * per_example)
+            )
             items.append(accelerator.gather_for_metrics(per_example))
             for key, value in metrics_of(unwrapped, tokenizer, batch, outputs).items():
                 gathered[key].append(accelerator.gather_for_metrics(value))
             bar.update()
     model.train()
-    metrics = {"loss": (torch.cat(losses).sum() / torch.cat(items).sum()).item(),
-               **compute_metrics({key: torch.cat(values) for key, values in gathered.items()})}
+    metrics = {
+        "loss": (torch.cat(losses).sum() / torch.cat(items).sum()).item(),
+        **compute_metrics({key: torch.cat(values) for key, values in gathered.items()}),
+    }
     bar.set_postfix(metrics)
     bar.close()
     return metrics

@@ -1,6 +1,7 @@
 """Helpers the user files import (dataset.py, modeling.py, the examples): UserError, data files read
 into a datasets.Dataset with line-numbered messages, and a vocabulary learnt from the training text.
 It imports nothing of the project; train.py's own machinery is in core/."""
+
 import codecs
 import csv
 import errno
@@ -12,7 +13,15 @@ from pathlib import Path
 
 import datasets
 from datasets.fingerprint import Hasher
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 
@@ -25,7 +34,14 @@ class UserError(SystemExit):
 
 # ---------------------------------------------------------------- data
 
-FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
+FILE_TYPES = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 # Opening a cached file reads every record batch's header, and the kernel maps 64 KiB of the file
@@ -57,17 +73,27 @@ def load_rows(path, split="train", config_name=None):
         if suffix in FILE_TYPES:
             if not Path(path).is_file():
                 what = file_kind(path)
-                raise UserError(f"{path}: {f'a {what}, not a file of data' if what else 'no such data file'}. "
-                                f"Check --train_file / --valid_file.")
+                raise UserError(
+                    f"{path}: {f'a {what}, not a file of data' if what else 'no such data file'}. "
+                    f"Check --train_file / --valid_file."
+                )
             if Path(path).stat().st_size == 0:
                 raise UserError(f"{path}: the file holds no examples.")
-            if suffix != ".parquet" and not is_utf8(path):  # pyarrow's JSON reader lets bad bytes through
-                raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.")
+            if suffix != ".parquet" and not is_utf8(
+                path
+            ):  # pyarrow's JSON reader lets bad bytes through
+                raise UserError(
+                    f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8."
+                )
             options = {"chunksize": JSON_BYTES_PER_READ} if FILE_TYPES[suffix] == "json" else {}
             if suffix in (".csv", ".tsv"):
                 # Everything stays a string ("NA", "null" too), and TSV is split on tabs only:
                 # GLUE-style files hold unbalanced quotes. A UTF-8 BOM is dropped by the reader.
-                options = {"keep_default_na": False, "na_filter": False, "chunksize": ROWS_PER_RECORD_BATCH}
+                options = {
+                    "keep_default_na": False,
+                    "na_filter": False,
+                    "chunksize": ROWS_PER_RECORD_BATCH,
+                }
                 if suffix == ".tsv":
                     options.update(delimiter="\t", quoting=csv.QUOTE_NONE)
             # datasets keys its cache of a local file, and the rows' fingerprint (which keys the
@@ -76,31 +102,52 @@ def load_rows(path, split="train", config_name=None):
             # the file's bytes as well, a changed file is always read again.
             digest = data_sha256(path)
             cache = Path(datasets.config.HF_DATASETS_CACHE) / "by-content" / digest[:16]
-            rows = datasets.load_dataset(FILE_TYPES[suffix], data_files={split: path}, split=split,
-                                         cache_dir=str(cache), writer_batch_size=ROWS_PER_RECORD_BATCH,
-                                         **options)
+            rows = datasets.load_dataset(
+                FILE_TYPES[suffix],
+                data_files={split: path},
+                split=split,
+                cache_dir=str(cache),
+                writer_batch_size=ROWS_PER_RECORD_BATCH,
+                **options,
+            )
             fingerprint = Hasher.hash((rows._fingerprint, digest))
-            rows = rows.select_columns(rows.column_names, new_fingerprint=fingerprint)  # a view: no copy
+            rows = rows.select_columns(
+                rows.column_names, new_fingerprint=fingerprint
+            )  # a view: no copy
         elif Path(path).is_file():
-            raise UserError(f"{path}: unknown file type '{suffix}'. Give a {', '.join(FILE_TYPES)} file.")
+            raise UserError(
+                f"{path}: unknown file type '{suffix}'. Give a {', '.join(FILE_TYPES)} file."
+            )
         else:
-            rows = datasets.load_dataset(path, config_name, split=split)  # its builder's own batches (images...)
+            rows = datasets.load_dataset(
+                path, config_name, split=split
+            )  # its builder's own batches (images...)
     except UnicodeDecodeError:
-        raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.") from None
+        raise UserError(
+            f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8."
+        ) from None
     except datasets.exceptions.DatasetGenerationError as e:
         if disk_full(e):  # the cache's disk, not the file: train.py says so
             raise
         if isinstance(e.__cause__, UnicodeDecodeError):
-            raise UserError(f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8.") from None
+            raise UserError(
+                f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8."
+            ) from None
         bad = bad_line(path)
         raise UserError(f"{path}, {bad}" if bad else f"{path}: {e.__cause__ or e}") from None
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # OSError: hub unreachable too
+    except (
+        OSError,
+        ValueError,
+        datasets.exceptions.DatasetNotFoundError,
+    ) as e:  # OSError: hub unreachable too
         if disk_full(e):
             raise
         if suffix in FILE_TYPES and "corresponds to no data" in str(e):
             raise UserError(f"{path}: the file holds no examples.") from None
-        raise UserError(f"{path}: could not load it as a file ({', '.join(FILE_TYPES)}) or a dataset "
-                        f"(split '{split}', config {config_name}): {str(e).splitlines()[0][:300]}") from None
+        raise UserError(
+            f"{path}: could not load it as a file ({', '.join(FILE_TYPES)}) or a dataset "
+            f"(split '{split}', config {config_name}): {str(e).splitlines()[0][:300]}"
+        ) from None
     if len(rows) == 0:
         raise UserError(f"{path}: the file holds no examples.")
     return rows
@@ -110,7 +157,9 @@ def disk_full(error):
     """Whether `error`, or one it came from, is a full disk (ENOSPC: OSError, or the text of tokenizers'
     and pyarrow's own errors); datasets' map follows it with "I/O operation on closed file"."""
     while error is not None:
-        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+        if (
+            isinstance(error, OSError) and error.errno == errno.ENOSPC
+        ) or "No space left on device" in str(error):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -122,8 +171,13 @@ def file_kind(path):
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    kinds = [(stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
-             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    kinds = [
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ]
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
@@ -141,7 +195,14 @@ def data_sha256(path):
     the checkpoint's record both need it): by its inode, size, mtime and ctime (a write changes
     ctime, which no tool sets back)."""
     info = os.stat(path)
-    key = (os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    key = (
+        os.path.abspath(path),
+        info.st_dev,
+        info.st_ino,
+        info.st_size,
+        info.st_mtime_ns,
+        info.st_ctime_ns,
+    )
     if key not in DIGESTS:
         DIGESTS[key] = sha256(path)
     return DIGESTS[key]
@@ -161,7 +222,7 @@ def bad_line(path):
                 if line.strip() and not isinstance(json.loads(line), dict):
                     raise ValueError("a JSON value that is not an object")
             except ValueError as e:
-                return f"line {number}: not a JSON object ({e}). Each line must be one object like {{\"text\": \"...\"}}."
+                return f'line {number}: not a JSON object ({e}). Each line must be one object like {{"text": "..."}}.'
     return None
 
 
@@ -212,27 +273,46 @@ def learn_vocabulary(rows, column, size=8000, max_len=None):
     machine learns the same vocabulary; tokenizers' WordPieceTrainer breaks ties in hash order, so two
     fresh machines got different token ids and, from the same seed, different results."""
     # Keyed by the data and by this function with what it uses: edit either and it is learnt again.
-    name = f"{rows._fingerprint}-{Hasher.hash((learn_vocabulary, column, size, SPECIAL_TOKENS))}.json"
+    name = (
+        f"{rows._fingerprint}-{Hasher.hash((learn_vocabulary, column, size, SPECIAL_TOKENS))}.json"
+    )
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / name
     if not cache.is_file():
-        counter = Tokenizer(models.WordLevel(unk_token="[UNK]"))  # counts words: most frequent first, then by word
+        counter = Tokenizer(
+            models.WordLevel(unk_token="[UNK]")
+        )  # counts words: most frequent first, then by word
         counter.normalizer = normalizers.BertNormalizer(lowercase=True)
         counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        texts = ([t for t in batch[column] if isinstance(t, str)] for batch in rows.iter(batch_size=10_000))
-        counter.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=2**31 - 1, special_tokens=[]))
+        texts = (
+            [t for t in batch[column] if isinstance(t, str)]
+            for batch in rows.iter(batch_size=10_000)
+        )
+        counter.train_from_iterator(
+            texts, trainers.WordLevelTrainer(vocab_size=2**31 - 1, special_tokens=[])
+        )
         counts = counter.get_vocab()
         words = sorted(counts, key=counts.__getitem__)
         # Every character, and as a continuation every one that follows another in a word (CJK characters
         # are words of their own), so that nothing seen is [UNK]; then whole words while `size` allows.
-        alphabet = SPECIAL_TOKENS + sorted({c for word in words for c in word}) + sorted(
-            {f"##{c}" for word in words for c in word[1:]})
-        tokens = alphabet + [word for word in words if len(word) > 1][:max(size - len(alphabet), 0)]
-        tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+        alphabet = (
+            SPECIAL_TOKENS
+            + sorted({c for word in words for c in word})
+            + sorted({f"##{c}" for word in words for c in word[1:]})
+        )
+        tokens = (
+            alphabet + [word for word in words if len(word) > 1][: max(size - len(alphabet), 0)]
+        )
+        tokenizer = Tokenizer(
+            models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]")
+        )
         tokenizer.normalizer, tokenizer.pre_tokenizer = counter.normalizer, counter.pre_tokenizer
         tokenizer.decoder = decoders.WordPiece()
         cls, sep = (tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]"))
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+        )
         cache.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
         try:
@@ -242,5 +322,12 @@ def learn_vocabulary(rows, column, size=8000, max_len=None):
             temporary.unlink(missing_ok=True)
             raise
     options = {} if max_len is None else {"model_max_length": max_len}
-    return PreTrainedTokenizerFast(tokenizer_file=str(cache), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", **options)
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(cache),
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        **options,
+    )

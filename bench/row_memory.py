@@ -12,6 +12,7 @@ drops when it needs the memory).
 
     python bench/row_memory.py              # ~4 minutes on 2 cores (the 1M-row file is tokenized once)
 """
+
 import argparse
 import os
 import random
@@ -47,7 +48,9 @@ print("PEAK", status("VmHWM"), max(peak_anon[0], status("RssAnon")))
 
 def peaks_mib(command, env):
     """Runs train.py in a child that reports its own peak RSS (VmHWM) and peak RssAnon, in MiB."""
-    result = subprocess.run([sys.executable, "-c", PROBE, *command], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *command], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     peaks = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PEAK")]
     if result.returncode != 0 or not peaks:
         sys.exit(result.stderr[-3000:])
@@ -63,13 +66,29 @@ def measure(rows=(10_000, 1_000_000), progress=print):
         for n in rows:
             data = work / f"train-{n}.jsonl"
             write_data(data, n)
-            env = {**os.environ, "HF_DATASETS_CACHE": str(work / f"cache-{n}"), "OMP_NUM_THREADS": "1",
-                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-            command = ["train.py", "--train_file", str(data), "--stop_after_steps", "1", "--epochs", "1"]
+            env = {
+                **os.environ,
+                "HF_DATASETS_CACHE": str(work / f"cache-{n}"),
+                "OMP_NUM_THREADS": "1",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+            }
+            command = [
+                "train.py",
+                "--train_file",
+                str(data),
+                "--stop_after_steps",
+                "1",
+                "--epochs",
+                "1",
+            ]
             for cache in CACHES:  # the first run on an empty cache, then the same run again
-                peaks[cache, n] = peaks_mib([*command, "--outdir", str(work / f"model-{n}-{cache}")], env)
-                progress(f"  memory: {n:>9} rows, {cache} cache: peak RSS {peaks[cache, n][0]:.0f} MiB, "
-                         f"peak RssAnon {peaks[cache, n][1]:.0f} MiB")
+                peaks[cache, n] = peaks_mib(
+                    [*command, "--outdir", str(work / f"model-{n}-{cache}")], env
+                )
+                progress(
+                    f"  memory: {n:>9} rows, {cache} cache: peak RSS {peaks[cache, n][0]:.0f} MiB, "
+                    f"peak RssAnon {peaks[cache, n][1]:.0f} MiB"
+                )
         tokenized = max(work.rglob("cache-*.arrow"), key=lambda path: path.stat().st_size)
         return {"peaks": peaks, "read_us": read_speed(tokenized)}
 
@@ -78,13 +97,14 @@ def read_speed(path, batches=300, batch_size=32, repeats=3):
     """Microseconds per batch of random rows of a tokenized cache file read as dataset.py's Dataset
     reads them (datasets' Dataset.__getitems__): the best of `repeats`."""
     import datasets
+
     rows = datasets.Dataset.from_file(str(path))
     order = random.Random(0).choices(range(len(rows)), k=batches * batch_size)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for k in range(0, len(order), batch_size):
-            rows.__getitems__(order[k:k + batch_size])
+            rows.__getitems__(order[k : k + batch_size])
         best = min(best, (time.perf_counter() - start) / batches * 1e6)
     return best
 
@@ -98,19 +118,29 @@ def per_row(peaks, cache, field):
 
 def report(figures):
     peaks = figures["peaks"]
-    print(f"  {'MiB at the peak':26s} {'cold RssAnon':>12s} {'warm RssAnon':>12s} {'cold RSS':>10s} {'warm RSS':>10s}")
+    print(
+        f"  {'MiB at the peak':26s} {'cold RssAnon':>12s} {'warm RssAnon':>12s} {'cold RSS':>10s} {'warm RSS':>10s}"
+    )
     for n in sorted({n for _, n in peaks}):
-        print(f"  {f'{n} rows':26s} {peaks['cold', n][1]:12.0f} {peaks['warm', n][1]:12.0f} "
-              f"{peaks['cold', n][0]:10.0f} {peaks['warm', n][0]:10.0f}")
+        print(
+            f"  {f'{n} rows':26s} {peaks['cold', n][1]:12.0f} {peaks['warm', n][1]:12.0f} "
+            f"{peaks['cold', n][0]:10.0f} {peaks['warm', n][0]:10.0f}"
+        )
     print(f"  {'bytes per training row beyond a fixed cost':58s} {'cold':>6s} {'warm':>6s}")
-    print(f"    {'peak RssAnon':56s} {per_row(peaks, 'cold', 1):6.1f} {per_row(peaks, 'warm', 1):6.1f}   target <= 16")
-    print(f"    {'peak RSS (with the pages of mapped files)':56s} {per_row(peaks, 'cold', 0):6.1f} "
-          f"{per_row(peaks, 'warm', 0):6.1f}")
+    print(
+        f"    {'peak RssAnon':56s} {per_row(peaks, 'cold', 1):6.1f} {per_row(peaks, 'warm', 1):6.1f}   target <= 16"
+    )
+    print(
+        f"    {'peak RSS (with the pages of mapped files)':56s} {per_row(peaks, 'cold', 0):6.1f} "
+        f"{per_row(peaks, 'warm', 0):6.1f}"
+    )
     print(f"  {'batch of 32 random rows, read through datasets, us':58s} {figures['read_us']:6.0f}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, nargs=2, default=[10_000, 1_000_000])
     args = parser.parse_args()
     report(measure(args.rows))

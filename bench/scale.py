@@ -10,6 +10,7 @@ does before the first step (checking the manifest's sha256 of every file, loadin
 optimizer, scheduler and RNG). Epoch time is taken from the first optimizer step to the last, so
 start-up, tokenization and validation are outside it.
 """
+
 import argparse
 import json
 import os
@@ -31,8 +32,9 @@ def child(argv):
     sys.path.insert(0, str(ROOT))
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from core import checkpoint
     import train
+    from core import checkpoint
+
     steps, timings = [], {"save": [], "resume": 0.0}
     register_optimizer_step_post_hook(lambda *_: steps.append(time.perf_counter()))
 
@@ -47,21 +49,31 @@ def child(argv):
                     timings["save"].append(elapsed)
                 else:
                     timings["resume"] += elapsed
+
         return wrapper
+
     checkpoint.save = timed(checkpoint.save, "save")
     for name in ("verify", "restore"):  # restore(): weights, objects, position, RNG
         setattr(checkpoint, name, timed(getattr(checkpoint, name), "resume"))
     train.main(argv)
-    print("BENCH " + json.dumps({"steps": len(steps), "first_to_last_step_s": steps[-1] - steps[0], **timings}))
+    print(
+        "BENCH "
+        + json.dumps({"steps": len(steps), "first_to_last_step_s": steps[-1] - steps[0], **timings})
+    )
 
 
 def run(argv, cwd):
-    result = subprocess.run([sys.executable, __file__, "--child", *map(str, argv)], cwd=cwd, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, argv)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     if result.returncode != 0:
         sys.exit(f"train.py {' '.join(map(str, argv))} failed:\n{result.stderr[-3000:]}")
     line = [line for line in result.stdout.splitlines() if line.startswith("BENCH ")][-1]
-    return json.loads(line[len("BENCH "):])
+    return json.loads(line[len("BENCH ") :])
 
 
 def big_model(folder, layers):
@@ -69,7 +81,9 @@ def big_model(folder, layers):
     from the training file, as for the tiny model; no download."""
     folder.mkdir(parents=True, exist_ok=True)
     config = json.loads((ROOT / "assets" / "tiny-bert" / "config.json").read_text())
-    config.update(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072)
+    config.update(
+        hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     per_layer = 4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768 + 4 * 768
     embeddings = (config["vocab_size"] + config["max_position_embeddings"] + 2) * 768 + 2 * 768
@@ -79,10 +93,18 @@ def big_model(folder, layers):
 def main():
     if sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1500, 3000, 6000], help="training rows per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per size; the table gives medians")
-    parser.add_argument("--big_layers", type=int, default=14, help="layers of the big config (14: ~99M parameters)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[1500, 3000, 6000], help="training rows per run"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per size; the table gives medians"
+    )
+    parser.add_argument(
+        "--big_layers", type=int, default=14, help="layers of the big config (14: ~99M parameters)"
+    )
     parser.add_argument("--workdir", help="default: a temporary folder, removed at the end")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
@@ -90,10 +112,21 @@ def main():
     tiny = ROOT / "assets" / "tiny-bert"
     words = vocabulary(tiny)
     write_synthetic(workdir / "valid.jsonl", 200, words, 128, 24, seed=1)
-    common = ["--valid_file", workdir / "valid.jsonl", "--epochs", 1, "--batch_size", 32, "--seed", 42]
+    common = [
+        "--valid_file",
+        workdir / "valid.jsonl",
+        "--epochs",
+        1,
+        "--batch_size",
+        32,
+        "--seed",
+        42,
+    ]
 
-    print(f"time per epoch against rows (tiny model, 1 epoch, batch 32, {os.cpu_count()} CPU cores, "
-          f"median of {args.repeats} runs in rotated order):")
+    print(
+        f"time per epoch against rows (tiny model, 1 epoch, batch 32, {os.cpu_count()} CPU cores, "
+        f"median of {args.repeats} runs in rotated order):"
+    )
     # The first N rows of one file: every size has the same distribution of lengths.
     write_synthetic(workdir / "train-all.jsonl", max(args.rows), words, 128, 24, seed=42)
     lines = (workdir / "train-all.jsonl").read_text().splitlines(keepends=True)
@@ -101,10 +134,22 @@ def main():
     for rows in args.rows:
         (workdir / f"train-{rows}.jsonl").write_text("".join(lines[:rows]))
     for repeat in range(args.repeats):
-        for rows in args.rows[repeat % len(args.rows):] + args.rows[:repeat % len(args.rows)]:
-            result = run(["--model_name_or_path", tiny, "--train_file", workdir / f"train-{rows}.jsonl", *common,
-                          "--outdir", workdir / f"scale-{rows}-{repeat}"], ROOT)
-            epochs[rows].append(result["first_to_last_step_s"] * result["steps"] / (result["steps"] - 1))
+        for rows in args.rows[repeat % len(args.rows) :] + args.rows[: repeat % len(args.rows)]:
+            result = run(
+                [
+                    "--model_name_or_path",
+                    tiny,
+                    "--train_file",
+                    workdir / f"train-{rows}.jsonl",
+                    *common,
+                    "--outdir",
+                    workdir / f"scale-{rows}-{repeat}",
+                ],
+                ROOT,
+            )
+            epochs[rows].append(
+                result["first_to_last_step_s"] * result["steps"] / (result["steps"] - 1)
+            )
     per_row = []
     for rows in args.rows:
         epoch = statistics.median(epochs[rows])
@@ -112,18 +157,33 @@ def main():
         print(f"  {rows:7d} rows  {epoch:7.2f} s/epoch  {1e3 * epoch / rows:.3f} ms/row")
     print(f"  ms/row, largest / smallest: {per_row[-1] / per_row[0]:.3f} (1.0 = linear)")
 
-    print("\ncheckpoint save and resume (save: every file written, fsynced, renamed; resume: verified and loaded):")
+    print(
+        "\ncheckpoint save and resume (save: every file written, fsynced, renamed; resume: verified and loaded):"
+    )
     write_synthetic(workdir / "train-small.jsonl", 200, words, 32, 12, seed=7)
     big, parameters = big_model(workdir / "big-bert", args.big_layers)
     for label, model in [("tiny", tiny), (f"~{parameters / 1e6:.0f}M", big)]:
         outdir = workdir / f"ckpt-{label}"
-        options = ["--model_name_or_path", model, "--train_file", workdir / "train-small.jsonl", *common,
-                   "--max_len", 32, "--batch_size", 2, "--outdir", outdir]
+        options = [
+            "--model_name_or_path",
+            model,
+            "--train_file",
+            workdir / "train-small.jsonl",
+            *common,
+            "--max_len",
+            32,
+            "--batch_size",
+            2,
+            "--outdir",
+            outdir,
+        ]
         saved = run([*options, "--stop_after_steps", 2], ROOT)
         resumed = run(["--resume", outdir / "last", "--stop_after_steps", 3], ROOT)
         size = sum(p.stat().st_size for p in (outdir / "last").iterdir())
-        print(f"  {label:6s} {size / 2**20:8.1f} MiB on disk  save {saved['save'][0]:6.2f} s  "
-              f"resume {resumed['resume']:6.2f} s")
+        print(
+            f"  {label:6s} {size / 2**20:8.1f} MiB on disk  save {saved['save'][0]:6.2f} s  "
+            f"resume {resumed['resume']:6.2f} s"
+        )
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -5,6 +5,7 @@ files) plus what exact resume needs: optimizer.pt, lr.bin (scheduler), trainer_s
 (position, best loss, log) and one rng_state_<rank>.safetensors per process. Nothing in it is
 unpickled: tensors are loaded with weights_only=True, the rest is JSON.
 """
+
 import json
 import os
 import pickle
@@ -16,13 +17,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import torch
 from accelerate.utils import DistributedType
-import safetensors
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from utils import UserError, sha256
@@ -33,13 +38,17 @@ class TrainState:
     epoch: int = 0  # the epoch to run next (or the one in progress)
     steps_done_in_epoch: int = 0  # optimizer steps already taken in that epoch
     global_step: int = 0
-    best_metric: float | None = None  # the best value of --metric_for_best so far (what best/ holds)
+    best_metric: float | None = (
+        None  # the best value of --metric_for_best so far (what best/ holds)
+    )
     bad_epochs: int = 0  # epochs since it last improved, for --early_stopping_patience
     num_processes: int = 1
     distributed_type: str = "NO"  # how those processes ran: NO, MULTI_CPU, MULTI_GPU, FSDP
     threads: int = 0  # torch's CPU threads per process: another number sums floats in another order
     skipped_steps: int = 0  # --skip_nonfinite: steps skipped in the current epoch
-    loss_sums: list = field(default_factory=list)  # per process: [loss sum, batches] of the epoch in progress
+    loss_sums: list = field(
+        default_factory=list
+    )  # per process: [loss sum, batches] of the epoch in progress
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # which run: an outdir holds one
     data: dict = field(default_factory=dict)  # what the data was: rows and fingerprint of each file
     log: dict = field(default_factory=dict)  # what log.json holds
@@ -52,14 +61,18 @@ def read_state(directory):
         values = json.loads(path.read_text())
         state = TrainState(**values)
     except (OSError, ValueError, TypeError) as e:  # missing, not JSON, unknown or missing keys
-        raise UserError(f"{path}: not a trainer_state.json of this template ({str(e).splitlines()[0][:200]}). "
-                        f"Resume from another checkpoint.") from None
+        raise UserError(
+            f"{path}: not a trainer_state.json of this template ({str(e).splitlines()[0][:200]}). "
+            f"Resume from another checkpoint."
+        ) from None
     for f in fields(TrainState):
         value, kind = getattr(state, f.name), f.type if f.type in (int, str, list, dict) else None
         if f.name == "best_metric":
             kind = (float, int, type(None))
         if kind and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise UserError(f"{path}: {f.name} is {value!r}, not a {f.type}. Resume from another checkpoint.")
+            raise UserError(
+                f"{path}: {f.name} is {value!r}, not a {f.type}. Resume from another checkpoint."
+            )
     return state
 
 
@@ -79,23 +92,30 @@ def verify(path, option="--resume", recover=True):
         os.replace(find(path), path)
     other = path.with_name("last" if path.name == "best" else "best")
     if not (path / "manifest.json").is_file():
-        raise UserError(f"{option} {path}: not a checkpoint of this template (no manifest.json). "
-                        f"Give a checkpoint directory such as model/last.")
+        raise UserError(
+            f"{option} {path}: not a checkpoint of this template (no manifest.json). "
+            f"Give a checkpoint directory such as model/last."
+        )
     try:
         files = json.loads((path / "manifest.json").read_text())["files"]
         if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
             raise TypeError("'files' is not a mapping of names to digests")
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{option} {path}: {path / 'manifest.json'} is damaged ({e}). Use another checkpoint, "
-                        f"e.g. {other}.") from None
+        raise UserError(
+            f"{option} {path}: {path / 'manifest.json'} is damaged ({e}). Use another checkpoint, "
+            f"e.g. {other}."
+        ) from None
     expected = {"config.json", "model.safetensors", "my_config.json", "trainer_state.json"}
     for name in sorted(expected - set(files)):  # a manifest rewritten to leave a file out
-        raise UserError(f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. {other}.")
+        raise UserError(
+            f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. {other}."
+        )
     for name, digest in files.items():
-        if (Path(name).name != name or not (path / name).is_file()
-                or sha256(path / name) != digest):
-            raise UserError(f"{option} {path}: {path / name} is missing, truncated or changed since it was "
-                            f"saved (it does not match manifest.json). Use another checkpoint, e.g. {other}.")
+        if Path(name).name != name or not (path / name).is_file() or sha256(path / name) != digest:
+            raise UserError(
+                f"{option} {path}: {path / name} is missing, truncated or changed since it was "
+                f"saved (it does not match manifest.json). Use another checkpoint, e.g. {other}."
+            )
 
 
 def written_here(path):
@@ -127,7 +147,10 @@ def rng_state():
     tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     version, python_state, gauss_next = random.getstate()
     tensors["python"] = torch.tensor(python_state, dtype=torch.int64)
-    metadata = {"numpy": json.dumps([kind, pos, has_gauss, gauss]), "python": json.dumps([version, gauss_next])}
+    metadata = {
+        "numpy": json.dumps([kind, pos, has_gauss, gauss]),
+        "python": json.dumps([version, gauss_next]),
+    }
     return tensors, metadata
 
 
@@ -142,7 +165,9 @@ def set_rng_state(path):
     for k in cuda:
         tensors.pop(k)
     kind, pos, has_gauss, gauss = json.loads(header["numpy"])
-    np.random.set_state((kind, tensors.pop("numpy_keys").numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state(
+        (kind, tensors.pop("numpy_keys").numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
     version, gauss_next = json.loads(header["python"])
     random.setstate((version, tuple(tensors.pop("python").tolist()), gauss_next))
 
@@ -213,24 +238,41 @@ def save(accelerator, outdir, names, model, tokenizer, objects, args, state, rep
         accelerator.wait_for_everyone()
         error = write_files(accelerator, staging, model, tokenizer, objects, args, state)
         try:
-            failed = accelerator.gather(torch.tensor([int(error is not None)], device=accelerator.device)).any()
+            failed = accelerator.gather(
+                torch.tensor([int(error is not None)], device=accelerator.device)
+            ).any()
         except Exception as e:  # a peer that died: the collective fails
-            raise UserError(f"could not save a checkpoint into {outdir}: another process stopped "
-                            f"({str(e).splitlines()[0][:200]}). The previous checkpoints in {outdir} are intact: "
-                            f"--resume {outdir}/last.") from None
+            raise UserError(
+                f"could not save a checkpoint into {outdir}: another process stopped "
+                f"({str(e).splitlines()[0][:200]}). The previous checkpoints in {outdir} are intact: "
+                f"--resume {outdir}/last."
+            ) from None
         if failed:
-            reason = str(error).splitlines()[0][:300] if error else "a write failed on another process"
-            raise UserError(f"could not write a checkpoint into {staging} ({reason}). The previous checkpoints in "
-                            f"{outdir} are intact: free some space, then --resume {outdir}/last.")
+            reason = (
+                str(error).splitlines()[0][:300] if error else "a write failed on another process"
+            )
+            raise UserError(
+                f"could not write a checkpoint into {staging} ({reason}). The previous checkpoints in "
+                f"{outdir} are intact: free some space, then --resume {outdir}/last."
+            )
         if accelerator.is_main_process:
             publish_all(outdir, staging, names, state)
-    except BaseException:  # a write error, a second Ctrl-C: no half-written staging folder stays behind
+    except (
+        BaseException
+    ):  # a write error, a second Ctrl-C: no half-written staging folder stays behind
         if accelerator.is_main_process:
             for folder in (staging, *(outdir / f".staging-{name}" for name in names[1:])):
                 shutil.rmtree(folder, ignore_errors=True)
         raise
-    if accelerator.is_main_process and replacing and "best" not in names and written_here(outdir / "best"):
-        shutil.rmtree(outdir / "best")  # the previous run's: this run's best/ comes with its first epoch
+    if (
+        accelerator.is_main_process
+        and replacing
+        and "best" not in names
+        and written_here(outdir / "best")
+    ):
+        shutil.rmtree(
+            outdir / "best"
+        )  # the previous run's: this run's best/ comes with its first epoch
     accelerator.wait_for_everyone()
 
 
@@ -238,17 +280,27 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
     """Every process writes its part of the checkpoint into `staging`; returns the exception a write
     raised, or None."""
     weights = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
-    weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}  # --torch_compile's wrapper
+    weights = {
+        k.removeprefix("_orig_mod."): v for k, v in weights.items()
+    }  # --torch_compile's wrapper
     sharded = accelerator.distributed_type == DistributedType.FSDP
     # An optimizer's state: under FSDP2 each process its shard (nothing gathered), else whole on the
     # main process alone (computed there only: the others would discard it). Other objects are the
     # same on every process (a scheduler, a scaler, an EMA of replicated weights): the main process saves them.
-    states = {name: optimizer_state(model, value, sharded) if is_optimizer(value) else value.state_dict()
-              for name, value in objects.items() if accelerator.is_main_process or (sharded and is_optimizer(value))}
+    states = {
+        name: optimizer_state(model, value, sharded) if is_optimizer(value) else value.state_dict()
+        for name, value in objects.items()
+        if accelerator.is_main_process or (sharded and is_optimizer(value))
+    }
     try:
         if sharded:
-            for name in [name for name in states if is_optimizer(objects[name])]:  # a list: the loop pops
-                torch.save(states.pop(name), staging / f"{Path(file_of(name)).stem}_{accelerator.process_index}.pt")
+            for name in [
+                name for name in states if is_optimizer(objects[name])
+            ]:  # a list: the loop pops
+                torch.save(
+                    states.pop(name),
+                    staging / f"{Path(file_of(name)).stem}_{accelerator.process_index}.pt",
+                )
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model, keep_torch_compile=False), staging, weights)
             if tokenizer is not None:
@@ -258,7 +310,11 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
             write_json(staging / "my_config.json", vars(args))
             write_json(staging / "trainer_state.json", asdict(state))
         tensors, metadata = rng_state()
-        save_file(tensors, staging / f"rng_state_{accelerator.process_index}.safetensors", metadata=metadata)
+        save_file(
+            tensors,
+            staging / f"rng_state_{accelerator.process_index}.safetensors",
+            metadata=metadata,
+        )
     except Exception as e:  # disk full is OSError from open(), RuntimeError from torch.save, ...
         return e
     return None
@@ -292,13 +348,17 @@ def restore(directory, accelerator, model, objects, state):
             continue
         path = directory / file_of(name)
         if not path.is_file():
-            raise UserError(f"--resume {directory}: no {path.name}: the checkpoint was saved without '{name}' "
-                            f"(added to train.py's objects since?). Resume from a checkpoint that has it, or "
-                            f"start a new run.")
+            raise UserError(
+                f"--resume {directory}: no {path.name}: the checkpoint was saved without '{name}' "
+                f"(added to train.py's objects since?). Resume from a checkpoint that has it, or "
+                f"start a new run."
+            )
         saved = load_tensors(path)
         if is_scheduler(value) and state.num_processes != accelerator.num_processes:
             # A prepared scheduler steps once per process at each optimizer step: count in the new unit.
-            saved["last_epoch"] = saved["last_epoch"] // state.num_processes * accelerator.num_processes
+            saved["last_epoch"] = (
+                saved["last_epoch"] // state.num_processes * accelerator.num_processes
+            )
             saved["_step_count"] = saved["last_epoch"] + 1
         value.load_state_dict(saved)
     if state.num_processes != accelerator.num_processes:
@@ -318,24 +378,41 @@ def load_weights(directory, accelerator, model):
     with load_adapter()), and a tied weight is stored once."""
     path = Path(directory) / "model.safetensors"
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    tied = ({n for n, _ in unwrapped.named_parameters(remove_duplicate=False)}
-            - {n for n, _ in unwrapped.named_parameters()})
-    wanted = {name.replace(".base_layer.", "."): name for name in unwrapped.state_dict()
-              if ".lora_" not in name and name not in tied}
+    tied = {n for n, _ in unwrapped.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in unwrapped.named_parameters()
+    }
+    wanted = {
+        name.replace(".base_layer.", "."): name
+        for name in unwrapped.state_dict()
+        if ".lora_" not in name and name not in tied
+    }
     try:
         with safe_open(path, "pt") as f:
             stored = {name: f.get_slice(name).get_shape() for name in f.keys()}
-            missing, unexpected = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted) - tied)
+            missing, unexpected = (
+                sorted(set(wanted) - set(stored)),
+                sorted(set(stored) - set(wanted) - tied),
+            )
             shapes = dict(unwrapped.state_dict())
-            wrong = [n for n in sorted(set(wanted) & set(stored)) if list(shapes[wanted[n]].shape) != stored[n]]
+            wrong = [
+                n
+                for n in sorted(set(wanted) & set(stored))
+                if list(shapes[wanted[n]].shape) != stored[n]
+            ]
             if missing or unexpected or wrong:
-                raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}")
+                raise RuntimeError(
+                    f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}"
+                )
             weights = {wanted[name]: f.get_tensor(name) for name in wanted}
     except (OSError, RuntimeError, safetensors.SafetensorError) as e:
-        raise UserError(f"--resume {directory}: its weights do not fit the model that modeling.py builds "
-                        f"({str(e).splitlines()[0][:300]}). Resume with the modeling.py and options it was "
-                        f"trained with.") from None
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        raise UserError(
+            f"--resume {directory}: its weights do not fit the model that modeling.py builds "
+            f"({str(e).splitlines()[0][:300]}). Resume with the modeling.py and options it was "
+            f"trained with."
+        ) from None
+    set_model_state_dict(
+        model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
 
 
 def save_model(model, directory, weights):
@@ -366,23 +443,41 @@ def elastic_accumulation(directory, saved, accumulation, processes, ignore_misma
         if ignore_mismatch:
             return accumulation
         counts = ", ".join(str(n) for n in range(1, batches + 1) if batches % n == 0)
-        raise UserError(f"--resume {directory}: saved by {saved} process(es) x --accumulation {accumulation} = "
-                        f"{batches} batches per optimizer step, which {processes} processes cannot share; resume "
-                        f"with {counts} processes, or add --ignore_mismatch (the global batch then changes).")
-    print(f"resuming on {processes} process(es) instead of {saved}: --accumulation {accumulation} -> "
-          f"{batches // processes}, the same {batches} batches per optimizer step", file=sys.stderr)
+        raise UserError(
+            f"--resume {directory}: saved by {saved} process(es) x --accumulation {accumulation} = "
+            f"{batches} batches per optimizer step, which {processes} processes cannot share; resume "
+            f"with {counts} processes, or add --ignore_mismatch (the global batch then changes)."
+        )
+    print(
+        f"resuming on {processes} process(es) instead of {saved}: --accumulation {accumulation} -> "
+        f"{batches // processes}, the same {batches} batches per optimizer step",
+        file=sys.stderr,
+    )
     return batches // processes
 
 
 def optimizer_state(model, optimizer, sharded):
     """The optimizer state as plain tensors keyed by parameter name: whole (optimizer.pt), or under
     FSDP2 this process's shard of each tensor (optimizer_<rank>.pt: its rows of dim 0)."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, or one not prepared
+    optimizer = getattr(
+        optimizer, "optimizer", optimizer
+    )  # accelerate's wrapper, or one not prepared
     if not sharded:
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
-    return {"state": {name: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in values.items()}
-                      for name, values in state["state"].items()}, "param_groups": state["param_groups"]}
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True)
+        )
+    state = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=False)
+    )
+    return {
+        "state": {
+            name: {
+                k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in values.items()
+            }
+            for name, values in state["state"].items()
+        },
+        "param_groups": state["param_groups"],
+    }
 
 
 def load_optimizer_state(directory, name, accelerator, model, optimizer, saved_processes):
@@ -396,23 +491,51 @@ def load_optimizer_state(directory, name, accelerator, model, optimizer, saved_p
         files = [directory / f"{whole_file.stem}_{rank}.pt" for rank in range(saved_processes)]
         for path in files:
             if not path.is_file():
-                raise UserError(f"--resume {directory}: {path} is missing: the optimizer state is incomplete. Resume "
-                                f"from another checkpoint.")
-        if accelerator.distributed_type == DistributedType.FSDP and saved_processes == accelerator.num_processes:
+                raise UserError(
+                    f"--resume {directory}: {path} is missing: the optimizer state is incomplete. Resume "
+                    f"from another checkpoint."
+                )
+        if (
+            accelerator.distributed_type == DistributedType.FSDP
+            and saved_processes == accelerator.num_processes
+        ):
             shard = load_tensors(files[accelerator.process_index])
             parameters = dict(model.named_parameters())
-            shard["state"] = {name: {k: DTensor.from_local(v.to(parameters[name].device), parameters[name].device_mesh,
-                                                           parameters[name].placements, shape=parameters[name].shape,
-                                                           stride=parameters[name].stride())
-                                     if v.dim() and isinstance(parameters[name], DTensor) else v
-                                     for k, v in values.items()} for name, values in shard["state"].items()}
-            set_optimizer_state_dict(model, optimizer, shard, options=StateDictOptions(full_state_dict=False))
+            shard["state"] = {
+                name: {
+                    k: DTensor.from_local(
+                        v.to(parameters[name].device),
+                        parameters[name].device_mesh,
+                        parameters[name].placements,
+                        shape=parameters[name].shape,
+                        stride=parameters[name].stride(),
+                    )
+                    if v.dim() and isinstance(parameters[name], DTensor)
+                    else v
+                    for k, v in values.items()
+                }
+                for name, values in shard["state"].items()
+            }
+            set_optimizer_state_dict(
+                model, optimizer, shard, options=StateDictOptions(full_state_dict=False)
+            )
             return
-        shards = [load_tensors(path) for path in files]  # FSDP2 shards dim 0 in rank order: join them
-        whole = {"param_groups": shards[0]["param_groups"],
-                 "state": {name: {k: torch.cat([s["state"][name][k] for s in shards]) if v.dim() else v
-                                  for k, v in values.items()} for name, values in shards[0]["state"].items()}}
-    set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
+        shards = [
+            load_tensors(path) for path in files
+        ]  # FSDP2 shards dim 0 in rank order: join them
+        whole = {
+            "param_groups": shards[0]["param_groups"],
+            "state": {
+                name: {
+                    k: torch.cat([s["state"][name][k] for s in shards]) if v.dim() else v
+                    for k, v in values.items()
+                }
+                for name, values in shards[0]["state"].items()
+            },
+        }
+    set_optimizer_state_dict(
+        model, optimizer, whole, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def load_tensors(path):
@@ -421,8 +544,12 @@ def load_tensors(path):
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         # torch's own message goes on to suggest weights_only=False, which would run the pickle's code.
-        raise UserError(f"{path}: refused to load: it holds Python objects, not only tensors and numbers, and "
-                        f"loading them could run code. This template never writes such a file: the checkpoint "
-                        f"was made or changed elsewhere.") from None
+        raise UserError(
+            f"{path}: refused to load: it holds Python objects, not only tensors and numbers, and "
+            f"loading them could run code. This template never writes such a file: the checkpoint "
+            f"was made or changed elsewhere."
+        ) from None
     except (RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"{path}: damaged, it cannot be read ({str(e).splitlines()[0][:200]}).") from None
+        raise UserError(
+            f"{path}: damaged, it cannot be read ({str(e).splitlines()[0][:200]})."
+        ) from None

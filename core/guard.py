@@ -2,6 +2,7 @@
 holds something of someone else's or another run (and the lock that keeps one run per outdir), and
 resumed training data that changed since the checkpoint, an engine the checkpoints were never
 tested with (DeepSpeed)."""
+
 import contextlib
 import fcntl
 import json
@@ -20,7 +21,10 @@ from utils import UserError, data_sha256, disk_full, load_rows
 
 def refuse_folders_with_code(args):
     """The folders of --model_name_or_path and --resume, checked by refuse_custom_code()."""
-    for folder, option in [(args.model_name_or_path, "--model_name_or_path"), (args.resume, "--resume")]:
+    for folder, option in [
+        (args.model_name_or_path, "--model_name_or_path"),
+        (args.resume, "--resume"),
+    ]:
         if folder and Path(folder).is_dir():
             refuse_custom_code(folder, option)
 
@@ -28,17 +32,21 @@ def refuse_folders_with_code(args):
 def refuse_deepspeed(accelerator):
     """DeepSpeed keeps the optimizer state in its engine, which the checkpoint code never ran against."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise UserError("DeepSpeed is not supported by this template: FSDP2 is its sharded engine "
-                        "(configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume).")
+        raise UserError(
+            "DeepSpeed is not supported by this template: FSDP2 is its sharded engine "
+            "(configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume)."
+        )
 
 
 def refuse_fp16_on_cpu(accelerator):
     """accelerate runs --mixed_precision fp16 on a CPU in float32 (no autocast, no loss scaler): said,
     not run silently."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("--mixed_precision fp16 on a CPU: accelerate would run it in float32 (no fp16 "
-                        "autocast or loss scaling on CPU). Use --mixed_precision bf16, which runs on CPU, "
-                        "or no (set in `accelerate config` too).")
+        raise UserError(
+            "--mixed_precision fp16 on a CPU: accelerate would run it in float32 (no fp16 "
+            "autocast or loss scaling on CPU). Use --mixed_precision bf16, which runs on CPU, "
+            "or no (set in `accelerate config` too)."
+        )
 
 
 def refuse_custom_code(folder, what):
@@ -51,8 +59,10 @@ def refuse_custom_code(folder, what):
         except (ValueError, TypeError):
             continue  # not ours to judge here: loading it names the problem
         if asks:
-            raise UserError(f"{what} {folder}: {name} asks to run code that came with the folder (auto_map); this "
-                            f"template never runs such code. Use a folder without custom code.")
+            raise UserError(
+                f"{what} {folder}: {name} asks to run code that came with the folder (auto_map); this "
+                f"template never runs such code. Use a folder without custom code."
+            )
 
 
 def check_outdir(outdir, resume, resumed, overwrite):
@@ -64,28 +74,42 @@ def check_outdir(outdir, resume, resumed, overwrite):
     if int(os.environ.get("RANK", 0)) == 0:
         check_writable(outdir)
     if resume and Path(resume).is_symlink():
-        raise UserError(f"--resume {resume} is a symbolic link (to {os.readlink(resume)}): resume from "
-                        f"{Path(resume).resolve()} itself, and choose where this run goes with --outdir.")
+        raise UserError(
+            f"--resume {resume} is a symbolic link (to {os.readlink(resume)}): resume from "
+            f"{Path(resume).resolve()} itself, and choose where this run goes with --outdir."
+        )
     for name in ("last", "best", ".old-last", ".old-best"):
         if (outdir / name).is_symlink():
-            raise UserError(f"--outdir {outdir}: {name} is a symbolic link (to {os.readlink(outdir / name)}). "
-                            f"Checkpoints are replaced by renames, which would move the link and mix two "
-                            f"runs: remove the link (or copy the checkpoint in its place), or pick another --outdir.")
+            raise UserError(
+                f"--outdir {outdir}: {name} is a symbolic link (to {os.readlink(outdir / name)}). "
+                f"Checkpoints are replaced by renames, which would move the link and mix two "
+                f"runs: remove the link (or copy the checkpoint in its place), or pick another --outdir."
+            )
     held = [name for name in ("last", "best", "log.json") if (outdir / name).exists()]
     foreign = [name for name in held if not written_here(outdir / name)]
     if foreign:
-        raise UserError(f"--outdir {outdir} holds {', '.join(foreign)}, which this template did not write (no "
-                        f"manifest.json, or not a log.json of train.py); it never replaces what it did not write. "
-                        f"Move {'them' if len(foreign) > 1 else 'it'}, or pick another --outdir.")
-    if resume and (outdir / "last").exists() and Path(resume).resolve() != (outdir / "last").resolve():
+        raise UserError(
+            f"--outdir {outdir} holds {', '.join(foreign)}, which this template did not write (no "
+            f"manifest.json, or not a log.json of train.py); it never replaces what it did not write. "
+            f"Move {'them' if len(foreign) > 1 else 'it'}, or pick another --outdir."
+        )
+    if (
+        resume
+        and (outdir / "last").exists()
+        and Path(resume).resolve() != (outdir / "last").resolve()
+    ):
         if read_state(find(outdir / "last")).run_id != resumed.run_id:
-            raise UserError(f"--outdir {outdir} holds another run than the one --resume {resume} continues: "
-                            f"resuming there would mix the two. Give another --outdir (by default the folder "
-                            f"the checkpoint is in).")
+            raise UserError(
+                f"--outdir {outdir} holds another run than the one --resume {resume} continues: "
+                f"resuming there would mix the two. Give another --outdir (by default the folder "
+                f"the checkpoint is in)."
+            )
     elif held and not resume and not overwrite:
-        raise UserError(f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
-                        f"--resume {outdir}/last, start over with --overwrite (the old run is replaced once the "
-                        f"new one has saved a checkpoint), or pick another --outdir.")
+        raise UserError(
+            f"--outdir {outdir} already holds a run ({', '.join(held)}). Continue it with "
+            f"--resume {outdir}/last, start over with --overwrite (the old run is replaced once the "
+            f"new one has saved a checkpoint), or pick another --outdir."
+        )
 
 
 @contextlib.contextmanager
@@ -102,9 +126,11 @@ def datasets_cache_space():
         for path in cache.rglob("tmp*"):  # written since this run started, never finished
             if path.is_file() and path.stat().st_mtime >= start:
                 path.unlink()
-        raise UserError(f"no space left on the device of the datasets cache {cache} while reading or "
-                        f"tokenizing the data. Free space there, or set HF_DATASETS_CACHE to a folder "
-                        f"with room, and run again.") from None
+        raise UserError(
+            f"no space left on the device of the datasets cache {cache} while reading or "
+            f"tokenizing the data. Free space there, or set HF_DATASETS_CACHE to a folder "
+            f"with room, and run again."
+        ) from None
 
 
 def check_writable(outdir):
@@ -120,8 +146,10 @@ def check_writable(outdir):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"--outdir {outdir}: cannot write there ({e.strerror or e}). Pick a folder you can "
-                        f"write, with a shorter path if it is too long.") from None
+        raise UserError(
+            f"--outdir {outdir}: cannot write there ({e.strerror or e}). Pick a folder you can "
+            f"write, with a shorter path if it is too long."
+        ) from None
     finally:
         for folder in reversed(created):
             folder.rmdir()
@@ -146,11 +174,15 @@ def lock_outdir(outdir):
         lock.seek(0)
         holder = lock.read().strip() or "a process that wrote nothing yet"
         lock.close()
-        raise UserError(f"--outdir {outdir} is in use by another run ({holder}). Wait for it to end, stop it, "
-                        f"or pick another --outdir.") from None
+        raise UserError(
+            f"--outdir {outdir} is in use by another run ({holder}). Wait for it to end, stop it, "
+            f"or pick another --outdir."
+        ) from None
     lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-               f"{' '.join(sys.argv)}\n")
+    lock.write(
+        f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+        f"{' '.join(sys.argv)}\n"
+    )
     lock.flush()
     HELD_LOCKS[key] = lock
 
@@ -160,20 +192,33 @@ def describe_data(path, split, config_name, rows):
     fingerprint (the sha256 of a local file's bytes; for a hub dataset, the datasets library's own)."""
     if Path(path).is_file():
         return {"path": str(path), "rows": rows, "sha256": data_sha256(path)}
-    return {"path": str(path), "split": split, "config": config_name, "rows": rows,
-            "fingerprint": load_rows(path, split, config_name)._fingerprint}
+    return {
+        "path": str(path),
+        "split": split,
+        "config": config_name,
+        "rows": rows,
+        "fingerprint": load_rows(path, split, config_name)._fingerprint,
+    }
 
 
 def check_data(saved, now, resume, ignore_mismatch):
     """--resume on other training data is refused (a different order, even another number of steps,
     while claiming an exact continuation); other validation data is said, not refused."""
+
     def same(a, b):
-        return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+        return {k: v for k, v in a.items() if k != "path"} == {
+            k: v for k, v in b.items() if k != "path"
+        }
+
     if saved.get("train") and not same(saved["train"], now["train"]) and not ignore_mismatch:
-        raise UserError(f"--resume {resume}: the training data changed since the checkpoint was saved: "
-                        f"{now['train']['path']} has {now['train']['rows']} examples and another fingerprint "
-                        f"than {saved['train']['path']} had ({saved['train']['rows']} examples). Resume with the "
-                        f"data it was trained on, or add --ignore_mismatch (the run is then not the one it continues).")
+        raise UserError(
+            f"--resume {resume}: the training data changed since the checkpoint was saved: "
+            f"{now['train']['path']} has {now['train']['rows']} examples and another fingerprint "
+            f"than {saved['train']['path']} had ({saved['train']['rows']} examples). Resume with the "
+            f"data it was trained on, or add --ignore_mismatch (the run is then not the one it continues)."
+        )
     if saved.get("valid") and not same(saved["valid"], now["valid"]):
-        print(f"changed on resume: the validation data ({now['valid']['path']}, {now['valid']['rows']} examples)",
-              file=sys.stderr)
+        print(
+            f"changed on resume: the validation data ({now['valid']['path']}, {now['valid']['rows']} examples)",
+            file=sys.stderr,
+        )

@@ -1,5 +1,6 @@
 """train.py's options: the table of every option, and how a run gets its values (defaults, the
 resumed checkpoint's my_config.json, a --config file, the command line), each checked by type and range."""
+
 import argparse
 import json
 import math
@@ -40,78 +41,215 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv=None, description=None):
     """train.py's options, grouped as --help shows them."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
-    parser.add_argument("--config", help="JSON or YAML file of option defaults, e.g. configs/tiny.yaml; flags override it")
+    parser.add_argument(
+        "--config",
+        help="JSON or YAML file of option defaults, e.g. configs/tiny.yaml; flags override it",
+    )
     data = parser.add_argument_group("data")
-    data.add_argument("--train_file", default="data/train.jsonl",
-                      help=".jsonl .json .csv .tsv .parquet .txt, or a hub dataset name (see dataset.py)")
-    data.add_argument("--valid_file", default="data/valid.jsonl", help="the data validated on after each epoch")
-    data.add_argument("--dataset_config", help="a hub dataset's configuration, e.g. sst2 for --train_file nyu-mll/glue")
-    data.add_argument("--train_split", default="train", help="the split of a hub dataset to train on")
-    data.add_argument("--valid_split", default="validation", help="the split of a hub dataset to validate on")
-    data.add_argument("--max_len", type=number(int, 1), default=128, help="longer inputs are truncated (tokens)")
-    data.add_argument("--group_by_length", action="store_true",
-                      help="batches of similar length (less padding, faster); still random and resumable")
-    data.add_argument("--num_workers", type=number(int, 0), help="DataLoader worker processes (default: 2 with CUDA, else 0)")
+    data.add_argument(
+        "--train_file",
+        default="data/train.jsonl",
+        help=".jsonl .json .csv .tsv .parquet .txt, or a hub dataset name (see dataset.py)",
+    )
+    data.add_argument(
+        "--valid_file", default="data/valid.jsonl", help="the data validated on after each epoch"
+    )
+    data.add_argument(
+        "--dataset_config",
+        help="a hub dataset's configuration, e.g. sst2 for --train_file nyu-mll/glue",
+    )
+    data.add_argument(
+        "--train_split", default="train", help="the split of a hub dataset to train on"
+    )
+    data.add_argument(
+        "--valid_split", default="validation", help="the split of a hub dataset to validate on"
+    )
+    data.add_argument(
+        "--max_len", type=number(int, 1), default=128, help="longer inputs are truncated (tokens)"
+    )
+    data.add_argument(
+        "--group_by_length",
+        action="store_true",
+        help="batches of similar length (less padding, faster); still random and resumable",
+    )
+    data.add_argument(
+        "--num_workers",
+        type=number(int, 0),
+        help="DataLoader worker processes (default: 2 with CUDA, else 0)",
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", default="assets/tiny-bert",
-                       help="hub id (bert-base-cased) or local directory; a directory with only a "
-                            "config.json trains that architecture from scratch")
-    model.add_argument("--freeze_backbone", action="store_true", help="train only the head (model.base_model frozen)")
-    model.add_argument("--lora_r", type=number(int, 0), default=0,
-                       help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; 0 = off")
+    model.add_argument(
+        "--model_name_or_path",
+        default="assets/tiny-bert",
+        help="hub id (bert-base-cased) or local directory; a directory with only a "
+        "config.json trains that architecture from scratch",
+    )
+    model.add_argument(
+        "--freeze_backbone",
+        action="store_true",
+        help="train only the head (model.base_model frozen)",
+    )
+    model.add_argument(
+        "--lora_r",
+        type=number(int, 0),
+        default=0,
+        help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; 0 = off",
+    )
     model.add_argument("--lora_alpha", type=number(float, 0), default=16, help="LoRA scaling")
-    model.add_argument("--lora_dropout", type=number(float, 0, below=1), default=0.05, help="dropout on the LoRA path")
-    model.add_argument("--lora_target_modules",
-                       help="comma-separated module names, e.g. query,value (default: every Linear of the backbone)")
-    model.add_argument("--gradient_checkpointing", action="store_true", help="less memory, ~30%% more compute")
-    model.add_argument("--torch_compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    model.add_argument(
+        "--lora_dropout",
+        type=number(float, 0, below=1),
+        default=0.05,
+        help="dropout on the LoRA path",
+    )
+    model.add_argument(
+        "--lora_target_modules",
+        help="comma-separated module names, e.g. query,value (default: every Linear of the backbone)",
+    )
+    model.add_argument(
+        "--gradient_checkpointing", action="store_true", help="less memory, ~30%% more compute"
+    )
+    model.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the model (slow start, faster steps)",
+    )
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--epochs", type=number(int, 1), default=5, help="may be raised on --resume to train further")
-    optimisation.add_argument("--batch_size", type=number(int, 1), default=32, help="per process; reduce if out of memory")
-    optimisation.add_argument("--accumulation", type=number(int, 1), default=1, help="batches per optimizer step")
-    optimisation.add_argument("--lr", type=number(float, 0), default=1e-3, help="peak learning rate; 2e-5 suits a pretrained BERT")
-    optimisation.add_argument("--weight_decay", type=number(float, 0), default=0.01, help="on matrices only, not biases/norms")
-    optimisation.add_argument("--max_grad_norm", type=number(float, 0), default=1.0, help="clip gradients to this norm; 0 = off")
-    optimisation.add_argument("--lr_scheduler_type", default="linear", help="how the lr moves after warmup",
-                              choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                       "constant_with_warmup"])
-    optimisation.add_argument("--num_warmup_steps", type=number(int, 0), default=0, help="optimizer steps of linear warmup")
-    optimisation.add_argument("--skip_nonfinite", action="store_true",
-                              help="skip optimizer steps whose gradients are NaN/inf (counted in log.json) "
-                                   "instead of stopping")
-    optimisation.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
-                              help="default: what `accelerate config` / `accelerate launch` says")
+    optimisation.add_argument(
+        "--epochs",
+        type=number(int, 1),
+        default=5,
+        help="may be raised on --resume to train further",
+    )
+    optimisation.add_argument(
+        "--batch_size", type=number(int, 1), default=32, help="per process; reduce if out of memory"
+    )
+    optimisation.add_argument(
+        "--accumulation", type=number(int, 1), default=1, help="batches per optimizer step"
+    )
+    optimisation.add_argument(
+        "--lr",
+        type=number(float, 0),
+        default=1e-3,
+        help="peak learning rate; 2e-5 suits a pretrained BERT",
+    )
+    optimisation.add_argument(
+        "--weight_decay",
+        type=number(float, 0),
+        default=0.01,
+        help="on matrices only, not biases/norms",
+    )
+    optimisation.add_argument(
+        "--max_grad_norm",
+        type=number(float, 0),
+        default=1.0,
+        help="clip gradients to this norm; 0 = off",
+    )
+    optimisation.add_argument(
+        "--lr_scheduler_type",
+        default="linear",
+        help="how the lr moves after warmup",
+        choices=[
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "constant",
+            "constant_with_warmup",
+        ],
+    )
+    optimisation.add_argument(
+        "--num_warmup_steps",
+        type=number(int, 0),
+        default=0,
+        help="optimizer steps of linear warmup",
+    )
+    optimisation.add_argument(
+        "--skip_nonfinite",
+        action="store_true",
+        help="skip optimizer steps whose gradients are NaN/inf (counted in log.json) "
+        "instead of stopping",
+    )
+    optimisation.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        help="default: what `accelerate config` / `accelerate launch` says",
+    )
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--metric_for_best", default="loss",
-                            help="valid metric that decides best/: loss or a name compute_metrics() returns")
-    evaluation.add_argument("--greater_is_better", action=argparse.BooleanOptionalAction,
-                            help="for --metric_for_best (by default lower is better for names like loss, error, "
-                                 "mse, mae, rmse, perplexity, higher for the others)")
-    evaluation.add_argument("--early_stopping_patience", type=number(int, 0), default=0,
-                            help="stop after N epochs without a better --metric_for_best; 0 = off")
-    evaluation.add_argument("--sample_every", type=number(int, 0), default=0,
-                            help="print --samples examples of the batch (input / prediction / gold) every N steps")
-    evaluation.add_argument("--samples", type=number(int, 1), default=3, help="examples shown each --sample_every")
+    evaluation.add_argument(
+        "--metric_for_best",
+        default="loss",
+        help="valid metric that decides best/: loss or a name compute_metrics() returns",
+    )
+    evaluation.add_argument(
+        "--greater_is_better",
+        action=argparse.BooleanOptionalAction,
+        help="for --metric_for_best (by default lower is better for names like loss, error, "
+        "mse, mae, rmse, perplexity, higher for the others)",
+    )
+    evaluation.add_argument(
+        "--early_stopping_patience",
+        type=number(int, 0),
+        default=0,
+        help="stop after N epochs without a better --metric_for_best; 0 = off",
+    )
+    evaluation.add_argument(
+        "--sample_every",
+        type=number(int, 0),
+        default=0,
+        help="print --samples examples of the batch (input / prediction / gold) every N steps",
+    )
+    evaluation.add_argument(
+        "--samples", type=number(int, 1), default=3, help="examples shown each --sample_every"
+    )
     run = parser.add_argument_group("run")
-    run.add_argument("--check", action="store_true",
-                     help="check modeling.py and dataset.py on this data in seconds (PASS / WARN / FAIL), then exit; "
-                          "writes nothing")
-    run.add_argument("--seed", type=number(int, 0), default=42, help="initialisation, dropout and data order")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="check modeling.py and dataset.py on this data in seconds (PASS / WARN / FAIL), then exit; "
+        "writes nothing",
+    )
+    run.add_argument(
+        "--seed", type=number(int, 0), default=42, help="initialisation, dropout and data order"
+    )
     run.add_argument("--outdir", default="model", help="where best/, last/ and log.json go")
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --outdir")
-    run.add_argument("--resume", metavar="DIR", help="a checkpoint (model/last or model/best) to continue; "
-                     "its my_config.json gives the defaults. auto: OUTDIR/last if there is one, else a new "
-                     "run (the same command continues after a requeue or a restart)")
-    run.add_argument("--ignore_mismatch", action="store_true",
-                     help="resume even with another batch size, seed, model or number of processes")
-    run.add_argument("--save_steps", type=number(int, 0), default=0, help="also save last/ every N optimizer steps")
-    run.add_argument("--stop_after_steps", type=number(int, 0), default=0,
-                     help="save last/ and stop after N optimizer steps in all; the schedule still spans "
-                          "--epochs, so --resume continues as if never stopped (time-limited jobs)")
-    run.add_argument("--log_every", type=number(int, 1), default=10,
-                     help="optimizer steps between loss displays and tracker logs (each one waits for the GPU)")
-    run.add_argument("--report_to", choices=[t for t in LoggerType.list() if t != "all"],
-                     help="also log to this tracker (tensorboard: OUTDIR/runs); pip install it first")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="a checkpoint (model/last or model/best) to continue; "
+        "its my_config.json gives the defaults. auto: OUTDIR/last if there is one, else a new "
+        "run (the same command continues after a requeue or a restart)",
+    )
+    run.add_argument(
+        "--ignore_mismatch",
+        action="store_true",
+        help="resume even with another batch size, seed, model or number of processes",
+    )
+    run.add_argument(
+        "--save_steps",
+        type=number(int, 0),
+        default=0,
+        help="also save last/ every N optimizer steps",
+    )
+    run.add_argument(
+        "--stop_after_steps",
+        type=number(int, 0),
+        default=0,
+        help="save last/ and stop after N optimizer steps in all; the schedule still spans "
+        "--epochs, so --resume continues as if never stopped (time-limited jobs)",
+    )
+    run.add_argument(
+        "--log_every",
+        type=number(int, 1),
+        default=10,
+        help="optimizer steps between loss displays and tracker logs (each one waits for the GPU)",
+    )
+    run.add_argument(
+        "--report_to",
+        choices=[t for t in LoggerType.list() if t != "all"],
+        help="also log to this tracker (tensorboard: OUTDIR/runs); pip install it first",
+    )
     return parse_options(parser, argv)
 
 
@@ -120,26 +258,59 @@ def parse_args(argv=None, description=None):
 
 # Options a resumed run does not take over from the checkpoint's my_config.json (--outdir: the
 # checkpoint's own folder, wherever it has been copied, unless given).
-NOT_RESUMED = {"resume", "config", "overwrite", "stop_after_steps", "ignore_mismatch", "outdir", "check"}
+NOT_RESUMED = {
+    "resume",
+    "config",
+    "overwrite",
+    "stop_after_steps",
+    "ignore_mismatch",
+    "outdir",
+    "check",
+}
 
 
 # Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
 # Any other option given anew is allowed and printed as "changed on resume".
-MUST_MATCH = ["model_name_or_path", "batch_size", "accumulation", "seed", "max_len", "lr", "weight_decay",
-              "max_grad_norm", "lr_scheduler_type", "num_warmup_steps", "skip_nonfinite", "mixed_precision",
-              "torch_compile", "group_by_length", "metric_for_best", "greater_is_better", "freeze_backbone",
-              "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dataset_config", "train_split"]
+MUST_MATCH = [
+    "model_name_or_path",
+    "batch_size",
+    "accumulation",
+    "seed",
+    "max_len",
+    "lr",
+    "weight_decay",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "num_warmup_steps",
+    "skip_nonfinite",
+    "mixed_precision",
+    "torch_compile",
+    "group_by_length",
+    "metric_for_best",
+    "greater_is_better",
+    "freeze_backbone",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "dataset_config",
+    "train_split",
+]
 
 
 def number(kind, minimum, below=None):
     """An argparse type: a finite int or float >= minimum (and < below); the same check for values
     from a --config file or a checkpoint's my_config.json (see parse_options)."""
+
     def convert(text):
         value = kind(text)
         if not math.isfinite(value) or value < minimum or (below is not None and value >= below):
             bounds = f">= {minimum}" + (f" and < {below}" if below is not None else "")
-            raise argparse.ArgumentTypeError(f"{text} is not a {'whole ' if kind is int else ''}number {bounds}")
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a {'whole ' if kind is int else ''}number {bounds}"
+            )
         return value
+
     convert.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return convert
 
@@ -153,7 +324,9 @@ def read_options_file(path):
             values = yaml.safe_load(f) if path.suffix in (".yaml", ".yml") else json.load(f)
     except yaml.YAMLError as e:
         where = f"line {e.problem_mark.line + 1}: " if getattr(e, "problem_mark", None) else ""
-        raise UserError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e}).") from None
+        raise UserError(
+            f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}).") from None
     if not isinstance(values, dict):
@@ -185,8 +358,10 @@ def read_config(path, including=()):
     path = Path(path)
     chain = [*including, path.resolve()]
     if path.resolve() in including:
-        raise UserError(f"{path}: includes itself ({' -> '.join(map(str, chain))}). Remove the `config:` "
-                        f"key that closes the loop.")
+        raise UserError(
+            f"{path}: includes itself ({' -> '.join(map(str, chain))}). Remove the `config:` "
+            f"key that closes the loop."
+        )
     values = read_options_file(path)
     base = values.pop("config", None)
     merged = {}
@@ -194,8 +369,10 @@ def read_config(path, including=()):
         if not isinstance(base, str):
             raise UserError(f"{path}: config: {base!r} is not the path of an options file.")
         if not (path.parent / base).is_file():
-            raise UserError(f"{path}: config: {base}: no such options file ({path.parent / base}; a path "
-                            f"relative to {path.parent}).")
+            raise UserError(
+                f"{path}: config: {base}: no such options file ({path.parent / base}; a path "
+                f"relative to {path.parent})."
+            )
         merged = read_config(path.parent / base, chain)
     merged.update({key: (value, str(path)) for key, value in values.items()})
     return merged
@@ -203,11 +380,16 @@ def read_config(path, including=()):
 
 def check_value(action, value, source):
     """A value from a file, held to what the option takes on the command line: its type, range and choices."""
+
     def refuse(expected):
         raise UserError(f"{source}: {action.dest}: {value!r} is not {expected}.")
+
     if value is None and action.default is None:
         return
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+    if isinstance(
+        action,
+        (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction),
+    ):
         if not isinstance(value, bool):
             refuse("true or false")
     elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -232,10 +414,14 @@ def parse_options(parser, argv=None):
         return resume_auto(parser, sys.argv[1:] if argv is None else list(argv))
     defaults, saved = {}, {}
     if known.resume:
-        folder = find(known.resume)  # or .old-<name>, where a crash between the two renames of a save left it
+        folder = find(
+            known.resume
+        )  # or .old-<name>, where a crash between the two renames of a save left it
         if not (folder / "my_config.json").is_file():
-            raise UserError(f"--resume {known.resume}: not a checkpoint of this template (no my_config.json). "
-                            f"Give a checkpoint directory such as model/last.")
+            raise UserError(
+                f"--resume {known.resume}: not a checkpoint of this template (no my_config.json). "
+                f"Give a checkpoint directory such as model/last."
+            )
         saved = read_options_file(folder / "my_config.json")
         defaults.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
     sources = {key: f"{known.resume}/my_config.json" for key in defaults}
@@ -249,7 +435,9 @@ def parse_options(parser, argv=None):
             parser.error(f"{source}: unknown option '{key}'")
         check_value(actions[key], value, source)
     if saved:
-        defaults.setdefault("outdir", str(Path(known.resume).parent))  # the folder the checkpoint is in
+        defaults.setdefault(
+            "outdir", str(Path(known.resume).parent)
+        )  # the folder the checkpoint is in
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     changed = []
@@ -257,12 +445,18 @@ def parse_options(parser, argv=None):
         if key in NOT_RESUMED or key not in actions or getattr(args, key) == value:
             continue
         if key in MUST_MATCH and not args.ignore_mismatch:
-            raise UserError(f"--{key} {getattr(args, key)} differs from {known.resume}'s {value}, so the "
-                            f"resumed run would not continue the same run. Drop the option, or add "
-                            f"--ignore_mismatch to resume anyway (data order and results then differ).")
+            raise UserError(
+                f"--{key} {getattr(args, key)} differs from {known.resume}'s {value}, so the "
+                f"resumed run would not continue the same run. Drop the option, or add "
+                f"--ignore_mismatch to resume anyway (data order and results then differ)."
+            )
         changed.append(f"--{key} {value} -> {getattr(args, key)}")
     if changed:
         say(f"changed on resume: {', '.join(changed)}")
-    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):  # (False for a path too long)
-        raise UserError(f"--outdir {args.outdir} is a file; give a folder (it is created if missing).")
+    if os.path.exists(args.outdir) and not os.path.isdir(
+        args.outdir
+    ):  # (False for a path too long)
+        raise UserError(
+            f"--outdir {args.outdir} is a file; give a folder (it is created if missing)."
+        )
     return args

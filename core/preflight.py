@@ -1,6 +1,7 @@
 """The checks every run makes on the user files before (and while) it trains: a forward() without a
 scalar loss, a --max_len beyond the model's positions or a --metric_for_best that no metric has
 cost seconds, not an epoch."""
+
 import inspect
 
 import numpy
@@ -10,11 +11,14 @@ from torch.distributed.fsdp import FSDPModule
 
 from utils import UserError
 
-
 LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
 
 
-POSITIONS = ("position_embeddings", "wpe", "embed_positions")  # BERT, RoBERTa...; GPT-2; BART, OPT, Marian
+POSITIONS = (
+    "position_embeddings",
+    "wpe",
+    "embed_positions",
+)  # BERT, RoBERTa...; GPT-2; BART, OPT, Marian
 
 
 def positions(model):
@@ -37,13 +41,19 @@ def check_positions(model, args):
     'IndexError: index out of range in self'."""
     limit = positions(model)
     if limit is not None and args.max_len > limit:
-        raise UserError(f"--max_len {args.max_len}: the model of {args.model_name_or_path} has {limit} "
-                        f"positions, so a longer input would fail mid-run. Pass --max_len {limit} or less.")
+        raise UserError(
+            f"--max_len {args.max_len}: the model of {args.model_name_or_path} has {limit} "
+            f"positions, so a longer input would fail mid-run. Pass --max_len {limit} or less."
+        )
 
 
-HOOKS = {"metric_inputs": "model, tokenizer, batch, outputs", "compute_metrics": "gathered",
-         "loss_items": "batch", "format_samples": "model, tokenizer, batch, outputs, k",
-         "predictions": "model, tokenizer, batch, outputs"}  # what train.py and predict.py pass
+HOOKS = {
+    "metric_inputs": "model, tokenizer, batch, outputs",
+    "compute_metrics": "gathered",
+    "loss_items": "batch",
+    "format_samples": "model, tokenizer, batch, outputs, k",
+    "predictions": "model, tokenizer, batch, outputs",
+}  # what train.py and predict.py pass
 
 
 def check_hooks(modeling):
@@ -55,9 +65,11 @@ def check_hooks(modeling):
             if hook is not None:
                 inspect.signature(hook).bind(*parameters.split(", "))
         except TypeError:
-            raise UserError(f"modeling.py: {name}{inspect.signature(hook)} cannot take ({parameters}), what it "
-                            f"is called with: give it those parameters (the list at the top of modeling.py "
-                            f"says what each is).") from None
+            raise UserError(
+                f"modeling.py: {name}{inspect.signature(hook)} cannot take ({parameters}), what it "
+                f"is called with: give it those parameters (the list at the top of modeling.py "
+                f"says what each is)."
+            ) from None
 
 
 def check_collate(train_set, tokenizer, args):
@@ -67,16 +79,23 @@ def check_collate(train_set, tokenizer, args):
     lengths = getattr(train_set, "lengths", None)
     if collate is None or len(train_set) < 2:
         return
-    pair = [int(numpy.argmin(lengths)), int(numpy.argmax(lengths))] if lengths is not None else [0, 1]
+    pair = (
+        [int(numpy.argmin(lengths)), int(numpy.argmax(lengths))] if lengths is not None else [0, 1]
+    )
     try:
         collate([train_set[i] for i in pair])
-    except (ValueError, TypeError):  # transformers' "Asking to pad ...", or None in a padding by hand
+    except (
+        ValueError,
+        TypeError,
+    ):  # transformers' "Asking to pad ...", or None in a padding by hand
         if tokenizer is None or getattr(tokenizer, "pad_token", "") is not None:
             raise  # another mistake in collate(): its own traceback says where
-        raise UserError(f"the tokenizer of {args.resume or args.model_name_or_path} has no pad token, which "
-                        f"Dataset.collate() needs to pad a batch: set one in dataset.py's load_tokenizer() "
-                        f"(tokenizer.pad_token = tokenizer.eos_token, as examples/causal_lm does) or give the "
-                        f"model folder's tokenizer_config.json a pad_token.") from None
+        raise UserError(
+            f"the tokenizer of {args.resume or args.model_name_or_path} has no pad token, which "
+            f"Dataset.collate() needs to pad a batch: set one in dataset.py's load_tokenizer() "
+            f"(tokenizer.pad_token = tokenizer.eos_token, as examples/causal_lm does) or give the "
+            f"model folder's tokenizer_config.json a pad_token."
+        ) from None
 
 
 def first_batch(model, train_set, valid_set, args, metrics, device=torch.device("cpu")):
@@ -96,9 +115,11 @@ def first_batch(model, train_set, valid_set, args, metrics, device=torch.device(
             outputs = model(**batch)
         except (RuntimeError, IndexError) as e:
             longest = f"the longest, {int(lengths.max())} tokens, " if lengths is not None else ""
-            raise UserError(f"Model.forward() failed on a batch of validation and training examples ({longest}"
-                            f"--max_len {args.max_len}): {str(e).splitlines()[0][:300]}. If the model has fewer "
-                            f"positions, lower --max_len.") from None
+            raise UserError(
+                f"Model.forward() failed on a batch of validation and training examples ({longest}"
+                f"--max_len {args.max_len}): {str(e).splitlines()[0][:300]}. If the model has fewer "
+                f"positions, lower --max_len."
+            ) from None
         loss_of(model, batch, outputs)
         names = ["loss", *metrics(batch, outputs)]
     model.train()
@@ -106,11 +127,15 @@ def first_batch(model, train_set, valid_set, args, metrics, device=torch.device(
         if isinstance(module, FSDPModule):  # (the loop's list of parameters would hold those)
             module.reshard()
     if args.metric_for_best not in names:
-        raise UserError(f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
-                        f"({', '.join(names)}); compute_metrics() in modeling.py makes them.")
+        raise UserError(
+            f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
+            f"({', '.join(names)}); compute_metrics() in modeling.py makes them."
+        )
     greater = args.greater_is_better
     if greater is None:  # lower is better for losses, errors and perplexities
-        greater = not LOWER_IS_BETTER & set(args.metric_for_best.lower().replace("-", "_").split("_"))
+        greater = not LOWER_IS_BETTER & set(
+            args.metric_for_best.lower().replace("-", "_").split("_")
+        )
     return greater
 
 
@@ -118,15 +143,24 @@ def loss_of(model, batch, outputs):
     """One clear line for a forward() whose loss is missing or not a scalar."""
     loss = getattr(outputs, "loss", None)
     if loss is None:
-        parameters = inspect.signature(type(getattr(model, "module", model)).forward).parameters  # DDP: .module
+        parameters = inspect.signature(
+            type(getattr(model, "module", model)).forward
+        ).parameters  # DDP: .module
         swallowed = [k for k in batch if k not in parameters]
-        hint = (f" The batch's keys {', '.join(swallowed)} are not parameters of forward() and went into its "
-                f"**{next(p.name for p in parameters.values() if p.kind is p.VAR_KEYWORD)}: is one of them "
-                f"meant as the labels?" if swallowed and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-                else "")
-        raise UserError("Model.forward() returned no loss: return a ModelOutput with .loss set (see modeling.py)."
-                        + hint)
+        hint = (
+            f" The batch's keys {', '.join(swallowed)} are not parameters of forward() and went into its "
+            f"**{next(p.name for p in parameters.values() if p.kind is p.VAR_KEYWORD)}: is one of them "
+            f"meant as the labels?"
+            if swallowed and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+            else ""
+        )
+        raise UserError(
+            "Model.forward() returned no loss: return a ModelOutput with .loss set (see modeling.py)."
+            + hint
+        )
     if not torch.is_tensor(loss) or loss.dim() != 0:
         shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
-        raise UserError(f"Model.forward() returned a loss of shape {shape}: it must be a scalar tensor (reduce it, "
-                        f"e.g. with .mean()).")
+        raise UserError(
+            f"Model.forward() returned a loss of shape {shape}: it must be a scalar tensor (reduce it, "
+            f"e.g. with .mean())."
+        )

@@ -1,5 +1,6 @@
 """What a run needs around its loop: CPU threads, signals (preemption), progress bars, the running
 loss, samples, trackers, LoRA adapters, the resume command and the way a run ends."""
+
 import ctypes
 import os
 import signal
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate.tracking import get_available_trackers
 from accelerate import PartialState
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from packaging import version
 from tqdm.auto import tqdm
@@ -21,7 +22,9 @@ from utils import UserError, has_weights
 
 def progress(accelerator, iterable, desc, **kwargs):
     """A tqdm bar on the main process only: `[Epoch 0] [TRAIN]:  12%|█▏  | 520/4387 [..., loss=2.56, lr=7.8e-6]`."""
-    return tqdm(iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs)
+    return tqdm(
+        iterable, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True, **kwargs
+    )
 
 
 def show_samples(accelerator, format_samples, model, tokenizer, batch, outputs, k, step, bar):
@@ -45,7 +48,9 @@ def resume_command(accelerator, outdir):
     launch = "accelerate launch"
     if accelerator.num_processes > 1:
         launch = f"accelerate launch --multi_gpu --num_processes {accelerator.num_processes}"
-        if accelerator.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+        if accelerator.num_processes > int(
+            os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)
+        ):
             launch += " --num_machines N --machine_rank R --main_process_ip IP (as before)"
         if accelerator.device.type == "cpu":
             launch = f"ACCELERATE_USE_CPU=1 {launch}"
@@ -57,7 +62,9 @@ def resume_command(accelerator, outdir):
 def tracker(name):
     """--report_to NAME, checked: accelerate silently drops a tracker whose package is missing."""
     if name and name not in [str(t) for t in get_available_trackers()]:
-        raise UserError(f"--report_to {name}: the {name} package is not installed. pip install {name}")
+        raise UserError(
+            f"--report_to {name}: the {name} package is not installed. pip install {name}"
+        )
     return name
 
 
@@ -112,7 +119,9 @@ class RunningLoss:
         self.shown = (float(saved[0]), float(saved[1]))  # the sums when last shown
 
     def add(self, loss, items=1):
-        finite = torch.isfinite(loss)  # a non-finite loss is left out of the mean (and its step skipped)
+        finite = torch.isfinite(
+            loss
+        )  # a non-finite loss is left out of the mean (and its step skipped)
         self.sum += torch.where(finite, loss * items, 0.0)
         self.items += finite * items
 
@@ -121,7 +130,9 @@ class RunningLoss:
         total, items, nonfinite = torch.stack([self.sum, self.items, self.nonfinite_steps]).tolist()
         (shown_total, shown_items), self.shown = self.shown, (total, items)
         self.nonfinite_steps.zero_()
-        return ((total - shown_total) / (items - shown_items) if items > shown_items else None), int(nonfinite)
+        return (
+            (total - shown_total) / (items - shown_items) if items > shown_items else None
+        ), int(nonfinite)
 
     def per_process(self, accelerator):
         """[[sum, items] of each process], for the checkpoint (a collective: every process calls it)."""
@@ -143,6 +154,7 @@ def cpu_threads(accelerator):
     this machine, unless the user chose (OMP_NUM_THREADS set, or --num_cpu_threads_per_process)."""
     if accelerator.device.type == "cpu" and LAUNCHED and not threads_chosen_by_user():
         import psutil  # an accelerate dependency
+
         cores = min(psutil.cpu_count(logical=False) or os.cpu_count(), len(os.sched_getaffinity(0)))
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return torch.get_num_threads()
@@ -156,7 +168,10 @@ def threads_chosen_by_user():
         command = Path(f"/proc/{PARENT}/cmdline").read_bytes()
     except OSError:
         return True
-    return any(v.startswith(b"OMP_NUM_THREADS=") for v in environment) or b"--num_cpu_threads_per_process" in command
+    return (
+        any(v.startswith(b"OMP_NUM_THREADS=") for v in environment)
+        or b"--num_cpu_threads_per_process" in command
+    )
 
 
 class Preemption:
@@ -167,8 +182,10 @@ class Preemption:
 
     def __init__(self, outdir):
         self.signal, self.outdir = 0, outdir
-        self.previous = {signum: signal.signal(signum, self.handler)
-                         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        self.previous = {
+            signum: signal.signal(signum, self.handler)
+            for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
         if sys.platform == "linux" and LAUNCHED:
             # A scheduler or `kill` often signals only the top process, `accelerate launch`, which then
             # dies and leaves this process training on unseen: have the kernel send SIGTERM when it goes.
@@ -178,10 +195,15 @@ class Preemption:
 
     def handler(self, signum, frame):
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise UserError(f"stopped at once by a second Ctrl-C; {self.outdir}/last is the last checkpoint that "
-                            f"was saved whole (if any): --resume {self.outdir}/last")
+            raise UserError(
+                f"stopped at once by a second Ctrl-C; {self.outdir}/last is the last checkpoint that "
+                f"was saved whole (if any): --resume {self.outdir}/last"
+            )
         if signum == signal.SIGINT:
-            os.write(2, b"\nCtrl-C: finishing this step and saving last/ (Ctrl-C again to stop at once)\n")
+            os.write(
+                2,
+                b"\nCtrl-C: finishing this step and saving last/ (Ctrl-C again to stop at once)\n",
+            )
         self.signal = signum
 
     def close(self):
@@ -200,7 +222,10 @@ def shard_fsdp_on_cpu(accelerator):
     run): accelerate maps an FSDP config to plain DDP when there is no GPU, though torch's fully_shard
     runs on a CPU device mesh over gloo. Shard as the config asks (its settings are in the
     ACCELERATE_FSDP_* variables that accelerate launch set)."""
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+    if (
+        accelerator.distributed_type == DistributedType.MULTI_CPU
+        and os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    ):
         PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
 
@@ -233,14 +258,21 @@ def add_lora(model, args):
     except ImportError:
         raise UserError("--lora_r needs the peft package: pip install peft") from None
     from transformers.integrations.peft import MIN_PEFT_VERSION
+
     if version.parse(peft.__version__) < version.parse(MIN_PEFT_VERSION):
-        raise UserError(f"--lora_r: transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION}, "
-                        f"installed {peft.__version__}. Install the tested versions: pip install -r requirements.txt "
-                        f"-c constraints.txt")
-    if not args.resume and not has_weights(args.model_name_or_path):  # perplexity 222 against 1.8 in full
-        say(f"warning: --lora_r on {args.model_name_or_path}, which holds no weights: its backbone is random "
+        raise UserError(
+            f"--lora_r: transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION}, "
+            f"installed {peft.__version__}. Install the tested versions: pip install -r requirements.txt "
+            f"-c constraints.txt"
+        )
+    if not args.resume and not has_weights(
+        args.model_name_or_path
+    ):  # perplexity 222 against 1.8 in full
+        say(
+            f"warning: --lora_r on {args.model_name_or_path}, which holds no weights: its backbone is random "
             f"and stays frozen, so the adapters learn little. LoRA needs a pretrained backbone: give one (a hub "
-            f"id, or the best/ of a full run), or drop --lora_r to train every weight.")
+            f"id, or the best/ of a full run), or drop --lora_r to train every weight."
+        )
     backbone = {id(p) for p in model.base_model.parameters()}
     if args.resume:
         model.load_adapter(str(args.resume), is_trainable=True)
@@ -248,18 +280,37 @@ def add_lora(model, args):
         # Every linear layer of the backbone by default: nn.Linear, and the Conv1D of GPT-2 (a linear
         # layer with its weight transposed), which PEFT adapts alike.
         linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
-        targets = (args.lora_target_modules.split(",") if args.lora_target_modules else
-                   [f"{model.base_model_prefix}.{name}" for name, module in model.base_model.named_modules()
-                    if isinstance(module, linear)])
+        targets = (
+            args.lora_target_modules.split(",")
+            if args.lora_target_modules
+            else [
+                f"{model.base_model_prefix}.{name}"
+                for name, module in model.base_model.named_modules()
+                if isinstance(module, linear)
+            ]
+        )
         if not targets:
-            raise UserError(f"--lora_r: the backbone of {type(model).__name__} has no linear layer to adapt; name "
-                            f"the layers with --lora_target_modules (e.g. q_proj,v_proj).")
-        conv1d = any(isinstance(m, transformers.pytorch_utils.Conv1D) for m in model.base_model.modules())
+            raise UserError(
+                f"--lora_r: the backbone of {type(model).__name__} has no linear layer to adapt; name "
+                f"the layers with --lora_target_modules (e.g. q_proj,v_proj)."
+            )
+        conv1d = any(
+            isinstance(m, transformers.pytorch_utils.Conv1D) for m in model.base_model.modules()
+        )
         try:
-            model.add_adapter(peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, fan_in_fan_out=conv1d,
-                                              lora_dropout=args.lora_dropout, target_modules=targets))
+            model.add_adapter(
+                peft.LoraConfig(
+                    r=args.lora_r,
+                    lora_alpha=args.lora_alpha,
+                    fan_in_fan_out=conv1d,
+                    lora_dropout=args.lora_dropout,
+                    target_modules=targets,
+                )
+            )
         except ValueError as e:
-            raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:300]}") from None
+            raise UserError(
+                f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:300]}"
+            ) from None
     for param in model.parameters():
         param.requires_grad = id(param) not in backbone  # the adapters and the head
 
@@ -271,36 +322,61 @@ def join_restarted_group():
     dead processes' gloo addresses (NCCL ids) are still found: the new processes then connect to
     those (Connection refused) or wait for ever, about 1 restart in 3 on 2 CPU processes."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if (not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-            or torch.distributed.is_initialized()):
+    if (
+        not restart
+        or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or torch.distributed.is_initialized()
+    ):
         return
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                       is_master=False)
-    gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    torch.distributed.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size,
-                                         store=torch.distributed.PrefixStore(f"/restart_{restart}", store))
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
+        "1",
+        "true",
+    )
+    torch.distributed.init_process_group(
+        "nccl" if gpu else "gloo",
+        rank=rank,
+        world_size=world_size,
+        store=torch.distributed.PrefixStore(f"/restart_{restart}", store),
+    )
 
 
 # How a collective fails when another process of the run died (killed, out of memory, its node
 # gone): gloo's socket errors, NCCL's and torch's distributed errors.
-PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator",
-               "Socket Timeout")
+PEER_ERRORS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "NCCL communicator",
+    "Socket Timeout",
+)
 
 
 def peer_stopped(error):
-    return isinstance(error, torch.distributed.DistError) or any(text in str(error) for text in PEER_ERRORS)
+    return isinstance(error, torch.distributed.DistError) or any(
+        text in str(error) for text in PEER_ERRORS
+    )
 
 
 def exit_peer_stopped(accelerator, outdir):
     """One line for a process whose peer died mid-step (instead of gloo's traceback), then exit 1;
     the launcher (torchrun's agent) reports or restarts the group."""
     last = find(Path(outdir) / "last")
-    where = (f"{Path(outdir) / 'last'} is the last whole checkpoint (step {read_state(last).global_step})"
-             if (last / "trainer_state.json").is_file() else "no checkpoint was saved yet")
-    print(f"error: another process of this run stopped (process {accelerator.process_index} saw its "
-          f"connection close mid-step); {where}. Continue with: {resume_command(accelerator, outdir)} "
-          f"(or the same command with --resume auto).", file=sys.stderr, flush=True)
+    where = (
+        f"{Path(outdir) / 'last'} is the last whole checkpoint (step {read_state(last).global_step})"
+        if (last / "trainer_state.json").is_file()
+        else "no checkpoint was saved yet"
+    )
+    print(
+        f"error: another process of this run stopped (process {accelerator.process_index} saw its "
+        f"connection close mid-step); {where}. Continue with: {resume_command(accelerator, outdir)} "
+        f"(or the same command with --resume auto).",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.stdout.flush()
     os._exit(1)
 

@@ -1,5 +1,6 @@
 """The training order: a seeded shuffle, or batches of similar length, each a function of (seed,
 epoch) only, so that a resumed epoch replays the same batches."""
+
 import torch
 
 from utils import UserError
@@ -21,8 +22,11 @@ class ShuffledSampler(torch.utils.data.Sampler):
         return self.size
 
     def order(self):
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                              dtype=torch.int32 if self.size < 2**31 else torch.int64)
+        return torch.randperm(
+            self.size,
+            generator=torch.Generator().manual_seed(self.seed + self.epoch),
+            dtype=torch.int32 if self.size < 2**31 else torch.int64,
+        )
 
     def __iter__(self):
         for chunk in self.order().split(1 << 12):
@@ -41,14 +45,24 @@ class LengthGroupedSampler(ShuffledSampler):
     def __init__(self, batch_size, dataset, seed):
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
-            raise UserError("--group_by_length: the Dataset of dataset.py has no `lengths` (one length per sample).")
+            raise UserError(
+                "--group_by_length: the Dataset of dataset.py has no `lengths` (one length per sample)."
+            )
         super().__init__(len(lengths), seed)
-        self.lengths, self.batch_size = torch.tensor(lengths, dtype=torch.int32), batch_size  # a copy: arrow's are read-only
+        self.lengths, self.batch_size = (
+            torch.tensor(lengths, dtype=torch.int32),
+            batch_size,
+        )  # a copy: arrow's are read-only
 
     def __iter__(self):
         chunk = max(min(self.size // (self.batch_size * 4), 50), 1) * self.batch_size
-        chunks = [c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in self.order().split(chunk)]
-        longest = int(torch.stack([self.lengths[c[0]] for c in chunks]).argmax())  # the first, on ties
+        chunks = [
+            c[torch.argsort(self.lengths[c], descending=True, stable=True)]
+            for c in self.order().split(chunk)
+        ]
+        longest = int(
+            torch.stack([self.lengths[c[0]] for c in chunks]).argmax()
+        )  # the first, on ties
         chunks[0][0], chunks[longest][0] = int(chunks[longest][0]), int(chunks[0][0])
         for c in chunks:
             yield from c.tolist()

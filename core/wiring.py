@@ -10,6 +10,7 @@ initial loss, that every layer gets a gradient, that padding changes nothing, th
 learnt by heart, that the model survives save_pretrained / from_pretrained, that a batch split in two
 takes the same step, and what the time goes to.
 """
+
 import copy
 import inspect
 import math
@@ -23,12 +24,18 @@ from torch.utils.data import DataLoader
 
 from core import runtime
 
-
 PADDING_TOLERANCE = 1e-4  # float32 outputs of one example, alone and padded in a batch (absolute)
 SPLIT_TOLERANCE = 1e-4  # one step's gradient, a batch whole against in two halves (relative)
-OVERFIT_STEPS, OVERFIT_FACTOR = 40, 0.5  # steps on one batch; the loss must end below half its start
-NEXT_TOKEN_MARGIN = 0.1  # after them, the offset a causal LM learnt must beat "the next token" by this share
-LEARNING_FACTOR = 0.9  # the validation loss after as many steps on distinct batches, against its start
+OVERFIT_STEPS, OVERFIT_FACTOR = (
+    40,
+    0.5,
+)  # steps on one batch; the loss must end below half its start
+NEXT_TOKEN_MARGIN = (
+    0.1  # after them, the offset a causal LM learnt must beat "the next token" by this share
+)
+LEARNING_FACTOR = (
+    0.9  # the validation loss after as many steps on distinct batches, against its start
+)
 
 
 class Report:
@@ -56,43 +63,83 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
     report = Report(accelerator)
     loss_items = getattr(hooks, "loss_items", None)
     collate = getattr(train_set, "collate", None) or torch.utils.data.default_collate
-    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     batch = next(iter(loader))
 
     # 1. Data: the first batch, its padding, the labels, and the batch's keys against forward()'s parameters.
-    shapes = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in batch.items()
-                       if torch.is_tensor(v))
-    padding = (f"; padding {1 - batch['attention_mask'].float().mean().item():.0%} of the tokens"
-               if "attention_mask" in batch else "")
-    report("PASS", "data", f"{len(train_set)} training and {len(valid_set)} validation examples; first batch: "
-                           f"{shapes}{padding}")
+    shapes = ", ".join(
+        f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        for k, v in batch.items()
+        if torch.is_tensor(v)
+    )
+    padding = (
+        f"; padding {1 - batch['attention_mask'].float().mean().item():.0%} of the tokens"
+        if "attention_mask" in batch
+        else ""
+    )
+    report(
+        "PASS",
+        "data",
+        f"{len(train_set)} training and {len(valid_set)} validation examples; first batch: "
+        f"{shapes}{padding}",
+    )
     generative = model.can_generate()
     labels = None if generative else label_counts(train_set, collate)
     if generative:  # labels are the tokens to generate: their counts are no class balance
-        report("PASS", "labels", "a generative model: the labels are token ids, no class distribution to check")
+        report(
+            "PASS",
+            "labels",
+            "a generative model: the labels are token ids, no class distribution to check",
+        )
     elif labels is None:
-        report("PASS", "labels", "no integer `labels` in the batches: no class distribution to check")
+        report(
+            "PASS", "labels", "no integer `labels` in the batches: no class distribution to check"
+        )
     elif len(labels) > 50:
-        report("PASS", "labels", f"{len(labels)} distinct label values (token ids?): no class distribution")
+        report(
+            "PASS",
+            "labels",
+            f"{len(labels)} distinct label values (token ids?): no class distribution",
+        )
     else:
         total, names = sum(labels.values()), getattr(train_set, "labels", None) or []
         name = lambda k: names[k] if 0 <= k < len(names) else k  # noqa: E731  (the class name where known)
         shares = ", ".join(f"{name(k)}: {v / total:.1%}" for k, v in sorted(labels.items()))
         rare = [name(k) for k, v in labels.items() if v / total < 0.01]
         verdict = "WARN" if len(labels) == 1 or rare else "PASS"
-        hint = (" only one class: nothing to learn" if len(labels) == 1 else
-                f" classes under 1%: {rare}" if rare else "")
+        hint = (
+            " only one class: nothing to learn"
+            if len(labels) == 1
+            else f" classes under 1%: {rare}"
+            if rare
+            else ""
+        )
         report(verdict, "labels", f"training labels {shares}{';' if hint else ''}{hint}")
     parameters = inspect.signature(type(model).forward).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     unknown = [k for k in batch if k not in parameters and not takes_any]
-    required = [name for name, p in parameters.items() if p.default is p.empty
-                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self" and name not in batch]
+    required = [
+        name
+        for name, p in parameters.items()
+        if p.default is p.empty
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        and name != "self"
+        and name not in batch
+    ]
     if unknown or required:
-        report("FAIL", "keys", f"the batch has {unknown or 'no extra keys'} that forward() does not take, and "
-                               f"lacks {required or 'nothing'} that it requires: the collate function and "
-                               f"Model.forward() must agree on names")
+        report(
+            "FAIL",
+            "keys",
+            f"the batch has {unknown or 'no extra keys'} that forward() does not take, and "
+            f"lacks {required or 'nothing'} that it requires: the collate function and "
+            f"Model.forward() must agree on names",
+        )
     else:
         report("PASS", "keys", f"forward() takes every key of the batch ({', '.join(batch)})")
 
@@ -100,18 +147,28 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
     batch = send_to_device(batch, device)
     model = copy.deepcopy(model).to(device)  # the checks train it: the run's model stays as built
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        checks = {"forward": forward_and_gradients, "padding": padding_invariance, "overfit": overfit,
-                  "learning": learning, "round-trip": round_trip,
-                  "split": lambda *common: batch_split(*common, loss_items),
-                  "metrics": lambda *common: metrics(*common, tokenizer, hooks), "speed": throughput}
+        checks = {
+            "forward": forward_and_gradients,
+            "padding": padding_invariance,
+            "overfit": overfit,
+            "learning": learning,
+            "round-trip": round_trip,
+            "split": lambda *common: batch_split(*common, loss_items),
+            "metrics": lambda *common: metrics(*common, tokenizer, hooks),
+            "speed": throughput,
+        }
         for name, check in checks.items():
             try:
                 check(report, accelerator, model, batch, train_set, valid_set, collate, args)
-            except Exception as e:  # a check that crashes is a failure of the files under test, not of --check
+            except (
+                Exception
+            ) as e:  # a check that crashes is a failure of the files under test, not of --check
                 report("FAIL", name, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if accelerator.num_processes > 1:
         processes(report, accelerator, model, train_set, collate, args)
-    failed = int(accelerator.reduce(torch.tensor(report.failed, device=accelerator.device), reduction="sum"))
+    failed = int(
+        accelerator.reduce(torch.tensor(report.failed, device=accelerator.device), reduction="sum")
+    )
     accelerator.print(f"--check: {failed} failed" if failed else "--check: every check passed")
     return 1 if failed else 0
 
@@ -120,7 +177,9 @@ def label_counts(train_set, collate, limit=2000):
     """Counts of the integer labels of (up to `limit`) training examples, -100 (ignored) left out."""
     counts = Counter()
     for start in range(0, min(len(train_set), limit), 256):
-        batch = collate([train_set[i] for i in range(start, min(start + 256, len(train_set), limit))])
+        batch = collate(
+            [train_set[i] for i in range(start, min(start + 256, len(train_set), limit))]
+        )
         labels = batch.get("labels") if hasattr(batch, "get") else None
         if not torch.is_tensor(labels) or labels.is_floating_point():
             return None
@@ -135,34 +194,60 @@ def forward_and_gradients(report, accelerator, model, batch, train_set, valid_se
     model.zero_grad()
     loss = getattr(model(**batch), "loss", None)
     if loss is None or not torch.is_tensor(loss) or loss.dim() != 0:
-        report("FAIL", "forward", f"the loss is {None if loss is None else tuple(loss.shape)}, not a scalar: "
-                                  f"return ModelOutput(loss=...) reduced to one number")
+        report(
+            "FAIL",
+            "forward",
+            f"the loss is {None if loss is None else tuple(loss.shape)}, not a scalar: "
+            f"return ModelOutput(loss=...) reduced to one number",
+        )
         return
     if not loss.requires_grad:
-        report("FAIL", "forward", f"the loss {loss.item():.4f} does not require grad (computed from detached "
-                                  f"tensors, or under torch.no_grad()?): nothing would train")
+        report(
+            "FAIL",
+            "forward",
+            f"the loss {loss.item():.4f} does not require grad (computed from detached "
+            f"tensors, or under torch.no_grad()?): nothing would train",
+        )
         return
     if not torch.isfinite(loss):
-        report("FAIL", "forward", f"the initial loss is {loss.item()}: look for a log of 0 or a division by 0")
+        report(
+            "FAIL",
+            "forward",
+            f"the initial loss is {loss.item()}: look for a log of 0 or a division by 0",
+        )
         return
     classes = getattr(model.config, "num_labels", 0) if getattr(train_set, "labels", None) else 0
     if classes > 1:
         expected = math.log(classes)
         verdict = "WARN" if loss.item() > 3 * expected else "PASS"
-        report(verdict, "forward", f"initial loss {loss.item():.4f} (ln {classes} = {expected:.4f} for a uniform "
-                                   f"guess{'; far above it: the head starts too confident' if verdict == 'WARN' else ''})")
+        report(
+            verdict,
+            "forward",
+            f"initial loss {loss.item():.4f} (ln {classes} = {expected:.4f} for a uniform "
+            f"guess{'; far above it: the head starts too confident' if verdict == 'WARN' else ''})",
+        )
     else:
-        report("PASS", "forward", f"initial loss {loss.item():.4f}, a finite scalar that requires grad")
+        report(
+            "PASS", "forward", f"initial loss {loss.item():.4f}, a finite scalar that requires grad"
+        )
     loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n, p in trainable if p.grad is None or not p.grad.any()]
     nonfinite = [n for n, p in trainable if p.grad is not None and not torch.isfinite(p.grad).all()]
     if missing or nonfinite:
-        report("FAIL", "gradients", f"{len(missing)} of {len(trainable)} parameters get no gradient (unused: DDP "
-                                    f"fails on them, or they stay random): {', '.join(missing[:5])}"
-                                    + (f"; non-finite gradients: {', '.join(nonfinite[:5])}" if nonfinite else ""))
+        report(
+            "FAIL",
+            "gradients",
+            f"{len(missing)} of {len(trainable)} parameters get no gradient (unused: DDP "
+            f"fails on them, or they stay random): {', '.join(missing[:5])}"
+            + (f"; non-finite gradients: {', '.join(nonfinite[:5])}" if nonfinite else ""),
+        )
     else:
-        report("PASS", "gradients", f"all {len(trainable)} trainable parameters get a finite, non-zero gradient")
+        report(
+            "PASS",
+            "gradients",
+            f"all {len(trainable)} trainable parameters get a finite, non-zero gradient",
+        )
     model.zero_grad()
 
 
@@ -185,12 +270,24 @@ def padding_invariance(report, accelerator, model, batch, train_set, valid_set, 
         padded = first_tensor(model(**padded_batch))[0]
     model.train()
     padded = padded[real_positions(model, padded_batch, padded)]
-    difference = (mine.float() - padded.float()).abs().max().item() if mine.shape == padded.shape else math.inf
+    difference = (
+        (mine.float() - padded.float()).abs().max().item()
+        if mine.shape == padded.shape
+        else math.inf
+    )
     if difference > PADDING_TOLERANCE:
-        report("FAIL", "padding", f"an example's outputs change by {difference:.3g} when it is padded in a batch "
-                                  f"(tolerance {PADDING_TOLERANCE}): is the attention_mask passed to the encoder?")
+        report(
+            "FAIL",
+            "padding",
+            f"an example's outputs change by {difference:.3g} when it is padded in a batch "
+            f"(tolerance {PADDING_TOLERANCE}): is the attention_mask passed to the encoder?",
+        )
     else:
-        report("PASS", "padding", f"outputs alone and padded agree to {difference:.1e} (tolerance {PADDING_TOLERANCE})")
+        report(
+            "PASS",
+            "padding",
+            f"outputs alone and padded agree to {difference:.1e} (tolerance {PADDING_TOLERANCE})",
+        )
 
 
 def real_positions(model, batch, output):
@@ -201,7 +298,13 @@ def real_positions(model, batch, output):
         return slice(None)
     if getattr(model.config, "is_encoder_decoder", False):  # logits are per token of the target
         target = batch.get("decoder_attention_mask")
-        target = target.bool() if target is not None else batch["labels"] != -100 if "labels" in batch else None
+        target = (
+            target.bool()
+            if target is not None
+            else batch["labels"] != -100
+            if "labels" in batch
+            else None
+        )
         if target is not None and output.shape[0] == target.shape[1]:
             return target[0]
     elif output.shape[0] == batch["attention_mask"].shape[1]:
@@ -222,12 +325,18 @@ def overfit(report, accelerator, model, batch, train_set, valid_set, collate, ar
         optimizer.zero_grad()
     first, last = curve[0], min(curve[-5:])
     if last < OVERFIT_FACTOR * first:
-        report("PASS", "overfit", f"{OVERFIT_STEPS} steps on one batch: loss {first:.4f} -> {last:.4f}")
+        report(
+            "PASS", "overfit", f"{OVERFIT_STEPS} steps on one batch: loss {first:.4f} -> {last:.4f}"
+        )
         next_token(report, trained, batch)
     else:
-        report("FAIL", "overfit", f"{OVERFIT_STEPS} steps on one batch at --lr {args.lr}: loss {first:.4f} -> "
-                                  f"{last:.4f}, not below {OVERFIT_FACTOR:g}x: a loss detached from the model, "
-                                  f"an lr of 0, or a layer that cuts the gradient?")
+        report(
+            "FAIL",
+            "overfit",
+            f"{OVERFIT_STEPS} steps on one batch at --lr {args.lr}: loss {first:.4f} -> "
+            f"{last:.4f}, not below {OVERFIT_FACTOR:g}x: a loss detached from the model, "
+            f"an lr of 0, or a layer that cuts the gradient?",
+        )
 
 
 def next_token(report, model, batch):
@@ -236,7 +345,11 @@ def next_token(report, model, batch):
     labels given to a loss that does not shift them teach it to copy its input. Either way the loss
     falls and every other check passes."""
     ids = batch.get("input_ids")
-    if not model.can_generate() or getattr(model.config, "is_encoder_decoder", False) or ids is None:
+    if (
+        not model.can_generate()
+        or getattr(model.config, "is_encoder_decoder", False)
+        or ids is None
+    ):
         return
     model.eval()
     with torch.no_grad():
@@ -248,25 +361,43 @@ def next_token(report, model, batch):
     # The positions that learnt something: those before a token with a label (a loss on the
     # response only leaves the prompt's untrained), else those before a real token.
     labels = batch.get("labels")
-    after = (labels != -100 if torch.is_tensor(labels) and labels.shape == ids.shape else
-             batch.get("attention_mask", torch.ones_like(ids)).bool())
+    after = (
+        labels != -100
+        if torch.is_tensor(labels) and labels.shape == ids.shape
+        else batch.get("attention_mask", torch.ones_like(ids)).bool()
+    )
     trained = torch.cat([after[:, 1:], torch.zeros_like(after[:, :1])], 1)
     predicted = logits.argmax(-1)
     # Of those positions, the share whose prediction is the token k positions on.
-    hits = {k: ((predicted[:, :length - k] == ids[:, k:]) & trained[:, :length - k]).sum().item()
-            / max(1, trained[:, :length - k].sum().item()) for k in (0, 1, 2)}
+    hits = {
+        k: ((predicted[:, : length - k] == ids[:, k:]) & trained[:, : length - k]).sum().item()
+        / max(1, trained[:, : length - k].sum().item())
+        for k in (0, 1, 2)
+    }
     learnt = max(hits, key=hits.get)
     figures = f"token after: {hits[1]:.0%} right, itself: {hits[0]:.0%}, two ahead: {hits[2]:.0%}"
     if learnt == 1 or hits[learnt] < hits[1] + NEXT_TOKEN_MARGIN:
-        report("PASS", "shift", f"after the overfit steps each position predicts the token after it ({figures})")
+        report(
+            "PASS",
+            "shift",
+            f"after the overfit steps each position predicts the token after it ({figures})",
+        )
     elif learnt == 2:
-        report("FAIL", "shift", f"after the overfit steps each position predicts the token two ahead ({figures}): "
-                                f"the labels are shifted twice, in dataset.py and by the model's loss? Give "
-                                f"labels equal to input_ids (-100 where no loss): a causal LM shifts them itself")
+        report(
+            "FAIL",
+            "shift",
+            f"after the overfit steps each position predicts the token two ahead ({figures}): "
+            f"the labels are shifted twice, in dataset.py and by the model's loss? Give "
+            f"labels equal to input_ids (-100 where no loss): a causal LM shifts them itself",
+        )
     else:
-        report("FAIL", "shift", f"after the overfit steps each position predicts its own input token ({figures}): "
-                                f"the labels are not shifted by the loss? A hand-written loss compares "
-                                f"logits[:, :-1] with labels[:, 1:]")
+        report(
+            "FAIL",
+            "shift",
+            f"after the overfit steps each position predicts its own input token ({figures}): "
+            f"the labels are not shifted by the loss? A hand-written loss compares "
+            f"logits[:, :-1] with labels[:, 1:]",
+        )
 
 
 def learning(report, accelerator, model, batch, train_set, valid_set, collate, args):
@@ -276,8 +407,13 @@ def learning(report, accelerator, model, batch, train_set, valid_set, collate, a
     valid_collate = getattr(valid_set, "collate", None) or collate
     held_out = valid_collate([valid_set[i] for i in range(min(64, len(valid_set)))])
     held_out = send_to_device(held_out, accelerator.device)
-    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     before, steps = evaluation_loss(trained, held_out), 0
     while steps < OVERFIT_STEPS:
         for batch in loader:
@@ -290,12 +426,20 @@ def learning(report, accelerator, model, batch, train_set, valid_set, collate, a
                 break
     after = evaluation_loss(trained, held_out)
     if after < LEARNING_FACTOR * before:
-        report("PASS", "learning", f"{OVERFIT_STEPS} steps on training batches: validation loss {before:.4f} -> "
-                                   f"{after:.4f}")
+        report(
+            "PASS",
+            "learning",
+            f"{OVERFIT_STEPS} steps on training batches: validation loss {before:.4f} -> "
+            f"{after:.4f}",
+        )
     else:
-        report("FAIL", "learning", f"{OVERFIT_STEPS} steps on training batches: validation loss {before:.4f} -> "
-                                   f"{after:.4f}, not below {LEARNING_FACTOR:g}x: do the labels belong to their "
-                                   f"inputs (shuffled or misaligned in dataset.py)? Or raise --lr")
+        report(
+            "FAIL",
+            "learning",
+            f"{OVERFIT_STEPS} steps on training batches: validation loss {before:.4f} -> "
+            f"{after:.4f}, not below {LEARNING_FACTOR:g}x: do the labels belong to their "
+            f"inputs (shuffled or misaligned in dataset.py)? Or raise --lr",
+        )
 
 
 def trainable_copy(model, lr):
@@ -319,16 +463,29 @@ def round_trip(report, accelerator, model, batch, train_set, valid_set, collate,
     model.eval()
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         model.save_pretrained(folder)
-        loaded = type(model).from_pretrained(folder, trust_remote_code=False).to(accelerator.device).eval()
+        loaded = (
+            type(model)
+            .from_pretrained(folder, trust_remote_code=False)
+            .to(accelerator.device)
+            .eval()
+        )
         before, after = first_tensor(model(**batch)), first_tensor(loaded(**batch))
     model.train()
     if before.shape != after.shape or not torch.equal(before, after):
-        difference = (before - after).abs().max().item() if before.shape == after.shape else "another shape"
-        report("FAIL", "round-trip", f"from_pretrained(save_pretrained(model)) gives other outputs ({difference}): "
-                                     f"something the model needs is not in its config (set it in the config "
-                                     f"class, not on the model)")
+        difference = (
+            (before - after).abs().max().item() if before.shape == after.shape else "another shape"
+        )
+        report(
+            "FAIL",
+            "round-trip",
+            f"from_pretrained(save_pretrained(model)) gives other outputs ({difference}): "
+            f"something the model needs is not in its config (set it in the config "
+            f"class, not on the model)",
+        )
     else:
-        report("PASS", "round-trip", "save_pretrained / from_pretrained reproduces the outputs exactly")
+        report(
+            "PASS", "round-trip", "save_pretrained / from_pretrained reproduces the outputs exactly"
+        )
 
 
 def batch_split(report, accelerator, model, batch, train_set, valid_set, collate, args, loss_items):
@@ -340,40 +497,68 @@ def batch_split(report, accelerator, model, batch, train_set, valid_set, collate
     if len(train_set) < 2:
         report("WARN", "split", "one training example: no batch to split")
         return
-    chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:size].tolist()
+    chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[
+        :size
+    ].tolist()
     samples, half = [train_set[i] for i in chosen], size // 2
     gradients = []
     for window in ([samples], [samples[:half], samples[half:]]):
-        window = [send_to_device(collate(copy.deepcopy(part)), accelerator.device) for part in window]
+        window = [
+            send_to_device(collate(copy.deepcopy(part)), accelerator.device) for part in window
+        ]
         trained = copy.deepcopy(model).eval()  # dropout off: the two splits would draw other masks
         divisors, _ = runtime.loss_divisors(window, loss_items, len(window))
         for micro, divisor in zip(window, divisors):
             (trained(**micro).loss / divisor).backward()
-        gradients.append(torch.cat([p.grad.double().flatten() for p in trained.parameters() if p.grad is not None]))
+        gradients.append(
+            torch.cat(
+                [p.grad.double().flatten() for p in trained.parameters() if p.grad is not None]
+            )
+        )
     whole, split = gradients
     difference = ((split - whole).norm() / whole.norm().clamp(min=1e-30)).item()
     steps = f"one step at --batch_size {size} and at {half} x --accumulation 2"
     if difference <= SPLIT_TOLERANCE:
-        report("PASS", "split", f"{steps} give the same gradient (relative difference {difference:.1e})"
-                                + ("; loss_items() counts the items" if loss_items else ""))
+        report(
+            "PASS",
+            "split",
+            f"{steps} give the same gradient (relative difference {difference:.1e})"
+            + ("; loss_items() counts the items" if loss_items else ""),
+        )
     elif loss_items is None:
-        report("WARN", "split", f"{steps} give gradients {difference:.1e} apart: the loss is a mean over "
-                                f"items (tokens?) whose number varies between batches. Add loss_items(batch) "
-                                f"to modeling.py (per example, the items its loss is a mean over) and "
-                                f"train.py weighs every item of a step alike")
+        report(
+            "WARN",
+            "split",
+            f"{steps} give gradients {difference:.1e} apart: the loss is a mean over "
+            f"items (tokens?) whose number varies between batches. Add loss_items(batch) "
+            f"to modeling.py (per example, the items its loss is a mean over) and "
+            f"train.py weighs every item of a step alike",
+        )
     else:
-        report("WARN", "split", f"{steps} give gradients {difference:.1e} apart although loss_items() "
-                                f"counts items: does it count exactly what the loss is a mean over (a causal "
-                                f"LM predicts every token but the first)?")
+        report(
+            "WARN",
+            "split",
+            f"{steps} give gradients {difference:.1e} apart although loss_items() "
+            f"counts items: does it count exactly what the loss is a mean over (a causal "
+            f"LM predicts every token but the first)?",
+        )
 
 
-def metrics(report, accelerator, model, batch, train_set, valid_set, collate, args, tokenizer, hooks):
+def metrics(
+    report, accelerator, model, batch, train_set, valid_set, collate, args, tokenizer, hooks
+):
     """7b. metric_inputs() and compute_metrics() on two validation batches, as validation calls them
     (eval mode, no gradients, the unwrapped model): per-example tensors that train.py can gather
     from every process, of one shape apart from the batch dimension, and finite metrics."""
-    metric_inputs, compute_metrics = (getattr(hooks, name, None) for name in ("metric_inputs", "compute_metrics"))
+    metric_inputs, compute_metrics = (
+        getattr(hooks, name, None) for name in ("metric_inputs", "compute_metrics")
+    )
     if not (metric_inputs and compute_metrics):
-        report("PASS", "metrics", "no metric_inputs() and compute_metrics(): validation reports the loss only")
+        report(
+            "PASS",
+            "metrics",
+            "no metric_inputs() and compute_metrics(): validation reports the loss only",
+        )
         return
     valid_collate = getattr(valid_set, "collate", None) or collate
     size = min(args.batch_size, max(1, len(valid_set) // 2))
@@ -383,14 +568,23 @@ def metrics(report, accelerator, model, batch, train_set, valid_set, collate, ar
         with torch.no_grad():
             for start in range(0, min(2 * size, len(valid_set)), size):
                 chosen = [valid_set[i] for i in range(start, min(start + size, len(valid_set)))]
-                part, size_now = send_to_device(valid_collate(chosen), accelerator.device), len(chosen)
+                part, size_now = (
+                    send_to_device(valid_collate(chosen), accelerator.device),
+                    len(chosen),
+                )
                 values = metric_inputs(model, tokenizer, part, model(**part))
                 for key, value in values.items():
                     if not torch.is_tensor(value) or not value.dim() or len(value) != size_now:
-                        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                        report("FAIL", "metrics", f"metric_inputs() gave '{key}' of shape {shape} for a batch of "
-                                                  f"{size_now}: it must give a tensor per example (first dimension "
-                                                  f"{size_now}), which train.py gathers from every process")
+                        shape = (
+                            tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                        )
+                        report(
+                            "FAIL",
+                            "metrics",
+                            f"metric_inputs() gave '{key}' of shape {shape} for a batch of "
+                            f"{size_now}: it must give a tensor per example (first dimension "
+                            f"{size_now}), which train.py gathers from every process",
+                        )
                         return
                     shapes.add((key, tuple(value.shape[1:])))
                     gathered.setdefault(key, []).append(value)
@@ -398,21 +592,35 @@ def metrics(report, accelerator, model, batch, train_set, valid_set, collate, ar
     finally:
         model.train()
     if len(shapes) != len(gathered):
-        report("FAIL", "metrics", f"metric_inputs() gives tensors of other shapes in other batches "
-                                  f"({', '.join(f'{k} {s}' for k, s in sorted(shapes))}): per example, return "
-                                  f"scores or counts of a fixed size (not tokens of a batch's length)")
+        report(
+            "FAIL",
+            "metrics",
+            f"metric_inputs() gives tensors of other shapes in other batches "
+            f"({', '.join(f'{k} {s}' for k, s in sorted(shapes))}): per example, return "
+            f"scores or counts of a fixed size (not tokens of a batch's length)",
+        )
         return
     values = compute_metrics({key: torch.cat(parts) for key, parts in gathered.items()})
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
     finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values())
-    report("PASS" if finite else "FAIL", "metrics", f"on {examples} validation examples: {shown}"
-           + ("" if finite else ": a metric is not a finite number"))
+    report(
+        "PASS" if finite else "FAIL",
+        "metrics",
+        f"on {examples} validation examples: {shown}"
+        + ("" if finite else ": a metric is not a finite number"),
+    )
 
 
 def throughput(report, accelerator, model, batch, train_set, valid_set, collate, args):
     """8. Per batch: the time to load it against the time of a training step."""
-    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
-                        num_workers=args.num_workers or 0, generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.num_workers or 0,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     trained, optimizer = trainable_copy(model, args.lr)
     load_time = step_time = 0.0
     batches = iter(loader)
@@ -428,30 +636,51 @@ def throughput(report, accelerator, model, batch, train_set, valid_set, collate,
             torch.cuda.synchronize()
         load_time, step_time = load_time + loaded - start, step_time + time.perf_counter() - loaded
     verdict = "WARN" if load_time > step_time else "PASS"
-    hint = ": the data loader is the bottleneck (--num_workers, or tokenize in generate_dataset, not in __getitem__)" \
-        if load_time > step_time else ""
-    report(verdict, "speed", f"per batch of {args.batch_size}: loading {1000 * load_time / count:.1f} ms, training "
-                             f"step {1000 * step_time / count:.1f} ms{hint}")
+    hint = (
+        ": the data loader is the bottleneck (--num_workers, or tokenize in generate_dataset, not in __getitem__)"
+        if load_time > step_time
+        else ""
+    )
+    report(
+        verdict,
+        "speed",
+        f"per batch of {args.batch_size}: loading {1000 * load_time / count:.1f} ms, training "
+        f"step {1000 * step_time / count:.1f} ms{hint}",
+    )
 
 
 def processes(report, accelerator, model, train_set, collate, args):
     """9. With several processes: each sees other batches, and one DDP step leaves the weights equal."""
-    loader = DataLoader(train_set, args.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     ddp_model, optimizer = trainable_copy(model, args.lr)
     ddp_model, optimizer, loader = accelerator.prepare(ddp_model, optimizer, loader)
     batch = next(iter(loader))
     first = next(v for v in batch.values() if torch.is_tensor(v))
-    digests = accelerator.gather(torch.tensor([hash(first.cpu().numpy().tobytes()) % (1 << 62)],
-                                              device=accelerator.device))
+    digests = accelerator.gather(
+        torch.tensor([hash(first.cpu().numpy().tobytes()) % (1 << 62)], device=accelerator.device)
+    )
     accelerator.backward(ddp_model(**batch).loss)
     optimizer.step()
-    weights = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(ddp_model).parameters()]).sum()
+    weights = torch.stack(
+        [p.detach().double().sum() for p in accelerator.unwrap_model(ddp_model).parameters()]
+    ).sum()
     sums = accelerator.gather(weights[None])
     distinct = len(set(digests.tolist())) == accelerator.num_processes
-    report("PASS" if distinct else "FAIL", "processes",
-           f"{accelerator.num_processes} processes see {'different' if distinct else 'THE SAME'} batches")
+    report(
+        "PASS" if distinct else "FAIL",
+        "processes",
+        f"{accelerator.num_processes} processes see {'different' if distinct else 'THE SAME'} batches",
+    )
     same = bool((sums == sums[0]).all())
-    report("PASS" if same else "FAIL", "processes",
-           f"weights after one step are {'identical' if same else 'DIFFERENT'} on every process"
-           + ("" if same else ": gradients are not all-reduced (a parameter outside DDP?)"))
+    report(
+        "PASS" if same else "FAIL",
+        "processes",
+        f"weights after one step are {'identical' if same else 'DIFFERENT'} on every process"
+        + ("" if same else ": gradients are not all-reduced (a parameter outside DDP?)"),
+    )

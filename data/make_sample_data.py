@@ -7,21 +7,74 @@ byte-identical.
 
     python data/make_sample_data.py      # rewrites data/{train,valid}.jsonl
 """
+
 import json
 import random
 from pathlib import Path
 
-SUBJECTS = ["the movie", "the food", "the hotel", "the book", "the service", "the phone", "the camera",
-            "the game", "the room", "the staff", "the coffee", "the laptop", "the album", "the show",
-            "the shoes", "the car", "the app", "the pizza", "the concert", "the course"]
+SUBJECTS = [
+    "the movie",
+    "the food",
+    "the hotel",
+    "the book",
+    "the service",
+    "the phone",
+    "the camera",
+    "the game",
+    "the room",
+    "the staff",
+    "the coffee",
+    "the laptop",
+    "the album",
+    "the show",
+    "the shoes",
+    "the car",
+    "the app",
+    "the pizza",
+    "the concert",
+    "the course",
+]
 VERBS = ["was", "is", "seemed", "felt", "looked", "turned out"]
-POSITIVE = ["great", "excellent", "wonderful", "amazing", "good", "fantastic", "lovely", "superb",
-            "delightful", "brilliant", "pleasant", "perfect"]
-NEGATIVE = ["terrible", "awful", "bad", "horrible", "poor", "disappointing", "boring", "dreadful",
-            "broken", "useless", "mediocre", "annoying"]
-NEUTRAL = ["arrived on tuesday", "came in a box", "is sold in stores", "has a blue cover",
-           "was made last year", "costs twenty dollars", "is available online", "was delivered today",
-           "comes in three colors", "opened this week"]
+POSITIVE = [
+    "great",
+    "excellent",
+    "wonderful",
+    "amazing",
+    "good",
+    "fantastic",
+    "lovely",
+    "superb",
+    "delightful",
+    "brilliant",
+    "pleasant",
+    "perfect",
+]
+NEGATIVE = [
+    "terrible",
+    "awful",
+    "bad",
+    "horrible",
+    "poor",
+    "disappointing",
+    "boring",
+    "dreadful",
+    "broken",
+    "useless",
+    "mediocre",
+    "annoying",
+]
+NEUTRAL = [
+    "arrived on tuesday",
+    "came in a box",
+    "is sold in stores",
+    "has a blue cover",
+    "was made last year",
+    "costs twenty dollars",
+    "is available online",
+    "was delivered today",
+    "comes in three colors",
+    "opened this week",
+]
 INTENSIFIERS = ["", "", "really", "very", "quite", "truly", "rather", "so"]
 OPENERS = ["", "", "", "honestly", "overall", "i think", "in my opinion", "well"]
 

@@ -14,6 +14,7 @@ the CLI's. `launch(...)` runs `accelerate launch train.py ...` exactly as a user
 that need it (several processes, signals, kills) are marked slow. The data is 320 training and 64
 validation lines of the sample data: 20 optimizer steps per epoch at a global batch of 16.
 """
+
 import atexit
 import contextlib
 import importlib.util
@@ -73,7 +74,11 @@ def home(which=None):
     return TREE if (which or ACTIVE[0]) == "template" else ROOT
 
 
-FOLDERS = {"template": TASK, "task": ROOT, "causal_lm": ROOT / "examples" / "causal_lm"}  # of each pair
+FOLDERS = {
+    "template": TASK,
+    "task": ROOT,
+    "causal_lm": ROOT / "examples" / "causal_lm",
+}  # of each pair
 
 
 def activate(which):
@@ -85,11 +90,18 @@ def activate(which):
         for name in ("modeling", "dataset", "train", "predict"):
             sys.modules.pop(name, None)
         folder = FOLDERS[which]
-        for name, where in [("modeling", folder), ("dataset", folder), ("train", ROOT), ("predict", ROOT)]:
+        for name, where in [
+            ("modeling", folder),
+            ("dataset", folder),
+            ("train", ROOT),
+            ("predict", ROOT),
+        ]:
             spec = importlib.util.spec_from_file_location(name, where / f"{name}.py")
             module = sys.modules[name] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-        PAIRS[which] = {name: sys.modules[name] for name in ("modeling", "dataset", "train", "predict")}
+        PAIRS[which] = {
+            name: sys.modules[name] for name in ("modeling", "dataset", "train", "predict")
+        }
     sys.modules.update(PAIRS[which])
 
 
@@ -141,7 +153,9 @@ def fork(folder, edits=None):
     for name, changes in (edits or {}).items():
         source = (tree / name).read_text()
         for old, new in changes.items():
-            assert not old or source.count(old) == 1, f"{name} no longer has this text once: {old!r}"
+            assert not old or source.count(old) == 1, (
+                f"{name} no longer has this text once: {old!r}"
+            )
             source = source.replace(old, new) if old else source + new
         (tree / name).write_text(source)
     return tree
@@ -154,20 +168,46 @@ def launch(*args, processes=1, check=True, cwd=None, env=None, script="train.py"
     cwd = cwd or home()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("ACCELERATE_USE_CPU", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(processes),
+    ]
     if config:
         env["ACCELERATE_USE_CPU"] = "1"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ROOT / "configs" / "accelerate" / config), "--main_process_port", str(free_port())]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate" / config),
+            "--main_process_port",
+            str(free_port()),
+        ]
     elif processes > 1:
         # On a machine without GPUs this is what makes --multi_gpu start CPU processes over gloo.
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    result = subprocess.run(command + [script, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=240)  # a hung run fails the test instead of the whole CI job
+    result = subprocess.run(
+        command + [script, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )  # a hung run fails the test instead of the whole CI job
     if check and result.returncode != 0:
-        raise AssertionError(f"train.py exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"train.py exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 
@@ -176,6 +216,7 @@ def run(*args, processes=1, check=True):
     if processes > 1:
         return launch(*args, processes=processes, check=check)
     import train
+
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
@@ -185,7 +226,9 @@ def run(*args, processes=1, check=True):
             stderr.write(f"{e.code}\n" if not isinstance(e.code, int) else "")
     result = SimpleNamespace(returncode=status, stdout=stdout.getvalue(), stderr=stderr.getvalue())
     if check and status != 0:
-        raise AssertionError(f"train.main exited {status}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"train.main exited {status}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 
@@ -201,7 +244,9 @@ def assert_bitwise_equal(a, b):
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not (wa[k].dtype == wb[k].dtype and wa[k].equal(wb[k]))]
-    assert not different, f"{len(different)} tensors differ between {a} and {b}, e.g. {different[:3]}"
+    assert not different, (
+        f"{len(different)} tensors differ between {a} and {b}, e.g. {different[:3]}"
+    )
 
 
 def read_json(path):
@@ -214,7 +259,16 @@ SETUPS = {1: ["--batch_size", 8, "--accumulation", 2], 2: ["--batch_size", 8]}
 
 def common_args(tiny_data, processes):
     """The runs that resume tests compare: 2 epochs, warmup, a checkpoint every 7 optimizer steps."""
-    return [*data_args(tiny_data), "--epochs", 2, "--num_warmup_steps", 5, "--save_steps", 7, *SETUPS[processes]]
+    return [
+        *data_args(tiny_data),
+        "--epochs",
+        2,
+        "--num_warmup_steps",
+        5,
+        "--save_steps",
+        7,
+        *SETUPS[processes],
+    ]
 
 
 REFERENCES = {}
@@ -223,12 +277,14 @@ REFERENCES = {}
 @pytest.fixture(scope="module")
 def reference(pair, tiny_data, tmp_path_factory):
     """reference(processes): the outdir of the uninterrupted run, made once per session and half."""
+
     def get(processes):
         if (pair, processes) not in REFERENCES:
             folder = tmp_path_factory.mktemp(f"reference-{pair}") / str(processes)
             run(*common_args(tiny_data, processes), "--outdir", folder, processes=processes)
             REFERENCES[pair, processes] = folder
         return REFERENCES[pair, processes]
+
     return get
 
 
@@ -243,4 +299,5 @@ def tiny_tokenizer():
     """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from data/train.jsonl."""
     import dataset
     from core import options
+
     return dataset.load_tokenizer(home() / "assets" / "tiny-bert", options.parse_args([]))

@@ -8,6 +8,7 @@ inside a save, between the renames, mid-step, during validation), resumes from l
 over if nothing was saved yet), and repeats until the run is complete; then it compares the final
 weights and log.json with an uninterrupted run. Not part of the default test suite (minutes).
 """
+
 import json
 import os
 import random
@@ -22,13 +23,30 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "train.py",
+]
 
 
 def run(args, kill_after=None):
-    process = subprocess.Popen(LAUNCH + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        LAUNCH + args,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         process.wait(timeout=kill_after)
         return True
@@ -43,8 +61,18 @@ def main(trials):
     for name, rows in [("train", 320), ("valid", 64)]:
         lines = (ROOT / "data" / f"{name}.jsonl").read_text().splitlines()[:rows]
         (work / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    common = ["--train_file", str(work / "train.jsonl"), "--valid_file", str(work / "valid.jsonl"), "--epochs", "2",
-              "--batch_size", "16", "--save_steps", "3"]
+    common = [
+        "--train_file",
+        str(work / "train.jsonl"),
+        "--valid_file",
+        str(work / "valid.jsonl"),
+        "--epochs",
+        "2",
+        "--batch_size",
+        "16",
+        "--save_steps",
+        "3",
+    ]
     started = time.time()
     run(common + ["--outdir", str(work / "reference")])
     duration = time.time() - started
@@ -54,15 +82,26 @@ def main(trials):
         outdir, kills = work / f"trial{trial}", 0
         while True:
             resumable = (outdir / "last").exists() or (outdir / ".old-last").exists()
-            args = ["--resume", str(outdir / "last")] if resumable else common + ["--outdir", str(outdir), "--overwrite"]
+            args = (
+                ["--resume", str(outdir / "last")]
+                if resumable
+                else common + ["--outdir", str(outdir), "--overwrite"]
+            )
             if run(args, kill_after=rng.uniform(1.0, duration)):
                 break
             kills += 1
         weights = load_file(outdir / "last" / "model.safetensors")
-        same = weights.keys() == reference.keys() and all(weights[k].equal(reference[k]) for k in weights)
-        same &= json.loads((outdir / "log.json").read_text()) == json.loads((work / "reference" / "log.json").read_text())
+        same = weights.keys() == reference.keys() and all(
+            weights[k].equal(reference[k]) for k in weights
+        )
+        same &= json.loads((outdir / "log.json").read_text()) == json.loads(
+            (work / "reference" / "log.json").read_text()
+        )
         equal += same
-        print(f"trial {trial}: killed {kills} time(s), {'bitwise equal' if same else 'DIFFERENT'}", flush=True)
+        print(
+            f"trial {trial}: killed {kills} time(s), {'bitwise equal' if same else 'DIFFERENT'}",
+            flush=True,
+        )
     print(f"{equal}/{trials} bitwise equal")
     shutil.rmtree(work)
     return equal == trials

@@ -9,6 +9,7 @@ Without CUDA it prints one line and exits 0. Each case trains the shipped task (
 scaler.pt; DDP on 2) compare the final weights with the run that was never stopped, bitwise: the
 same GPUs, the same launch. Never run yet: no GPU was lent to the session that wrote the fp16 case.
 """
+
 import json
 import os
 import shutil
@@ -31,18 +32,35 @@ finally:
 
 
 def launch(args, processes=1, config=None, env=None):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
-    command += ["--config_file", str(ROOT / "configs" / "accelerate" / config)] if config else [
-        "--num_processes", str(processes), *(["--multi_gpu"] if processes > 1 else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+    ]
+    command += (
+        ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
+        if config
+        else ["--num_processes", str(processes), *(["--multi_gpu"] if processes > 1 else [])]
+    )
     start = time.perf_counter()
     probe = Path(tempfile.gettempdir()) / "gpu_check_probe.py"  # train.py, then its peak GPU memory
-    result = subprocess.run([*command, str(probe), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [*command, str(probe), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     return result, time.perf_counter() - start
 
 
 def main():
     import torch
+
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine; nothing was checked.")
         return 0
@@ -51,35 +69,76 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     lines = (ROOT / "data" / "train.jsonl").read_text().splitlines()[:600]
     (work / "train.jsonl").write_text("\n".join(lines) + "\n")
-    base = ["--train_file", work / "train.jsonl", "--epochs", 2, "--batch_size", 16, "--save_steps", 13]
-    cases = [("bf16, 1 GPU", dict(args=["--mixed_precision", "bf16"])),
-             ("fp16 with an overflow (lr 1e30), 1 GPU", dict(args=["--mixed_precision", "fp16", "--lr", "1e30"],
-                                                             expect_failure="non-finite")),
-             # the loss scale continues (scaler.pt): bitwise the run that was never stopped
-             ("fp16, 1 GPU, stopped at step 20 and resumed", dict(args=["--mixed_precision", "fp16"], resume=20)),
-             ("--torch_compile, 1 GPU", dict(args=["--torch_compile"]))]
+    base = [
+        "--train_file",
+        work / "train.jsonl",
+        "--epochs",
+        2,
+        "--batch_size",
+        16,
+        "--save_steps",
+        13,
+    ]
+    cases = [
+        ("bf16, 1 GPU", dict(args=["--mixed_precision", "bf16"])),
+        (
+            "fp16 with an overflow (lr 1e30), 1 GPU",
+            dict(args=["--mixed_precision", "fp16", "--lr", "1e30"], expect_failure="non-finite"),
+        ),
+        # the loss scale continues (scaler.pt): bitwise the run that was never stopped
+        (
+            "fp16, 1 GPU, stopped at step 20 and resumed",
+            dict(args=["--mixed_precision", "fp16"], resume=20),
+        ),
+        ("--torch_compile, 1 GPU", dict(args=["--torch_compile"])),
+    ]
     if gpus >= 2:
-        cases += [("DDP, 2 GPUs, stopped at step 20 and resumed", dict(args=[], processes=2, resume=20)),
-                  ("FSDP2, 2 GPUs", dict(args=[], config="fsdp.yaml", env={"ACCELERATE_NUM_PROCESSES": "2"}))]
+        cases += [
+            ("DDP, 2 GPUs, stopped at step 20 and resumed", dict(args=[], processes=2, resume=20)),
+            (
+                "FSDP2, 2 GPUs",
+                dict(args=[], config="fsdp.yaml", env={"ACCELERATE_NUM_PROCESSES": "2"}),
+            ),
+        ]
     failed = 0
     for name, case in cases:
         outdir = work / name.split(",")[0].replace(" ", "_")
         args = [*base, *case["args"], "--outdir", outdir]
-        result, seconds = launch(args, case.get("processes", 1), case.get("config"), case.get("env"))
-        ok = (case.get("expect_failure", "") in result.stderr) if "expect_failure" in case else result.returncode == 0
+        result, seconds = launch(
+            args, case.get("processes", 1), case.get("config"), case.get("env")
+        )
+        ok = (
+            (case.get("expect_failure", "") in result.stderr)
+            if "expect_failure" in case
+            else result.returncode == 0
+        )
         if ok and case.get("resume"):
             stopped = work / "stopped"
             shutil.rmtree(stopped, ignore_errors=True)
             processes = case.get("processes", 1)
-            launch([*base, *case["args"], "--outdir", stopped, "--stop_after_steps", case["resume"]], processes)
+            launch(
+                [*base, *case["args"], "--outdir", stopped, "--stop_after_steps", case["resume"]],
+                processes,
+            )
             launch(["--resume", stopped / "last"], processes)
-            ok = (stopped / "last" / "model.safetensors").read_bytes() == (outdir / "last" / "model.safetensors").read_bytes()
+            ok = (stopped / "last" / "model.safetensors").read_bytes() == (
+                outdir / "last" / "model.safetensors"
+            ).read_bytes()
             ok = ok and ("fp16" not in case["args"] or (stopped / "last" / "scaler.pt").is_file())
-        peak = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("PEAK_MEMORY_MIB")]
-        steps = json.loads((outdir / "last" / "trainer_state.json").read_text())["global_step"] if (
-            outdir / "last").exists() else 0
-        print(f"{'PASS' if ok else 'FAIL'}  {name}: {steps * 16 * case.get('processes', 1) / seconds:.0f} samples/s "
-              f"(whole process), peak GPU memory {'/'.join(peak) or '?'} MiB")
+        peak = [
+            line.split()[1]
+            for line in result.stdout.splitlines()
+            if line.startswith("PEAK_MEMORY_MIB")
+        ]
+        steps = (
+            json.loads((outdir / "last" / "trainer_state.json").read_text())["global_step"]
+            if (outdir / "last").exists()
+            else 0
+        )
+        print(
+            f"{'PASS' if ok else 'FAIL'}  {name}: {steps * 16 * case.get('processes', 1) / seconds:.0f} samples/s "
+            f"(whole process), peak GPU memory {'/'.join(peak) or '?'} MiB"
+        )
         if not ok:
             failed += 1
             print(result.stderr[-2000:])

@@ -5,6 +5,7 @@
 
 Works while a run is going (log.json is rewritten whole after each epoch). Needs matplotlib.
 """
+
 import argparse
 import json
 import sys
@@ -43,9 +44,17 @@ def series(epochs, part, key):
 
 
 def plot(epochs, title, output):
-    metrics = sorted({key for entry in epochs.values() for key, value in entry.get("valid_log", {}).items()
-                      if key != "loss" and isinstance(value, (int, float))})
-    figure, axes = plt.subplots(1, 2 if metrics else 1, figsize=(11 if metrics else 6, 4), squeeze=False)
+    metrics = sorted(
+        {
+            key
+            for entry in epochs.values()
+            for key, value in entry.get("valid_log", {}).items()
+            if key != "loss" and isinstance(value, (int, float))
+        }
+    )
+    figure, axes = plt.subplots(
+        1, 2 if metrics else 1, figsize=(11 if metrics else 6, 4), squeeze=False
+    )
     loss_axis = axes[0][0]
     for part, name in [("train_log", "train"), ("valid_log", "valid")]:
         x, y = series(epochs, part, "loss")
@@ -69,9 +78,13 @@ def plot(epochs, title, output):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("log", help="a run's log.json, e.g. model/log.json")
-    parser.add_argument("-o", "--output", help="the PNG to write (default: log.png next to the log)")
+    parser.add_argument(
+        "-o", "--output", help="the PNG to write (default: log.png next to the log)"
+    )
     args = parser.parse_args(argv)
     epochs = read_log(args.log)
     output = args.output or Path(args.log).with_suffix(".png")

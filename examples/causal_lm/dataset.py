@@ -16,6 +16,7 @@ What train.py expects of this file (as for the default task):
     -100 on padding; the model shifts them by one position itself).
   * `Dataset.lengths`: the length of each sample, for --group_by_length.
 """
+
 import pyarrow.compute
 import torch
 from transformers import AutoTokenizer
@@ -42,7 +43,9 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(self.rows.with_format("arrow")["input_ids"]).to_numpy()
+        return pyarrow.compute.list_value_length(
+            self.rows.with_format("arrow")["input_ids"]
+        ).to_numpy()
 
     def collate(self, samples):
         batch = self.tokenizer.pad(samples, padding_side="right", return_tensors="pt")
@@ -54,17 +57,23 @@ class Dataset(torch.utils.data.Dataset):
 
 def load_tokenizer(source, args):
     """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # never run a folder's own code
+    return AutoTokenizer.from_pretrained(
+        source, trust_remote_code=False
+    )  # never run a folder's own code
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     rows = load_rows(path, split, args.dataset_config)
     if TEXT not in rows.column_names:
-        raise UserError(f"{path}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
-                        f"Rename it, or change TEXT in dataset.py.")
+        raise UserError(
+            f"{path}: no '{TEXT}' column (found: {', '.join(rows.column_names)}). "
+            f"Rename it, or change TEXT in dataset.py."
+        )
     if tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of --model_name_or_path {args.model_name_or_path} has no end-of-text "
-                        f"(eos) token, which this example appends to every text.")
+        raise UserError(
+            f"the tokenizer of --model_name_or_path {args.model_name_or_path} has no end-of-text "
+            f"(eos) token, which this example appends to every text."
+        )
     if tokenizer.pad_token is None:  # GPT-2 and many other causal LMs ship without one
         tokenizer.pad_token = tokenizer.eos_token
     max_len = args.max_len  # not args itself: the cache key would then change with every option
@@ -78,14 +87,21 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
         texts = [text for text in batch[TEXT] if text.strip() or predicting]
         if not texts:
             return {"input_ids": [], "attention_mask": []}
-        input_ids = [ids + [tokenizer.eos_token_id]
-                     for ids in tokenizer(texts, truncation=True, max_length=max_len - 1)["input_ids"]]
+        input_ids = [
+            ids + [tokenizer.eos_token_id]
+            for ids in tokenizer(texts, truncation=True, max_length=max_len - 1)["input_ids"]
+        ]
         return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids]}
 
     # Cached by the datasets library: a second run with the same file, tokenizer and max_len reads
     # the tokens back instead of tokenizing again.
-    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    desc=f"Tokenizing {path}")
+    rows = rows.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        desc=f"Tokenizing {path}",
+    )
     if len(rows) == 0:
         raise UserError(f"{path}: every text in it is blank.")
     return Dataset(rows, tokenizer)

@@ -16,6 +16,7 @@ What train.py expects of this file (as for the default task):
   * `format_samples(...)`: for --sample_every, a greedy continuation of the first tokens of a text.
   * `predictions(model, tokenizer, batch, outputs)`: each text's loss and perplexity, for predict.py.
 """
+
 import math
 
 import torch
@@ -24,20 +25,24 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import has_weights
 
-
 # The hub's own causal LM classes (GPT-2, Llama, ...) already are what train.py needs: forward()
 # takes input_ids, attention_mask and labels and returns the loss, and from_pretrained() builds the
 # class that a checkpoint's config.json names. Model.from_pretrained("model/best") gives a
 # GPT2LMHeadModel here. To change the architecture, write a PreTrainedModel as in the default
 # modeling.py (it then needs GenerationMixin as a base class for format_samples' generate()).
 Model = AutoModelForCausalLM
-PROMPT_TOKENS, NEW_TOKENS = 4, 16  # --sample_every: continue the first 4 tokens of a text by 16 at most
+PROMPT_TOKENS, NEW_TOKENS = (
+    4,
+    16,
+)  # --sample_every: continue the first 4 tokens of a text by 16 at most
 
 
 def build_model(model_name_or_path, train_set):
     """A directory with only a config.json (examples/causal_lm/tiny-gpt2) gives a randomly initialised
     model; a hub id (gpt2) or a directory with weights gives that pretrained model."""
-    config = AutoConfig.from_pretrained(model_name_or_path)  # train.py refuses a --max_len beyond its positions
+    config = AutoConfig.from_pretrained(
+        model_name_or_path
+    )  # train.py refuses a --max_len beyond its positions
     pretrained = has_weights(model_name_or_path)
     model = Model.from_pretrained(model_name_or_path) if pretrained else Model.from_config(config)
     vocabulary = len(train_set.tokenizer)
@@ -54,8 +59,13 @@ def loss_items(batch):
 
 def token_losses(batch, outputs):
     """Each text's summed next-token loss (float32) and its number of predicted tokens."""
-    logits, targets = outputs.logits[:, :-1].float(), batch["labels"][:, 1:]  # position t predicts token t + 1
-    losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    logits, targets = (
+        outputs.logits[:, :-1].float(),
+        batch["labels"][:, 1:],
+    )  # position t predicts token t + 1
+    losses = nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
     return losses.sum(1), (targets != -100).sum(1)
 
 
@@ -76,18 +86,26 @@ def format_samples(model, tokenizer, batch, outputs, k):
     samples = []
     for ids, mask in zip(batch["input_ids"][:k], batch["attention_mask"][:k]):
         ids = ids[mask.bool()]
-        prompt = ids[:min(PROMPT_TOKENS, max(1, len(ids) // 2))].unsqueeze(0)
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        samples.append(f"prompt: {tokenizer.decode(prompt[0], skip_special_tokens=True)}\n"
-                       f"  generated: {tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)}\n"
-                       f"  gold: {tokenizer.decode(ids[prompt.shape[1]:], skip_special_tokens=True)}")
+        prompt = ids[: min(PROMPT_TOKENS, max(1, len(ids) // 2))].unsqueeze(0)
+        generated = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        samples.append(
+            f"prompt: {tokenizer.decode(prompt[0], skip_special_tokens=True)}\n"
+            f"  generated: {tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)}\n"
+            f"  gold: {tokenizer.decode(ids[prompt.shape[1] :], skip_special_tokens=True)}"
+        )
     return samples
 
 
 def predictions(model, tokenizer, batch, outputs):
     loss_sum, tokens = token_losses(batch, outputs)
     mean = (loss_sum / tokens.clamp(min=1)).tolist()
-    return [{"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700.0)), 6), "tokens": n}
-            for loss, n in zip(mean, tokens.tolist())]
-
+    return [
+        {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700.0)), 6), "tokens": n}
+        for loss, n in zip(mean, tokens.tolist())
+    ]

@@ -17,6 +17,7 @@ What train.py expects of this file (as for the default task):
     target's token ids, -100 on padding; T5 makes its decoder input from them, shifted right).
   * `Dataset.lengths`: the source plus target tokens of each pair, for --group_by_length.
 """
+
 import pyarrow.compute
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
@@ -45,55 +46,89 @@ class Dataset(torch.utils.data.Dataset):
 
     def collate(self, samples):
         batch = self.pad(samples)
-        if batch.get("labels") is None:  # rows without a target (predict.py): no labels key, not None
+        if (
+            batch.get("labels") is None
+        ):  # rows without a target (predict.py): no labels key, not None
             batch.pop("labels", None)
         return batch
 
     @property
     def lengths(self):  # source plus target tokens of each pair, counted by arrow: no row is read
         table = self.rows.with_format("arrow")
-        return pyarrow.compute.add(pyarrow.compute.list_value_length(table["input_ids"]),
-                                   pyarrow.compute.list_value_length(table["labels"])).to_numpy()
+        return pyarrow.compute.add(
+            pyarrow.compute.list_value_length(table["input_ids"]),
+            pyarrow.compute.list_value_length(table["labels"]),
+        ).to_numpy()
 
 
 def load_tokenizer(source, args):
     """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # never run a folder's own code
+    return AutoTokenizer.from_pretrained(
+        source, trust_remote_code=False
+    )  # never run a folder's own code
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     rows = load_rows(path, split, args.dataset_config)
-    with_target = not predicting or TARGET in rows.column_names  # predict.py: the target is optional
+    with_target = (
+        not predicting or TARGET in rows.column_names
+    )  # predict.py: the target is optional
     for column in (SOURCE, TARGET) if with_target else (SOURCE,):
         if column not in rows.column_names:
-            raise UserError(f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
-                            f"Rename it, or change SOURCE / TARGET in dataset.py.")
-    if tokenizer.pad_token_id is None:  # a batch of sources of different lengths could not be padded
-        raise UserError(f"the tokenizer of {args.model_name_or_path} has no pad token, which this example pads "
-                        f"the sources with: give it one (tokenizer.pad_token = ...) in load_tokenizer().")
+            raise UserError(
+                f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
+                f"Rename it, or change SOURCE / TARGET in dataset.py."
+            )
+    if (
+        tokenizer.pad_token_id is None
+    ):  # a batch of sources of different lengths could not be padded
+        raise UserError(
+            f"the tokenizer of {args.model_name_or_path} has no pad token, which this example pads "
+            f"the sources with: give it one (tokenizer.pad_token = ...) in load_tokenizer()."
+        )
     max_len = args.max_len  # not args itself: the cache key would then change with every option
 
     def texts(batch, column, indices):
         """The column's texts. A number counts as the text it reads as: a CSV column of digits (or a
         JSON column that mixes numbers and strings) reaches us as numbers."""
-        values = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in batch[column]]
+        values = [
+            str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            for v in batch[column]
+        ]
         for i, text in zip(indices, values):
             if not isinstance(text, str) or not text.strip():
-                what = "missing" if text is None else "empty" if isinstance(text, str) else f"{text!r}, not a text"
-                raise UserError(f"{path}, {row_name(path, i)}: the '{column}' field is {what}. Each row needs "
-                                f"a non-empty '{SOURCE}' and '{TARGET}' text.")
+                what = (
+                    "missing"
+                    if text is None
+                    else "empty"
+                    if isinstance(text, str)
+                    else f"{text!r}, not a text"
+                )
+                raise UserError(
+                    f"{path}, {row_name(path, i)}: the '{column}' field is {what}. Each row needs "
+                    f"a non-empty '{SOURCE}' and '{TARGET}' text."
+                )
         return values
 
     def encode(batch, indices):
         # Token ids only: the attention mask is made per batch by collate(). The targets become
         # `labels`, tokenized as targets (text_target=: a tokenizer may treat them differently).
-        encoded = tokenizer(texts(batch, SOURCE, indices), truncation=True, max_length=max_len,
-                            text_target=texts(batch, TARGET, indices) if with_target else None,
-                            return_attention_mask=False)
+        encoded = tokenizer(
+            texts(batch, SOURCE, indices),
+            truncation=True,
+            max_length=max_len,
+            text_target=texts(batch, TARGET, indices) if with_target else None,
+            return_attention_mask=False,
+        )
         return {key: encoded[key] for key in ("input_ids", "labels") if key in encoded}
 
     # Cached by the datasets library: a second run with the same file, tokenizer and max_len reads
     # the tokens back instead of tokenizing again.
-    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    desc=f"Tokenizing {path}")
+    rows = rows.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        desc=f"Tokenizing {path}",
+    )
     return Dataset(rows, tokenizer)

@@ -18,6 +18,7 @@ What train.py expects of this file (as for the default task):
   * `predictions(model, tokenizer, batch, outputs)`: for predict.py, the generated target of each
     row (and whether it is exactly the row's target, where the file has one).
 """
+
 from collections import Counter
 
 import torch
@@ -34,12 +35,25 @@ class Model(T5ForConditionalGeneration):
     and T5 then has no decoder input at all. It is given the start token alone (generation makes the
     real outputs). For BART, Marian, ... subclass their ...ForConditionalGeneration in the same way."""
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, decoder_input_ids=None, **kwargs):
-        if labels is None and decoder_input_ids is None and kwargs.get("decoder_inputs_embeds") is None:
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, decoder_input_ids=None, **kwargs
+    ):
+        if (
+            labels is None
+            and decoder_input_ids is None
+            and kwargs.get("decoder_inputs_embeds") is None
+        ):
             rows = len(input_ids if input_ids is not None else kwargs["inputs_embeds"])
-            decoder_input_ids = torch.full((rows, 1), self.config.decoder_start_token_id, device=self.device)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                               decoder_input_ids=decoder_input_ids, **kwargs)
+            decoder_input_ids = torch.full(
+                (rows, 1), self.config.decoder_start_token_id, device=self.device
+            )
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            decoder_input_ids=decoder_input_ids,
+            **kwargs,
+        )
 
 
 def build_model(model_name_or_path, train_set):
@@ -47,10 +61,16 @@ def build_model(model_name_or_path, train_set):
     a hub id (t5-small) or a directory with weights gives that pretrained model."""
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
     if config.model_type != Model.config_class.model_type:
-        raise UserError(f"{model_name_or_path} is a {config.model_type} model, and Model in modeling.py is a T5: "
-                        f"change its base class to the {config.model_type} ...ForConditionalGeneration.")
+        raise UserError(
+            f"{model_name_or_path} is a {config.model_type} model, and Model in modeling.py is a T5: "
+            f"change its base class to the {config.model_type} ...ForConditionalGeneration."
+        )
     pretrained = has_weights(model_name_or_path)
-    model = Model.from_pretrained(model_name_or_path, trust_remote_code=False) if pretrained else Model(config)
+    model = (
+        Model.from_pretrained(model_name_or_path, trust_remote_code=False)
+        if pretrained
+        else Model(config)
+    )
     vocabulary = len(train_set.tokenizer)
     if vocabulary > model.get_input_embeddings().num_embeddings:  # a tokenizer with added tokens
         model.resize_token_embeddings(vocabulary)
@@ -64,8 +84,13 @@ def loss_items(batch):
 
 def generate(model, tokenizer, batch):
     """The greedy target of each source of the batch, as text."""
-    ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1)
+    ids = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+        num_beams=1,
+    )
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
@@ -82,9 +107,11 @@ def chrf_statistics(hypothesis, reference):
     hypothesis, reference = "".join(hypothesis.split()), "".join(reference.split())
     statistics = []
     for n in range(1, CHRF_ORDER + 1):
-        hyp = Counter(hypothesis[i:i + n] for i in range(len(hypothesis) - n + 1))
-        ref = Counter(reference[i:i + n] for i in range(len(reference) - n + 1))
-        statistics.append([hyp.total() if ref else 0, ref.total(), (hyp & ref).total()])  # &: the smaller count
+        hyp = Counter(hypothesis[i : i + n] for i in range(len(hypothesis) - n + 1))
+        ref = Counter(reference[i : i + n] for i in range(len(reference) - n + 1))
+        statistics.append(
+            [hyp.total() if ref else 0, ref.total(), (hyp & ref).total()]
+        )  # &: the smaller count
     return statistics
 
 
@@ -109,27 +136,38 @@ def metric_inputs(model, tokenizer, batch, outputs):
     # gathers them from every process, and summed they give the corpus-level scores.
     generated, targets = generate(model, tokenizer, batch), gold(tokenizer, batch)
     device = batch["labels"].device
-    return {"exact": torch.tensor([g == t for g, t in zip(generated, targets)], device=device),
-            "chrf_statistics": torch.tensor([chrf_statistics(g, t) for g, t in zip(generated, targets)],
-                                            device=device)}  # (examples, 6 orders, 3 counts)
+    return {
+        "exact": torch.tensor([g == t for g, t in zip(generated, targets)], device=device),
+        "chrf_statistics": torch.tensor(
+            [chrf_statistics(g, t) for g, t in zip(generated, targets)], device=device
+        ),
+    }  # (examples, 6 orders, 3 counts)
 
 
 def compute_metrics(gathered):
     # Higher is better for both: --metric_for_best exact_match (or chrf) keeps the best epoch by it.
-    return {"exact_match": gathered["exact"].double().mean().item(),
-            "chrf": chrf(gathered["chrf_statistics"].sum(0).tolist())}
+    return {
+        "exact_match": gathered["exact"].double().mean().item(),
+        "chrf": chrf(gathered["chrf_statistics"].sum(0).tolist()),
+    }
 
 
 def format_samples(model, tokenizer, batch, outputs, k):
     batch = {key: value[:k] for key, value in batch.items()}
     sources = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-    return [f"input: {source}\n  generated: {generated}\n  gold: {target}"
-            for source, generated, target in zip(sources, generate(model, tokenizer, batch), gold(tokenizer, batch))]
+    return [
+        f"input: {source}\n  generated: {generated}\n  gold: {target}"
+        for source, generated, target in zip(
+            sources, generate(model, tokenizer, batch), gold(tokenizer, batch)
+        )
+    ]
 
 
 def predictions(model, tokenizer, batch, outputs):
     generated = generate(model, tokenizer, batch)
     if "labels" not in batch:  # the file has no target column
         return [{"generated": text} for text in generated]
-    return [{"generated": text, "target": target, "exact_match": text == target}
-            for text, target in zip(generated, gold(tokenizer, batch))]
+    return [
+        {"generated": text, "target": target, "exact_match": text == target}
+        for text, target in zip(generated, gold(tokenizer, batch))
+    ]

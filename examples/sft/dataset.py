@@ -27,6 +27,7 @@ from which transformers builds a block-diagonal causal mask (for the models whos
 implementations read them, GPT-2 and Llama among them; a model that ignores position_ids would let
 attention cross). The validation set and predict.py are never packed: metrics are per example.
 """
+
 import pyarrow.compute
 import torch
 from transformers import AutoTokenizer
@@ -34,7 +35,9 @@ from transformers import AutoTokenizer
 from utils import UserError, load_rows, row_name
 
 PROMPT, RESPONSE = "prompt", "response"
-FALLBACK_FORMAT = "### Instruction:\n{prompt}\n\n### Response:\n"  # for a tokenizer without a chat template
+FALLBACK_FORMAT = (
+    "### Instruction:\n{prompt}\n\n### Response:\n"  # for a tokenizer without a chat template
+)
 PACK = False  # True: pack the training set into rows of up to --max_len tokens (see above)
 
 
@@ -55,24 +58,35 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(self.rows.with_format("arrow")["input_ids"]).to_numpy()
+        return pyarrow.compute.list_value_length(
+            self.rows.with_format("arrow")["input_ids"]
+        ).to_numpy()
 
     def collate(self, samples):
         width = max(len(s["input_ids"]) for s in samples)
 
         def pad(key, value):
             return torch.tensor([s[key] + [value] * (width - len(s[key])) for s in samples])
+
         batch = {"input_ids": pad("input_ids", self.tokenizer.pad_token_id)}
-        if any("position_ids" in s for s in samples):  # packed rows (a plain one is a row of one example)
+        if any(
+            "position_ids" in s for s in samples
+        ):  # packed rows (a plain one is a row of one example)
             # Positions restart for every example and for the padding; transformers reads the
             # restarts as example boundaries when there is no attention mask and no cache (use_cache
             # off: the config's default would give the model one, and a causal mask across them).
-            batch["position_ids"] = torch.tensor([s.get("position_ids", list(range(len(s["input_ids"]))))
-                                                  + list(range(width - len(s["input_ids"]))) for s in samples])
+            batch["position_ids"] = torch.tensor(
+                [
+                    s.get("position_ids", list(range(len(s["input_ids"]))))
+                    + list(range(width - len(s["input_ids"])))
+                    for s in samples
+                ]
+            )
             batch["use_cache"] = False
         else:
-            batch["attention_mask"] = torch.tensor([[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"]))
-                                                    for s in samples])
+            batch["attention_mask"] = torch.tensor(
+                [[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in samples]
+            )
         if "labels" in samples[0]:
             batch["labels"] = pad("labels", -100)
         return batch
@@ -80,7 +94,9 @@ class Dataset(torch.utils.data.Dataset):
 
 def load_tokenizer(source, args):
     """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # never run a folder's own code
+    return AutoTokenizer.from_pretrained(
+        source, trust_remote_code=False
+    )  # never run a folder's own code
 
 
 def formatted(tokenizer, prompt, response=None):
@@ -89,8 +105,13 @@ def formatted(tokenizer, prompt, response=None):
     if tokenizer.chat_template:
         user = [{"role": "user", "content": prompt}]
         start = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        whole = None if response is None else tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False)
+        whole = (
+            None
+            if response is None
+            else tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": response}], tokenize=False
+            )
+        )
         return start, whole
     start = FALLBACK_FORMAT.format(prompt=prompt)
     return start, None if response is None else start + response + tokenizer.eos_token
@@ -104,14 +125,16 @@ def encode_pair(tokenizer, prompt, response):
     if response is None:
         return prompt_ids, len(prompt_ids)
     if not whole.startswith(start):
-        raise UserError(f"the chat template of the tokenizer does not continue its generation prompt with "
-                        f"the assistant's reply ({start!r} does not start {whole!r}): the response cannot "
-                        f"be told from the prompt.")
+        raise UserError(
+            f"the chat template of the tokenizer does not continue its generation prompt with "
+            f"the assistant's reply ({start!r} does not start {whole!r}): the response cannot "
+            f"be told from the prompt."
+        )
     ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
-    if ids[:len(prompt_ids)] != prompt_ids:
+    if ids[: len(prompt_ids)] != prompt_ids:
         # A BPE merge across the boundary: the prompt's own tokens, then the reply's, which is what
         # the model reads and writes when it generates after the prompt.
-        ids = prompt_ids + tokenizer(whole[len(start):], add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + tokenizer(whole[len(start) :], add_special_tokens=False)["input_ids"]
     return ids, len(prompt_ids)
 
 
@@ -135,13 +158,19 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
     columns = (PROMPT,) if predicting else (PROMPT, RESPONSE)
     for column in columns:
         if column not in rows.column_names:
-            raise UserError(f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
-                            f"Rename it, or change PROMPT / RESPONSE in dataset.py.")
+            raise UserError(
+                f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
+                f"Rename it, or change PROMPT / RESPONSE in dataset.py."
+            )
     if tokenizer.eos_token is None:
-        raise UserError(f"the tokenizer of {args.model_name_or_path} has no end-of-text (eos) token, which "
-                        f"ends every response (and stops generation). Set eos_token in its tokenizer_config.json.")
+        raise UserError(
+            f"the tokenizer of {args.model_name_or_path} has no end-of-text (eos) token, which "
+            f"ends every response (and stops generation). Set eos_token in its tokenizer_config.json."
+        )
     if tokenizer.pad_token is None:  # GPT-2 and many other causal LMs ship without one
-        tokenizer.pad_token = tokenizer.eos_token  # harmless: padding is masked by position, not by id
+        tokenizer.pad_token = (
+            tokenizer.eos_token
+        )  # harmless: padding is masked by position, not by id
     max_len = args.max_len  # not args itself: the cache key would then change with every option
 
     def encode(batch, indices):
@@ -149,22 +178,39 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
         for i, *fields in zip(indices, *(batch[column] for column in columns)):
             for column, value in zip(columns, fields):
                 if not isinstance(value, str) or not value.strip():
-                    what = "missing" if value is None else "empty" if isinstance(value, str) else "not a string"
+                    what = (
+                        "missing"
+                        if value is None
+                        else "empty"
+                        if isinstance(value, str)
+                        else "not a string"
+                    )
                     raise UserError(f"{path}, {row_name(path, i)}: the '{column}' field is {what}.")
-            ids, prompt_length = encode_pair(tokenizer, fields[0], None if predicting else fields[1])
+            ids, prompt_length = encode_pair(
+                tokenizer, fields[0], None if predicting else fields[1]
+            )
             if prompt_length >= max_len:
-                raise UserError(f"{path}, {row_name(path, i)}: the prompt is {prompt_length} tokens as formatted, "
-                                f"which leaves no room for the response within --max_len {max_len}. Raise "
-                                f"--max_len or shorten the prompt.")
-            encoded["input_ids"].append(ids[:max_len])  # a long response is cut: its end is not learnt
+                raise UserError(
+                    f"{path}, {row_name(path, i)}: the prompt is {prompt_length} tokens as formatted, "
+                    f"which leaves no room for the response within --max_len {max_len}. Raise "
+                    f"--max_len or shorten the prompt."
+                )
+            encoded["input_ids"].append(
+                ids[:max_len]
+            )  # a long response is cut: its end is not learnt
             if not predicting:  # the loss skips the prompt: its labels are -100
                 encoded["labels"].append(([-100] * prompt_length + ids[prompt_length:])[:max_len])
         return encoded
 
     # Cached by the datasets library: a second run with the same file, tokenizer and max_len reads
     # the tokens back instead of tokenizing again.
-    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    desc=f"Tokenizing {path}")
+    rows = rows.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        desc=f"Tokenizing {path}",
+    )
     if PACK and split == args.train_split and not predicting:
         rows = rows.map(pack, batched=True, fn_kwargs={"max_len": max_len}, desc=f"Packing {path}")
     return Dataset(rows, tokenizer)

@@ -8,6 +8,7 @@ run it again and every file is byte-identical.
 
     python examples/sft/make_data.py
 """
+
 import json
 import random
 from pathlib import Path
@@ -17,18 +18,79 @@ from transformers import PreTrainedTokenizerFast
 
 HERE = Path(__file__).resolve().parent
 DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
-MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september",
-          "october", "november", "december"]
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-           "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-WORDS = ["cat", "dog", "fox", "sun", "map", "cup", "red", "box", "hat", "pen", "bird", "fish", "tree", "moon",
-         "star", "milk", "rain", "door", "book", "lamp", "frog", "cake", "ship", "rock", "wolf", "bell"]
+MONTHS = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
+NUMBERS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
+WORDS = [
+    "cat",
+    "dog",
+    "fox",
+    "sun",
+    "map",
+    "cup",
+    "red",
+    "box",
+    "hat",
+    "pen",
+    "bird",
+    "fish",
+    "tree",
+    "moon",
+    "star",
+    "milk",
+    "rain",
+    "door",
+    "book",
+    "lamp",
+    "frog",
+    "cake",
+    "ship",
+    "rock",
+    "wolf",
+    "bell",
+]
 PAD, USER, ASSISTANT, SYSTEM, END = "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
 # Each message is <|role|>content<|end|>; with add_generation_prompt the prompt ends on <|assistant|>,
 # so that what the model writes after it is the reply, up to its own <|end|> (the eos token:
 # generate() stops there).
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 
 
 def pair(rng):
@@ -56,26 +118,51 @@ def main():
     (HERE / "data").mkdir(exist_ok=True)
     for name, size in [("train", 3000), ("valid", 200)]:
         rows = [dict(zip(("prompt", "response"), pair(rng))) for _ in range(size)]
-        (HERE / "data" / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (HERE / "data" / f"{name}.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows)
+        )
 
     # GPT-2's tokenizer design (bytes, so no text is unknown), with a vocabulary sized to this data;
     # the chat tokens are special: never split, and never merged with the text around them.
-    texts = [text for line in (HERE / "data" / "train.jsonl").read_text().splitlines()
-             for text in json.loads(line).values()]
+    texts = [
+        text
+        for line in (HERE / "data" / "train.jsonl").read_text().splitlines()
+        for text in json.loads(line).values()
+    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[PAD, END, USER, ASSISTANT, SYSTEM],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=[PAD, END, USER, ASSISTANT, SYSTEM],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     folder = HERE / "tiny-gpt2-chat"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END, pad_token=PAD,
-                            additional_special_tokens=[USER, ASSISTANT, SYSTEM], model_max_length=128,
-                            chat_template=CHAT_TEMPLATE).save_pretrained(folder)
-    config = {"model_type": "gpt2", "vocab_size": tokenizer.get_vocab_size(), "n_positions": 128, "n_embd": 128,
-              "n_layer": 2, "n_head": 4, "n_inner": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-              "bos_token_id": tokenizer.token_to_id(END), "eos_token_id": tokenizer.token_to_id(END),
-              "pad_token_id": tokenizer.token_to_id(PAD)}
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END,
+        pad_token=PAD,
+        additional_special_tokens=[USER, ASSISTANT, SYSTEM],
+        model_max_length=128,
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    config = {
+        "model_type": "gpt2",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "n_positions": 128,
+        "n_embd": 128,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_inner": 512,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "bos_token_id": tokenizer.token_to_id(END),
+        "eos_token_id": tokenizer.token_to_id(END),
+        "pad_token_id": tokenizer.token_to_id(PAD),
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

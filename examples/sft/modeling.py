@@ -19,6 +19,7 @@ What train.py expects of this file (as for the default task):
   * `format_samples(...)`: for --sample_every, prompt / generated / gold of a few training examples.
   * `predictions(model, tokenizer, batch, outputs)`: a generated response per prompt, for predict.py.
 """
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -34,10 +35,18 @@ MAX_NEW_TOKENS = 32  # predict.py: the longest reply written (it ends earlier at
 def build_model(model_name_or_path, train_set):
     """A directory with only a config.json (examples/sft/tiny-gpt2-chat) gives a randomly initialised
     model; a hub id or a directory with weights (a checkpoint such as model/best) gives that model."""
-    config = AutoConfig.from_pretrained(model_name_or_path)  # train.py refuses a --max_len beyond its positions
-    model = Model.from_pretrained(model_name_or_path) if has_weights(model_name_or_path) else Model.from_config(config)
+    config = AutoConfig.from_pretrained(
+        model_name_or_path
+    )  # train.py refuses a --max_len beyond its positions
+    model = (
+        Model.from_pretrained(model_name_or_path)
+        if has_weights(model_name_or_path)
+        else Model.from_config(config)
+    )
     vocabulary = len(train_set.tokenizer)
-    if vocabulary > model.get_input_embeddings().num_embeddings:  # a tokenizer with added (chat) tokens
+    if (
+        vocabulary > model.get_input_embeddings().num_embeddings
+    ):  # a tokenizer with added (chat) tokens
         model.resize_token_embeddings(vocabulary)
     return model
 
@@ -51,7 +60,7 @@ def loss_items(batch):
 def until_end(ids, end):
     """The tokens up to and including the first `end` (the eos token), as a list."""
     ids = ids.tolist()
-    return ids[:ids.index(end) + 1] if end in ids else ids
+    return ids[: ids.index(end) + 1] if end in ids else ids
 
 
 def prompts_and_replies(batch):
@@ -73,14 +82,24 @@ def prompts_and_replies(batch):
 def generate(model, tokenizer, prompts, max_new_tokens):
     """Greedy replies to a list of prompts (token tensors of different lengths), one batch: a
     decoder-only model continues each row at its end, so the prompts are padded on the left."""
-    batch = tokenizer.pad({"input_ids": [p.tolist() for p in prompts]}, padding_side="left", return_tensors="pt")
+    batch = tokenizer.pad(
+        {"input_ids": [p.tolist() for p in prompts]}, padding_side="left", return_tensors="pt"
+    )
     batch = {k: v.to(model.device) for k, v in batch.items()}
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions:  # a reply that would run past the last position stops there
         max_new_tokens = max(1, min(max_new_tokens, positions - batch["input_ids"].shape[1]))
-    generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return [until_end(row, tokenizer.eos_token_id) for row in generated[:, batch["input_ids"].shape[1]:]]
+    generated = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return [
+        until_end(row, tokenizer.eos_token_id)
+        for row in generated[:, batch["input_ids"].shape[1] :]
+    ]
 
 
 def metric_inputs(model, tokenizer, batch, outputs):
@@ -100,14 +119,20 @@ def compute_metrics(gathered):
 
 
 def format_samples(model, tokenizer, batch, outputs, k):
-    rows = prompts_and_replies({key: value[:k] for key, value in batch.items() if torch.is_tensor(value)})
+    rows = prompts_and_replies(
+        {key: value[:k] for key, value in batch.items() if torch.is_tensor(value)}
+    )
     replies = generate(model, tokenizer, [prompt for prompt, _ in rows], MAX_NEW_TOKENS)
-    return [f"prompt: {tokenizer.decode(prompt, skip_special_tokens=True)}\n"
-            f"  generated: {tokenizer.decode(reply, skip_special_tokens=True)}\n"
-            f"  gold: {tokenizer.decode(gold, skip_special_tokens=True)}"
-            for (prompt, gold), reply in zip(rows, replies)]
+    return [
+        f"prompt: {tokenizer.decode(prompt, skip_special_tokens=True)}\n"
+        f"  generated: {tokenizer.decode(reply, skip_special_tokens=True)}\n"
+        f"  gold: {tokenizer.decode(gold, skip_special_tokens=True)}"
+        for (prompt, gold), reply in zip(rows, replies)
+    ]
 
 
 def predictions(model, tokenizer, batch, outputs):
-    replies = generate(model, tokenizer, [prompt for prompt, _ in prompts_and_replies(batch)], MAX_NEW_TOKENS)
+    replies = generate(
+        model, tokenizer, [prompt for prompt, _ in prompts_and_replies(batch)], MAX_NEW_TOKENS
+    )
     return [{"response": tokenizer.decode(reply, skip_special_tokens=True)} for reply in replies]

@@ -23,6 +23,7 @@ What train.py expects of this file (as for the default task):
     without labels).
   * `Dataset.lengths`: the length of each sample in tokens, for --group_by_length.
 """
+
 import re
 
 import datasets
@@ -59,34 +60,48 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(self.rows.with_format("arrow")["input_ids"]).to_numpy()
+        return pyarrow.compute.list_value_length(
+            self.rows.with_format("arrow")["input_ids"]
+        ).to_numpy()
 
     def collate(self, samples):
         word_starts = [sample.pop("word_starts") for sample in samples]
         batch = self.pad(samples)
         width = batch["input_ids"].shape[1]
-        padded = [[0] * (width - len(s)) + s if self.padding_side == "left" else s + [0] * (width - len(s))
-                  for s in word_starts]
+        padded = [
+            [0] * (width - len(s)) + s
+            if self.padding_side == "left"
+            else s + [0] * (width - len(s))
+            for s in word_starts
+        ]
         batch["word_starts"] = torch.tensor(padded)
         return batch
 
 
 def load_tokenizer(source, args):
     """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # never run a folder's own code
+    return AutoTokenizer.from_pretrained(
+        source, trust_remote_code=False
+    )  # never run a folder's own code
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     if not tokenizer.is_fast:
-        raise UserError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer is not a fast "
-                        f"(tokenizers) one, which this example needs to map sub-tokens to words.")
+        raise UserError(
+            f"--model_name_or_path {args.model_name_or_path}: its tokenizer is not a fast "
+            f"(tokenizers) one, which this example needs to map sub-tokens to words."
+        )
     rows = load_rows(path, split, args.dataset_config)
     need_labels = not predicting or TAGS in rows.column_names
     for column in (WORDS, TAGS) if need_labels else (WORDS,):
         if column not in rows.column_names:
-            raise UserError(f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
-                            f"Rename it, or change WORDS / TAGS in dataset.py.")
-    feature = getattr(rows.features.get(TAGS), "feature", None)  # hub data: a list of ClassLabel ids
+            raise UserError(
+                f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
+                f"Rename it, or change WORDS / TAGS in dataset.py."
+            )
+    feature = getattr(
+        rows.features.get(TAGS), "feature", None
+    )  # hub data: a list of ClassLabel ids
     name_of = feature.int2str if isinstance(feature, datasets.ClassLabel) else str
     if need_labels and labels is None:  # the training data decides the entity types
         types = set()
@@ -96,44 +111,74 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                 if match:
                     types.add(match[1])
                 elif name_of(tag) != "O":
-                    raise UserError(f"{path}, {row_name(path, i)}: tag '{name_of(tag)}' is not a BIO tag (O, B-TYPE, "
-                                    f"I-TYPE). Convert the tags, or change tag_names() and the metrics of "
-                                    f"modeling.py for another tag set.")
+                    raise UserError(
+                        f"{path}, {row_name(path, i)}: tag '{name_of(tag)}' is not a BIO tag (O, B-TYPE, "
+                        f"I-TYPE). Convert the tags, or change tag_names() and the metrics of "
+                        f"modeling.py for another tag set."
+                    )
         labels = tag_names(types)
     tag_ids = {name: i for i, name in enumerate(labels or [])}
     max_len = args.max_len  # not args itself: the cache key would then change with every option
 
     def encode(batch, indices):
         for i, words in zip(indices, batch[WORDS]):
-            if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
-                raise UserError(f"{path}, {row_name(path, i)}: '{WORDS}' must be a non-empty list of words.")
-        encoded = tokenizer(batch[WORDS], is_split_into_words=True, truncation=True, max_length=max_len)
+            if (
+                not isinstance(words, list)
+                or not words
+                or not all(isinstance(w, str) and w for w in words)
+            ):
+                raise UserError(
+                    f"{path}, {row_name(path, i)}: '{WORDS}' must be a non-empty list of words."
+                )
+        encoded = tokenizer(
+            batch[WORDS], is_split_into_words=True, truncation=True, max_length=max_len
+        )
         encoded["word_starts"], encoded["labels"] = [], []
         for row, (i, words) in enumerate(zip(indices, batch[WORDS])):
             word_ids = encoded.word_ids(row)  # the word of each sub-token; None for [CLS], [SEP]
             seen = set(word_ids) - {None}
-            empty = [w for w in range(max(seen, default=-1) + 1) if w not in seen]  # not the truncated ones
-            if empty:  # its tag would have no position to be read from, and the tags after it would shift
-                raise UserError(f"{path}, {row_name(path, i)}: word {empty[0] + 1} ({words[empty[0]]!r}) gives no token "
-                                f"with this tokenizer (a space or an invisible character); remove it.")
-            starts = [int(w is not None and (t == 0 or word_ids[t - 1] != w)) for t, w in enumerate(word_ids)]
+            empty = [
+                w for w in range(max(seen, default=-1) + 1) if w not in seen
+            ]  # not the truncated ones
+            if (
+                empty
+            ):  # its tag would have no position to be read from, and the tags after it would shift
+                raise UserError(
+                    f"{path}, {row_name(path, i)}: word {empty[0] + 1} ({words[empty[0]]!r}) gives no token "
+                    f"with this tokenizer (a space or an invisible character); remove it."
+                )
+            starts = [
+                int(w is not None and (t == 0 or word_ids[t - 1] != w))
+                for t, w in enumerate(word_ids)
+            ]
             encoded["word_starts"].append(starts)
             if not need_labels:
                 continue
             tags = [name_of(tag) for tag in batch[TAGS][row] or []]
             if len(tags) != len(words):
-                raise UserError(f"{path}, {row_name(path, i)}: {len(words)} words but {len(tags)} tags.")
+                raise UserError(
+                    f"{path}, {row_name(path, i)}: {len(words)} words but {len(tags)} tags."
+                )
             for tag in tags:
                 if tag not in tag_ids:
-                    raise UserError(f"{path}, {row_name(path, i)}: tag '{tag}' is not among the training tags "
-                                    f"({', '.join(labels)}).")
-            encoded["labels"].append([tag_ids[tags[w]] if start else -100 for w, start in zip(word_ids, starts)])
+                    raise UserError(
+                        f"{path}, {row_name(path, i)}: tag '{tag}' is not among the training tags "
+                        f"({', '.join(labels)})."
+                    )
+            encoded["labels"].append(
+                [tag_ids[tags[w]] if start else -100 for w, start in zip(word_ids, starts)]
+            )
         if not need_labels:
             del encoded["labels"]
         return encoded
 
     # Cached by the datasets library: a second run with the same file, tokenizer and max_len reads
     # the tokens back instead of tokenizing again.
-    rows = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names,
-                    desc=f"Tokenizing {path}")
+    rows = rows.map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        desc=f"Tokenizing {path}",
+    )
     return Dataset(rows, labels, tokenizer)

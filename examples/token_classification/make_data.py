@@ -8,21 +8,66 @@ is an ORG only as "Apple". Deterministic: run it again and every file is byte-id
 
     python examples/token_classification/make_data.py
 """
+
 import json
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 HERE = Path(__file__).resolve().parent
 ENTITIES = {
-    "PER": ["Anna", "Anna Lopez", "Jordan", "Jordan Lee", "Washington", "George Washington", "Maria", "Li Wei",
-            "Tom Baker", "Priya Natarajan", "Olumide", "Sven Karlsson", "Yuki Tanaka", "Carlos"],
-    "LOC": ["Paris", "New York", "Jordan", "Washington", "Berlin", "Cape Town", "Lake Tahoe", "Lima", "Osaka",
-            "the Alps", "Nairobi", "Oslo"],
-    "ORG": ["Acme Corp", "Globex", "Initech", "Umbrella Labs", "the United Nations", "Apple", "Red Cross",
-            "Stark Industries", "Hooli", "Vandelay Industries"],
+    "PER": [
+        "Anna",
+        "Anna Lopez",
+        "Jordan",
+        "Jordan Lee",
+        "Washington",
+        "George Washington",
+        "Maria",
+        "Li Wei",
+        "Tom Baker",
+        "Priya Natarajan",
+        "Olumide",
+        "Sven Karlsson",
+        "Yuki Tanaka",
+        "Carlos",
+    ],
+    "LOC": [
+        "Paris",
+        "New York",
+        "Jordan",
+        "Washington",
+        "Berlin",
+        "Cape Town",
+        "Lake Tahoe",
+        "Lima",
+        "Osaka",
+        "the Alps",
+        "Nairobi",
+        "Oslo",
+    ],
+    "ORG": [
+        "Acme Corp",
+        "Globex",
+        "Initech",
+        "Umbrella Labs",
+        "the United Nations",
+        "Apple",
+        "Red Cross",
+        "Stark Industries",
+        "Hooli",
+        "Vandelay Industries",
+    ],
 }
 TEMPLATES = [
     "{PER} works for {ORG} in {LOC} .",
@@ -76,14 +121,33 @@ def main():
     tokenizer.train_from_iterator(words, trainer)
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
     folder = HERE / "tiny-bert-ner"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]", model_max_length=128).save_pretrained(folder)
-    config = {"model_type": "bert", "vocab_size": tokenizer.get_vocab_size(), "hidden_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-              "max_position_embeddings": 128, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-              "type_vocab_size": 2, "pad_token_id": tokenizer.token_to_id("[PAD]")}
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    ).save_pretrained(folder)
+    config = {
+        "model_type": "bert",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "type_vocab_size": 2,
+        "pad_token_id": tokenizer.token_to_id("[PAD]"),
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -19,6 +19,7 @@ What train.py expects of this file (as for the default task):
   * `format_samples(...)` shows the predicted and the gold entities of a few sentences;
     `predictions(model, tokenizer, batch, outputs)` gives each sentence's tags, one per word, for predict.py.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,9 @@ class ModelConfig(PretrainedConfig):
     model_type = "template-token-classifier"
 
     def __init__(self, encoder=None, classifier_dropout=0.1, **kwargs):
-        self.encoder = encoder or {}  # the backbone's own config, as a dict (config.json of BERT etc.)
+        self.encoder = (
+            encoder or {}
+        )  # the backbone's own config, as a dict (config.json of BERT etc.)
         self.classifier_dropout = classifier_dropout
         super().__init__(**kwargs)
 
@@ -53,7 +56,9 @@ class Model(PreTrainedModel):
         super().__init__(config)
         encoder_config = AutoConfig.for_model(**config.encoder)
         self.encoder = AutoModel.from_config(encoder_config)
-        self.encoder.pooler = None  # unused: the head reads every token (an unused layer would make DDP fail)
+        self.encoder.pooler = (
+            None  # unused: the head reads every token (an unused layer would make DDP fail)
+        )
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.head = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
@@ -62,8 +67,12 @@ class Model(PreTrainedModel):
         # word_starts is not an input of the network: it rides along in the batch for predictions().
         logits = self.head(self.dropout(self.encoder(**inputs).last_hidden_state))
         loss = None
-        if labels is not None:  # -100 (later sub-tokens, [CLS], [SEP], padding) is left out of the mean
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if (
+            labels is not None
+        ):  # -100 (later sub-tokens, [CLS], [SEP], padding) is left out of the mean
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=-100
+            )
         return TokenClassifierOutput(loss=loss, logits=logits)
 
 
@@ -77,8 +86,11 @@ def build_model(model_name_or_path, train_set):
     id or a directory with weights gives that pretrained encoder under a new head."""
     labels = train_set.labels
     encoder_config = AutoConfig.from_pretrained(model_name_or_path)
-    config = ModelConfig(encoder=encoder_config.to_dict(), id2label=dict(enumerate(labels)),
-                         label2id={label: i for i, label in enumerate(labels)})
+    config = ModelConfig(
+        encoder=encoder_config.to_dict(),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
     model = Model(config)
     pretrained = has_weights(model_name_or_path)
     if pretrained:
@@ -109,39 +121,58 @@ def metric_inputs(model, tokenizer, batch, outputs):
     types = (outputs.logits.shape[-1] - 1) // 2
     words = batch["labels"] != -100  # each word's first sub-token
     predicted = outputs.logits.argmax(-1)
-    gold_tags, predicted_tags = batch["labels"][words].tolist(), predicted[words].tolist()  # sentence after sentence
-    counts = torch.zeros(len(words), types, 3, dtype=torch.long)  # per type: correct, predicted, gold
+    gold_tags, predicted_tags = (
+        batch["labels"][words].tolist(),
+        predicted[words].tolist(),
+    )  # sentence after sentence
+    counts = torch.zeros(
+        len(words), types, 3, dtype=torch.long
+    )  # per type: correct, predicted, gold
     start = 0
     for row, length in enumerate(words.sum(1).tolist()):
-        gold = entities(gold_tags[start:start + length])
-        guessed = entities(predicted_tags[start:start + length])
+        gold = entities(gold_tags[start : start + length])
+        guessed = entities(predicted_tags[start : start + length])
         start += length
         for spans, column in ((gold & guessed, 0), (guessed, 1), (gold, 2)):
             for _, _, kind in spans:
                 counts[row, kind, column] += 1
-    return {"words": words.sum(1), "words_correct": ((predicted == batch["labels"]) & words).sum(1),
-            "entity_counts": counts.to(words.device)}
+    return {
+        "words": words.sum(1),
+        "words_correct": ((predicted == batch["labels"]) & words).sum(1),
+        "entity_counts": counts.to(words.device),
+    }
 
 
 def compute_metrics(gathered):
-    correct, predicted, gold = gathered["entity_counts"].sum(0).double().unbind(-1)  # per entity type
+    correct, predicted, gold = (
+        gathered["entity_counts"].sum(0).double().unbind(-1)
+    )  # per entity type
     seen = (predicted + gold) > 0
     per_type_f1 = 2 * correct[seen] / (predicted + gold)[seen]
-    return {"accuracy": (gathered["words_correct"].sum() / gathered["words"].sum()).item(),
-            "precision": (correct.sum() / predicted.sum().clamp(min=1)).item(),
-            "recall": (correct.sum() / gold.sum().clamp(min=1)).item(),
-            "f1": (2 * correct.sum() / (predicted.sum() + gold.sum()).clamp(min=1)).item(),  # over all entities
-            "macro_f1": per_type_f1.mean().item() if seen.any() else 0.0}  # mean over the entity types
+    return {
+        "accuracy": (gathered["words_correct"].sum() / gathered["words"].sum()).item(),
+        "precision": (correct.sum() / predicted.sum().clamp(min=1)).item(),
+        "recall": (correct.sum() / gold.sum().clamp(min=1)).item(),
+        "f1": (
+            2 * correct.sum() / (predicted.sum() + gold.sum()).clamp(min=1)
+        ).item(),  # over all entities
+        "macro_f1": per_type_f1.mean().item() if seen.any() else 0.0,
+    }  # mean over the entity types
 
 
 def words_and_tags(tokenizer, batch, tag_ids, k):
     """Per sentence: its words (sub-tokens joined back) and the tag id at each word's first sub-token."""
     special = set(tokenizer.all_special_ids)
     sentences = []
-    for ids, starts, tags in zip(batch["input_ids"][:k].tolist(), batch["word_starts"][:k], tag_ids[:k]):
+    for ids, starts, tags in zip(
+        batch["input_ids"][:k].tolist(), batch["word_starts"][:k], tag_ids[:k]
+    ):
         positions = starts.nonzero().flatten().tolist()
         ends = positions[1:] + [len(ids)]
-        words = [tokenizer.decode([t for t in ids[s:e] if t not in special]).strip() for s, e in zip(positions, ends)]
+        words = [
+            tokenizer.decode([t for t in ids[s:e] if t not in special]).strip()
+            for s, e in zip(positions, ends)
+        ]
         sentences.append((words, tags[positions].tolist()))
     return sentences
 
@@ -150,7 +181,10 @@ def format_samples(model, tokenizer, batch, outputs, k):
     names = model.config.id2label
 
     def show(words, tags):  # "Anna/B-PER Lopez/I-PER flew to Paris/B-LOC ."
-        return " ".join(word if tag == 0 else f"{word}/{names[tag]}" for word, tag in zip(words, tags))
+        return " ".join(
+            word if tag == 0 else f"{word}/{names[tag]}" for word, tag in zip(words, tags)
+        )
+
     predicted = words_and_tags(tokenizer, batch, outputs.logits.argmax(-1), k)
     gold = words_and_tags(tokenizer, batch, batch["labels"], k)
     return [f"prediction: {show(*p)}\n  gold:       {show(*g)}" for p, g in zip(predicted, gold)]
@@ -158,5 +192,7 @@ def format_samples(model, tokenizer, batch, outputs, k):
 
 def predictions(model, tokenizer, batch, outputs):
     predicted = outputs.logits.argmax(-1)
-    return [{"tags": [model.config.id2label[tag] for tag in tags[starts.bool()].tolist()]}
-            for tags, starts in zip(predicted, batch["word_starts"])]
+    return [
+        {"tags": [model.config.id2label[tag] for tag in tags[starts.bool()].tolist()]}
+        for tags, starts in zip(predicted, batch["word_starts"])
+    ]

@@ -3,6 +3,7 @@ and the length-grouped sampler.
 
     pytest tests/task/test_data.py
 """
+
 import json
 import os
 import pickle
@@ -26,9 +27,16 @@ TOKENIZER = tiny_tokenizer()
 
 def load(path, max_len=128, labels=None):
     """dataset.py as train.py calls it, with the default options."""
-    return generate_dataset(path, "train", TOKENIZER, options.parse_args(["--max_len", str(max_len)]), labels)
+    return generate_dataset(
+        path, "train", TOKENIZER, options.parse_args(["--max_len", str(max_len)]), labels
+    )
 
-ROWS = [("the food was great", "positive"), ("it was fine i guess", "neutral"), ("awful, truly", "negative")]
+
+ROWS = [
+    ("the food was great", "positive"),
+    ("it was fine i guess", "neutral"),
+    ("awful, truly", "negative"),
+]
 
 
 def write_jsonl(path, rows):
@@ -37,8 +45,9 @@ def write_jsonl(path, rows):
 
 
 def test_parquet_gives_the_same_dataset_as_jsonl(tmp_path):
-    datasets.Dataset.from_dict({"text": [t for t, _ in ROWS], "label": [l for _, l in ROWS]}).to_parquet(
-        tmp_path / "a.parquet")
+    datasets.Dataset.from_dict(
+        {"text": [t for t, _ in ROWS], "label": [l for _, l in ROWS]}
+    ).to_parquet(tmp_path / "a.parquet")
     parquet, jsonl = load(tmp_path / "a.parquet"), load(write_jsonl(tmp_path / "a.jsonl", ROWS))
     assert parquet.labels == jsonl.labels == ["negative", "neutral", "positive"]
     assert [parquet[i] for i in range(3)] == [jsonl[i] for i in range(3)]
@@ -48,8 +57,14 @@ def test_txt_is_one_text_per_line_without_labels(tmp_path):
     (tmp_path / "a.txt").write_text("first line\nsecond line\n")
     rows = utils.load_rows(tmp_path / "a.txt")
     assert rows.column_names == ["text"] and rows["text"] == ["first line", "second line"]
-    unlabelled = generate_dataset(tmp_path / "a.txt", "train", TOKENIZER, options.parse_args([]),
-                                        labels=["negative", "positive"], predicting=True)
+    unlabelled = generate_dataset(
+        tmp_path / "a.txt",
+        "train",
+        TOKENIZER,
+        options.parse_args([]),
+        labels=["negative", "positive"],
+        predicting=True,
+    )
     assert len(unlabelled) == 2 and "labels" not in unlabelled[0]
     with pytest.raises(SystemExit, match=r"a\.txt: no 'label' column \(found: text\)"):
         load(tmp_path / "a.txt")  # training needs labels
@@ -58,13 +73,21 @@ def test_txt_is_one_text_per_line_without_labels(tmp_path):
 def test_a_hub_style_dataset_folder_with_splits_and_class_label_ids(tmp_path):
     """What --train_file nyu-mll/glue --dataset_config sst2 gives, offline: splits by file name and
     labels stored as ClassLabel ids whose names become the model's labels."""
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["negative", "positive"]),
+        }
+    )
     folder = tmp_path / "my-dataset"
     folder.mkdir()
-    for split, rows in [("train", [("good", 1), ("bad", 0), ("great", 1)]), ("validation", [("fine", 1)])]:
-        datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [l for _, l in rows]},
-                                   features=features).to_parquet(folder / f"{split}.parquet")
+    for split, rows in [
+        ("train", [("good", 1), ("bad", 0), ("great", 1)]),
+        ("validation", [("fine", 1)]),
+    ]:
+        datasets.Dataset.from_dict(
+            {"text": [t for t, _ in rows], "label": [l for _, l in rows]}, features=features
+        ).to_parquet(folder / f"{split}.parquet")
     args = options.parse_args([])
     train_set = generate_dataset(str(folder), "train", TOKENIZER, args)
     valid_set = generate_dataset(str(folder), "validation", TOKENIZER, args, train_set.labels)
@@ -93,9 +116,13 @@ def cache_file_of(data):
 
 def test_the_rows_are_read_from_the_cache_file_not_loaded():
     dataset = load(ROOT / "data" / "train.jsonl")
-    assert isinstance(dataset.rows.data, datasets.table.MemoryMappedTable)  # a map of the file, nothing held
+    assert isinstance(
+        dataset.rows.data, datasets.table.MemoryMappedTable
+    )  # a map of the file, nothing held
     everything = range(len(dataset))
-    assert dataset.__getitems__(everything) == datasets.Dataset.from_file(cache_file_of(dataset)).__getitems__(everything)
+    assert dataset.__getitems__(everything) == datasets.Dataset.from_file(
+        cache_file_of(dataset)
+    ).__getitems__(everything)
 
 
 def test_rows_are_datasets_own_and_their_lengths_count_their_tokens(tmp_path):
@@ -104,14 +131,24 @@ def test_rows_are_datasets_own_and_their_lengths_count_their_tokens(tmp_path):
     data = load(write_jsonl(tmp_path / "rows.jsonl", ROWS * 400))
     assert isinstance(data.rows, datasets.Dataset) and os.path.isfile(cache_file_of(data))
     indices = [*random.Random(1).sample(range(len(data)), 100), 0, len(data) - 1, -1]
-    assert data.__getitems__(indices) == [data[i] for i in indices] == data.rows.__getitems__(indices)
-    assert data[0]["input_ids"][0] == TOKENIZER.cls_token_id and data[2]["labels"] == 0  # negative sorts first
+    assert (
+        data.__getitems__(indices) == [data[i] for i in indices] == data.rows.__getitems__(indices)
+    )
+    assert (
+        data[0]["input_ids"][0] == TOKENIZER.cls_token_id and data[2]["labels"] == 0
+    )  # negative sorts first
     lengths = data.lengths
-    assert lengths.dtype == numpy.int32 and lengths.tolist() == [len(row["input_ids"]) for row in data.rows]
-    assert sorted(set(lengths.tolist())) == sorted({len(TOKENIZER(text)["input_ids"]) for text, _ in ROWS})
+    assert lengths.dtype == numpy.int32 and lengths.tolist() == [
+        len(row["input_ids"]) for row in data.rows
+    ]
+    assert sorted(set(lengths.tolist())) == sorted(
+        {len(TOKENIZER(text)["input_ids"]) for text, _ in ROWS}
+    )
     picked = type(data)(data.rows.select([2, 0, 1]), data.labels, data.tokenizer)
     assert picked.lengths.tolist() == [lengths[2], lengths[0], lengths[1]]
-    assert pickle.loads(pickle.dumps(data)).__getitems__(indices) == data.__getitems__(indices)  # spawned workers
+    assert pickle.loads(pickle.dumps(data)).__getitems__(indices) == data.__getitems__(
+        indices
+    )  # spawned workers
 
 
 class Lengths:
@@ -139,22 +176,31 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch():
 
     assert order(1, 0) == order(1, 0) and sorted(order(1, 0)) == list(range(500))
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
-    padded = lambda order: sum(8 * max(lengths[i] for i in order[k:k + 8]) for k in range(0, 500, 8))
+    padded = lambda order: sum(
+        8 * max(lengths[i] for i in order[k : k + 8]) for k in range(0, 500, 8)
+    )
     shuffled = torch.randperm(500, generator=torch.Generator().manual_seed(1)).tolist()
     assert padded(order(1, 0)) < 0.7 * padded(shuffled)  # 27048 vs 44392 padded tokens
 
 
-@pytest.mark.parametrize("n, batch_size, seed", [(500, 8, 1), (97, 4, 7), (5, 8, 3), (3000, 32, 42)])
+@pytest.mark.parametrize(
+    "n, batch_size, seed", [(500, 8, 1), (97, 4, 7), (5, 8, 3), (3000, 32, 42)]
+)
 def test_length_grouped_order_is_transformers_own(n, batch_size, seed):
     """The same indices as Trainer's get_length_grouped_indices (ties kept in shuffled order, the
     longest example first), held in int32 tensors instead of Python lists."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
-    lengths = torch.randint(3, 12, (n,), generator=torch.Generator().manual_seed(n)).tolist()  # many ties
+
+    lengths = torch.randint(
+        3, 12, (n,), generator=torch.Generator().manual_seed(n)
+    ).tolist()  # many ties
     lengths[n // 2] = 40  # one longest example, to be moved to the front
     sampler = samplers.LengthGroupedSampler(batch_size, Lengths(lengths), seed)
     for epoch in (0, 3):
         sampler.set_epoch(epoch)
-        expected = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed + epoch))
+        expected = get_length_grouped_indices(
+            lengths, batch_size, generator=torch.Generator().manual_seed(seed + epoch)
+        )
         assert list(sampler) == expected
 
 
@@ -171,25 +217,43 @@ def test_length_grouped_sampler_takes_the_datasets_own_lengths_quietly():
 def test_length_grouped_batches_are_split_between_two_processes_without_overlap():
     """What accelerator.prepare() does to the train loader with 2 processes."""
     sampler = samplers.LengthGroupedSampler(8, Lengths(random_lengths(96)), seed=42)
-    shards = [list(BatchSamplerShard(BatchSampler(sampler, 8, False), num_processes=2, process_index=rank))
-              for rank in (0, 1)]
+    shards = [
+        list(
+            BatchSamplerShard(BatchSampler(sampler, 8, False), num_processes=2, process_index=rank)
+        )
+        for rank in (0, 1)
+    ]
     seen = [i for shard in shards for batch in shard for i in batch]
     assert sorted(seen) == list(range(96)) and len(shards[0]) == len(shards[1]) == 6
 
 
 def test_a_dataset_without_lengths_is_refused_by_group_by_length():
-    with pytest.raises(SystemExit, match="--group_by_length: the Dataset of dataset.py has no `lengths`"):
+    with pytest.raises(
+        SystemExit, match="--group_by_length: the Dataset of dataset.py has no `lengths`"
+    ):
         samplers.LengthGroupedSampler(2, [1, 2, 3], 0)
 
 
 def test_jsonl_csv_and_tsv_give_the_same_dataset(tmp_path):
-    rows = [("the food was great", "positive"), ('he said "meh', "neutral"), ("awful, truly", "negative")]
-    (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "{t.replace(chr(34), chr(92) + chr(34))}", "label": "{l}"}}\n'
-                                              for t, l in rows))
-    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f'"{t.replace(chr(34), 2 * chr(34))}",{l}\n' for t, l in rows))
+    rows = [
+        ("the food was great", "positive"),
+        ('he said "meh', "neutral"),
+        ("awful, truly", "negative"),
+    ]
+    (tmp_path / "a.jsonl").write_text(
+        "".join(
+            f'{{"text": "{t.replace(chr(34), chr(92) + chr(34))}", "label": "{l}"}}\n'
+            for t, l in rows
+        )
+    )
+    (tmp_path / "a.csv").write_text(
+        "text,label\n" + "".join(f'"{t.replace(chr(34), 2 * chr(34))}",{l}\n' for t, l in rows)
+    )
     # GLUE-style TSV: a UTF-8 BOM, an unbalanced quote, an extra column
-    (tmp_path / "a.tsv").write_text("\ufeffid\ttext\tlabel\n" + "".join(f"{i}\t{t}\t{l}\n" for i, (t, l) in enumerate(rows)),
-                                    encoding="utf-8")
+    (tmp_path / "a.tsv").write_text(
+        "\ufeffid\ttext\tlabel\n" + "".join(f"{i}\t{t}\t{l}\n" for i, (t, l) in enumerate(rows)),
+        encoding="utf-8",
+    )
     datasets = [load(tmp_path / f"a.{ext}", 32) for ext in ("jsonl", "csv", "tsv")]
     for dataset in datasets:
         assert dataset.labels == ["negative", "neutral", "positive"]
@@ -203,23 +267,30 @@ def test_collate_pads_per_batch_not_to_max_len():
     longest = max(len(dataset[i]["input_ids"]) for i in range(4))
     assert batch["input_ids"].shape == (4, longest) and longest < 128
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert batch["attention_mask"].sum().item() == sum(len(dataset[i]["input_ids"]) for i in range(4))
+    assert batch["attention_mask"].sum().item() == sum(
+        len(dataset[i]["input_ids"]) for i in range(4)
+    )
 
 
 def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate():
     """train.py's default order: every example once per epoch, another order each epoch, the same
     order for the same (seed, epoch) after a restart, and set_epoch reaching it through prepare()."""
     from accelerate import Accelerator
+
     accelerator = Accelerator()
 
     def orders(seed):
-        loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(50)), 8,
-                                                                 sampler=samplers.ShuffledSampler(50, seed)))
+        loader = accelerator.prepare(
+            torch.utils.data.DataLoader(
+                list(range(50)), 8, sampler=samplers.ShuffledSampler(50, seed)
+            )
+        )
         result = []
         for epoch in range(2):
             loader.set_epoch(epoch)
             result.append([int(i) for batch in loader for i in batch])
         return result
+
     first, again, other = orders(42), orders(42), orders(7)
     assert sorted(first[0]) == sorted(first[1]) == list(range(50)) and first[0] != first[1]
     assert first == again and first != other
@@ -229,4 +300,7 @@ def test_the_shuffled_order_is_torchs_permutation_held_in_int32():
     sampler = samplers.ShuffledSampler(100_000, seed=3)
     sampler.set_epoch(2)
     assert sampler.order().dtype == torch.int32  # 4 bytes an example
-    assert list(sampler) == torch.randperm(100_000, generator=torch.Generator().manual_seed(5)).tolist()
+    assert (
+        list(sampler)
+        == torch.randperm(100_000, generator=torch.Generator().manual_seed(5)).tolist()
+    )

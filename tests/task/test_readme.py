@@ -9,6 +9,7 @@ virtual environment's bin first on PATH, the hub offline and caches of their own
 to the copy: the sample training data is cut to its first 1000 rows, so that the default job takes
 a few seconds and the whole test well under a minute on 2 CPU cores; the commands are the README's.
 """
+
 import json
 import os
 import re
@@ -25,9 +26,18 @@ from conftest import ROOT, read_json
 MARKER = "<!-- runs in tests/task/test_readme.py -->"
 LANGUAGES = {"sh": "bash", "bash": "bash", "shell": "bash", "console": "bash", "python": "python"}
 TRAIN_ROWS = 1000
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "lr.bin",
-                    "my_config.json", "optimizer.pt", "trainer_state.json", "rng_state_0.safetensors",
-                    "manifest.json"]
+CHECKPOINT_FILES = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "lr.bin",
+    "my_config.json",
+    "optimizer.pt",
+    "trainer_state.json",
+    "rng_state_0.safetensors",
+    "manifest.json",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -43,25 +53,37 @@ def marked_blocks(text):
         opening = lines[start] if start < len(lines) else ""
         if opening.startswith("```"):
             language = opening[3:].strip() or "sh"
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("```")), None)
-            assert end is not None, f"README.md line {number}: the marked block is not closed with ```"
-            code = lines[start + 1:end]
+            end = next(
+                (i for i in range(start + 1, len(lines)) if lines[i].startswith("```")), None
+            )
+            assert end is not None, (
+                f"README.md line {number}: the marked block is not closed with ```"
+            )
+            code = lines[start + 1 : end]
         elif opening.startswith("    "):
             language, end = "sh", start
             while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
                 end += 1
             code = [line[4:] for line in lines[start:end]]
         else:
-            raise AssertionError(f"README.md line {number}: the marker is not followed by a code block")
-        assert language in LANGUAGES, f"README.md line {number}: a marked block in {language!r}, not sh or python"
+            raise AssertionError(
+                f"README.md line {number}: the marker is not followed by a code block"
+            )
+        assert language in LANGUAGES, (
+            f"README.md line {number}: a marked block in {language!r}, not sh or python"
+        )
         blocks.append((number, LANGUAGES[language], "\n".join(code).strip() + "\n"))
     return blocks
 
 
 def copy_repository(destination):
     """The working tree's versions of the files git tracks, plus new files it does not ignore."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode()
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         source = ROOT / name
         if not (source.is_file() or source.is_symlink()):  # deleted in the working tree
@@ -71,11 +93,23 @@ def copy_repository(destination):
 
 
 def user_environment(home):
-    bin_dir = Path(sys.prefix) / "bin" if sys.prefix != sys.base_prefix else Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ACCELERATE_") and k not in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "PYTHONPATH")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", HF_HOME=str(home), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    bin_dir = (
+        Path(sys.prefix) / "bin" if sys.prefix != sys.base_prefix else Path(sys.executable).parent
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ACCELERATE_")
+        and k not in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "PYTHONPATH")
+    }
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        HF_HOME=str(home),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        MPLBACKEND="Agg",
+    )
     if sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix
     return env
@@ -109,7 +143,9 @@ class Checks:
                 self.seen.add("look")
         if "head -3 predictions.jsonl" in code:
             shown = [line for line in output.splitlines() if line.startswith('{"index"')]
-            assert len(shown) == 3, f"head -3 predictions.jsonl showed {len(shown)} prediction lines"
+            assert len(shown) == 3, (
+                f"head -3 predictions.jsonl showed {len(shown)} prediction lines"
+            )
 
     def trained(self, command):
         outdir = self.repo / (option(command, "--outdir") or "model")
@@ -126,13 +162,18 @@ class Checks:
 
     def resumed(self, command, output):
         outdir = self.repo / Path(option(command, "--resume")).parent
-        epochs = int(option(command, "--epochs") or read_json(outdir / "last" / "my_config.json")["epochs"])
+        epochs = int(
+            option(command, "--epochs") or read_json(outdir / "last" / "my_config.json")["epochs"]
+        )
         log = read_json(outdir / "log.json")
         assert list(log) == [f"Epoch {i}" for i in range(epochs)]
-        assert self.first_log and all(log[k] == v for k, v in self.first_log.items()), \
+        assert self.first_log and all(log[k] == v for k, v in self.first_log.items()), (
             "the resumed run did not keep the first run's log.json"
+        )
         first_new = len(self.first_log)
-        assert f"[Epoch {first_new}] train loss" in output, "the resumed run did not train the next epoch"
+        assert f"[Epoch {first_new}] train loss" in output, (
+            "the resumed run did not train the next epoch"
+        )
         assert "[Epoch 0] train loss" not in output, "the resumed run started over"
         assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == epochs
         self.seen.add("resume")
@@ -156,8 +197,9 @@ class Checks:
 
     def loaded_model(self, stdout):
         labels = set(read_json(self.repo / "model" / "best" / "config.json")["id2label"].values())
-        assert stdout.strip().splitlines()[-1:] and stdout.strip().splitlines()[-1] in labels, \
+        assert stdout.strip().splitlines()[-1:] and stdout.strip().splitlines()[-1] in labels, (
             "the loading snippet did not print a label"
+        )
         self.seen.add("load")
 
 
@@ -175,15 +217,27 @@ def test_readme_blocks_run(tmp_path):
     for line, language, code in blocks:
         command = ["python", "-"] if language == "python" else ["bash", "-c", "set -e\n" + code]
         started = time.monotonic()
-        result = subprocess.run(command, input=code if language == "python" else None, cwd=repo, env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            command,
+            input=code if language == "python" else None,
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         output = result.stdout + result.stderr
-        print(f"--- README.md line {line} ({language}, {time.monotonic() - started:.1f} s):\n{code}{output[-3000:]}")
-        assert result.returncode == 0, (f"README.md line {line}: the block exited {result.returncode}:\n{code}\n"
-                                        f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        print(
+            f"--- README.md line {line} ({language}, {time.monotonic() - started:.1f} s):\n{code}{output[-3000:]}"
+        )
+        assert result.returncode == 0, (
+            f"README.md line {line}: the block exited {result.returncode}:\n{code}\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
         try:
             check(language, code, result.stdout, output)
         except AssertionError as e:
             raise AssertionError(f"README.md line {line}: {e}\n{code}\n{output[-5000:]}") from None
-    assert {"train", "look", "resume", "load", "predict", "plot"} <= check.seen, \
+    assert {"train", "look", "resume", "load", "predict", "plot"} <= check.seen, (
         f"the README's marked blocks cover only {sorted(check.seen)}"
+    )

@@ -6,6 +6,7 @@ Every step of a checkpoint save that matters ends in an os.replace (a JSON file 
 temporary, a staging folder published, the previous checkpoint moved aside), so "right after the
 N-th os.replace onto NAME" reaches each moment of a save without any hook in the shipped code.
 """
+
 import os
 import sys
 

@@ -5,6 +5,7 @@ run, once: the file KILL_ONCE says it was done, so the run started again (the sa
 
 No hook of this kind ships in train.py; the kill is a real one (kill -9 of one worker).
 """
+
 import os
 import signal
 import sys
@@ -15,7 +16,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 
 import train  # noqa: E402
 
-MARKER, AT, RANK = os.environ["KILL_ONCE"], int(os.environ["KILL_AT"]), os.environ.get("KILL_RANK", "0")
+MARKER, AT, RANK = (
+    os.environ["KILL_ONCE"],
+    int(os.environ["KILL_AT"]),
+    os.environ.get("KILL_RANK", "0"),
+)
 steps = [0]
 
 

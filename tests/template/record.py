@@ -5,6 +5,7 @@
 An example is named by its token ids (padding left out), so records of runs with other numbers of
 processes, batch splits and padding compare. No hook of this kind ships in train.py.
 """
+
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ def recording(self, **batch):
 
 def stepped(*_):
     if not current:  # not a training step: torch.distributed.checkpoint's set_optimizer_state_dict
-        return       # runs an empty one to create the optimizer's state before loading it
+        return  # runs an empty one to create the optimizer's state before loading it
     steps.append(sorted(current))
     current.clear()
     output.write_text(json.dumps(steps))  # at every step: several processes end with os._exit

@@ -5,6 +5,7 @@ unchanged train.py: bitwise resume, metrics, predict.py, LoRA on a trained check
     pytest tests/template/test_example_sft.py               # the example's own functions (seconds)
     pytest tests/template/test_example_sft.py -m slow       # end to end (~1-2 min on 2 cores)
 """
+
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -13,10 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_examples import copy_repository, load_module
 from transformers import AutoTokenizer
 
 from conftest import ROOT, assert_bitwise_equal, launch, read_json
-from test_examples import copy_repository, load_module
 
 EXAMPLE = ROOT / "examples" / "sft"
 MODEL = EXAMPLE / "tiny-gpt2-chat"
@@ -26,13 +27,22 @@ STOP_AFTER = 53  # inside the second epoch, between two log windows
 
 @pytest.fixture(scope="module")
 def sft():
-    return SimpleNamespace(dataset=load_module(EXAMPLE / "dataset.py", "sft_dataset"),
-                           modeling=load_module(EXAMPLE / "modeling.py", "sft_modeling"))
+    return SimpleNamespace(
+        dataset=load_module(EXAMPLE / "dataset.py", "sft_dataset"),
+        modeling=load_module(EXAMPLE / "modeling.py", "sft_modeling"),
+    )
 
 
 def args(**options):
-    return SimpleNamespace(**{"max_len": 128, "dataset_config": None, "model_name_or_path": str(MODEL),
-                              "train_split": "train", **options})
+    return SimpleNamespace(
+        **{
+            "max_len": 128,
+            "dataset_config": None,
+            "model_name_or_path": str(MODEL),
+            "train_split": "train",
+            **options,
+        }
+    )
 
 
 def write_rows(path, rows):
@@ -40,74 +50,124 @@ def write_rows(path, rows):
     return str(path)
 
 
-PAIRS = [{"prompt": "add three and four", "response": "seven"},
-         {"prompt": "reverse the words: red fox cup", "response": "cup fox red"},
-         {"prompt": "what comes after tuesday?", "response": "wednesday"}]
+PAIRS = [
+    {"prompt": "add three and four", "response": "seven"},
+    {"prompt": "reverse the words: red fox cup", "response": "cup fox red"},
+    {"prompt": "what comes after tuesday?", "response": "wednesday"},
+]
 
 
 # ---------------------------------------------------------------- the data alone
 
+
 def test_labels_mask_exactly_the_prompt_and_the_padding(sft, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    data = sft.dataset.generate_dataset(write_rows(tmp_path / "pairs.jsonl", PAIRS), "train", tokenizer, args())
+    data = sft.dataset.generate_dataset(
+        write_rows(tmp_path / "pairs.jsonl", PAIRS), "train", tokenizer, args()
+    )
     batch = data.collate(data.__getitems__([0, 1, 2]))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     for i, pair in enumerate(PAIRS):
-        ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i].bool()
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": pair["prompt"]}],
-                                               add_generation_prompt=True, tokenize=False)
+        ids, labels, mask = (
+            batch["input_ids"][i],
+            batch["labels"][i],
+            batch["attention_mask"][i].bool(),
+        )
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": pair["prompt"]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         answered = labels != -100
-        assert not answered[:prompt_length].any() and not answered[~mask].any()  # the prompt and the padding
-        assert answered[prompt_length:mask.sum()].all()
+        assert (
+            not answered[:prompt_length].any() and not answered[~mask].any()
+        )  # the prompt and the padding
+        assert answered[prompt_length : mask.sum()].all()
         assert labels[answered].equal(ids[answered])  # unshifted: the model shifts them itself
         assert tokenizer.decode(ids[:prompt_length]) == prompt
-        assert tokenizer.decode(ids[answered]) == pair["response"] + "<|end|>"  # it learns to end its turn
-    assert sft.modeling.loss_items(batch).tolist() == (batch["labels"][:, 1:] != -100).sum(1).tolist()
+        assert (
+            tokenizer.decode(ids[answered]) == pair["response"] + "<|end|>"
+        )  # it learns to end its turn
+    assert (
+        sft.modeling.loss_items(batch).tolist() == (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    )
 
 
 def test_the_chat_template_is_used_when_there_is_one_and_a_plain_format_otherwise(sft, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     path = write_rows(tmp_path / "pairs.jsonl", PAIRS[:1])
     with_template = sft.dataset.generate_dataset(path, "train", tokenizer, args())[0]
-    assert tokenizer.decode(with_template["input_ids"]) == \
-        "<|user|>add three and four<|end|><|assistant|>seven<|end|>"
+    assert (
+        tokenizer.decode(with_template["input_ids"])
+        == "<|user|>add three and four<|end|><|assistant|>seven<|end|>"
+    )
     tokenizer.chat_template = None
     plain = sft.dataset.generate_dataset(path, "train", tokenizer, args())[0]
     text = tokenizer.decode(plain["input_ids"])
     assert text == sft.dataset.FALLBACK_FORMAT.format(prompt="add three and four") + "seven<|end|>"
     answered = [i for i, label in zip(plain["input_ids"], plain["labels"]) if label != -100]
     assert tokenizer.decode(answered) == "seven<|end|>"
-    predicting = sft.dataset.generate_dataset(path, "validation", tokenizer, args(), predicting=True)[0]
-    assert tokenizer.decode(predicting["input_ids"]) == text.removesuffix("seven<|end|>")  # the prompt alone
+    predicting = sft.dataset.generate_dataset(
+        path, "validation", tokenizer, args(), predicting=True
+    )[0]
+    assert tokenizer.decode(predicting["input_ids"]) == text.removesuffix(
+        "seven<|end|>"
+    )  # the prompt alone
 
 
 def test_predict_mode_gives_the_generation_prompt_and_needs_no_response(sft, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     path = write_rows(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
     data = sft.dataset.generate_dataset(path, "validation", tokenizer, args(), predicting=True)
-    assert tokenizer.decode(data[0]["input_ids"]) == "<|user|>add three and four<|end|><|assistant|>"
+    assert (
+        tokenizer.decode(data[0]["input_ids"]) == "<|user|>add three and four<|end|><|assistant|>"
+    )
     assert set(data.collate(data.__getitems__([0, 1]))) == {"input_ids", "attention_mask"}
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([PAIRS[0], {"prompt": "spell cat"}], r"rows.jsonl, line 2: the 'response' field is missing"),
-    ([PAIRS[0], {"prompt": "  ", "response": "x"}], r"rows.jsonl, line 2: the 'prompt' field is empty"),
-    ([PAIRS[0], PAIRS[1], {"prompt": "spell cat", "response": ""}], r"rows.jsonl, line 3: the 'response' field is empty"),
-    ([{"prompt": "spell cat", "response": ["c", "a", "t"]}], r"rows.jsonl, line 1: the 'response' field is not a string"),
-    ([{"question": "spell cat", "response": "c a t"}], r"rows.jsonl: no 'prompt' column \(found: question, response\)"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [PAIRS[0], {"prompt": "spell cat"}],
+            r"rows.jsonl, line 2: the 'response' field is missing",
+        ),
+        (
+            [PAIRS[0], {"prompt": "  ", "response": "x"}],
+            r"rows.jsonl, line 2: the 'prompt' field is empty",
+        ),
+        (
+            [PAIRS[0], PAIRS[1], {"prompt": "spell cat", "response": ""}],
+            r"rows.jsonl, line 3: the 'response' field is empty",
+        ),
+        (
+            [{"prompt": "spell cat", "response": ["c", "a", "t"]}],
+            r"rows.jsonl, line 1: the 'response' field is not a string",
+        ),
+        (
+            [{"question": "spell cat", "response": "c a t"}],
+            r"rows.jsonl: no 'prompt' column \(found: question, response\)",
+        ),
+    ],
+)
 def test_a_data_mistake_is_one_line_naming_the_file_and_the_row(sft, tmp_path, rows, message):
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     with pytest.raises(SystemExit, match=message) as error:
-        sft.dataset.generate_dataset(write_rows(tmp_path / "rows.jsonl", rows), "train", tokenizer, args())
+        sft.dataset.generate_dataset(
+            write_rows(tmp_path / "rows.jsonl", rows), "train", tokenizer, args()
+        )
     assert "\n" not in str(error.value.code)
 
 
-def test_a_prompt_with_no_room_for_the_response_and_a_tokenizer_without_eos_are_refused(sft, tmp_path):
+def test_a_prompt_with_no_room_for_the_response_and_a_tokenizer_without_eos_are_refused(
+    sft, tmp_path
+):
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     path = write_rows(tmp_path / "rows.jsonl", PAIRS)
-    with pytest.raises(SystemExit, match=r"rows.jsonl, line 2: the prompt is 10 tokens .* --max_len 8"):
+    with pytest.raises(
+        SystemExit, match=r"rows.jsonl, line 2: the prompt is 10 tokens .* --max_len 8"
+    ):
         sft.dataset.generate_dataset(path, "train", tokenizer, args(max_len=8))
     tokenizer.pad_token = None  # no pad token: the eos token pads (masked by the attention mask)
     data = sft.dataset.generate_dataset(path, "train", tokenizer, args())
@@ -121,9 +181,16 @@ def test_packing_keeps_the_examples_apart(sft, tmp_path, monkeypatch):
     """Packed rows: positions restart per example, every example starts on a prompt token (label
     -100), and each example's logits are those it has alone (attention does not cross)."""
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    rows = [dict(zip(("prompt", "response"), line)) for line in
-            [("spell cat", "c a t"), ("add one and two", "three"), ("what comes before may?", "april"),
-             ("reverse the words: sun moon", "moon sun"), ("spell frog", "f r o g")]]
+    rows = [
+        dict(zip(("prompt", "response"), line))
+        for line in [
+            ("spell cat", "c a t"),
+            ("add one and two", "three"),
+            ("what comes before may?", "april"),
+            ("reverse the words: sun moon", "moon sun"),
+            ("spell frog", "f r o g"),
+        ]
+    ]
     path = write_rows(tmp_path / "pairs.jsonl", rows)
     plain = sft.dataset.generate_dataset(path, "train", tokenizer, args(max_len=40))
     monkeypatch.setattr(sft.dataset, "PACK", True)
@@ -135,7 +202,10 @@ def test_packing_keeps_the_examples_apart(sft, tmp_path, monkeypatch):
     model = sft.modeling.build_model(str(MODEL), plain).eval()
     batch = packed.collate(packed.__getitems__(list(range(len(packed)))))
     assert "attention_mask" not in batch and batch["use_cache"] is False
-    assert sft.modeling.loss_items(batch).sum() == sft.modeling.loss_items(plain.collate(list(plain))).sum()
+    assert (
+        sft.modeling.loss_items(batch).sum()
+        == sft.modeling.loss_items(plain.collate(list(plain))).sum()
+    )
     with torch.no_grad():
         logits = model(**batch).logits
         example = 0
@@ -156,9 +226,12 @@ def test_packing_keeps_the_examples_apart(sft, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- generation and the metric
 
+
 def test_generation_in_a_left_padded_batch_equals_one_prompt_at_a_time(sft, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    data = sft.dataset.generate_dataset(write_rows(tmp_path / "pairs.jsonl", PAIRS), "train", tokenizer, args())
+    data = sft.dataset.generate_dataset(
+        write_rows(tmp_path / "pairs.jsonl", PAIRS), "train", tokenizer, args()
+    )
     torch.manual_seed(0)
     model = sft.modeling.build_model(str(MODEL), data).eval()
     batch = data.collate(data.__getitems__([0, 1, 2]))
@@ -170,9 +243,13 @@ def test_generation_in_a_left_padded_batch_equals_one_prompt_at_a_time(sft, tmp_
     assert together == alone and all(len(reply) > 0 for reply in together)
 
 
-def test_exact_match_counts_replies_equal_to_the_gold_up_to_the_end_token(sft, tmp_path, monkeypatch):
+def test_exact_match_counts_replies_equal_to_the_gold_up_to_the_end_token(
+    sft, tmp_path, monkeypatch
+):
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    data = sft.dataset.generate_dataset(write_rows(tmp_path / "pairs.jsonl", PAIRS), "train", tokenizer, args())
+    data = sft.dataset.generate_dataset(
+        write_rows(tmp_path / "pairs.jsonl", PAIRS), "train", tokenizer, args()
+    )
     batch = data.collate(data.__getitems__([0, 1, 2]))
     golds = [gold.tolist() for _, gold in sft.modeling.prompts_and_replies(batch)]
     end = tokenizer.eos_token_id
@@ -188,6 +265,7 @@ def test_exact_match_counts_replies_equal_to_the_gold_up_to_the_end_token(sft, t
 
 # ---------------------------------------------------------------- end to end, through train.py
 
+
 def fork_with_sft(folder):
     repo = folder / "repo"
     copy_repository(repo)
@@ -196,9 +274,24 @@ def fork_with_sft(folder):
     for split, rows in [("train", TRAIN_ROWS), ("valid", VALID_ROWS)]:
         lines = (EXAMPLE / "data" / f"{split}.jsonl").read_text().splitlines()[:rows]
         (repo / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    options = ["--model_name_or_path", "examples/sft/tiny-gpt2-chat", "--train_file", "train.jsonl",
-               "--valid_file", "valid.jsonl", "--epochs", 2, "--batch_size", BATCH_SIZE, "--lr", 3e-3,
-               "--num_warmup_steps", 5, "--metric_for_best", "exact_match"]
+    options = [
+        "--model_name_or_path",
+        "examples/sft/tiny-gpt2-chat",
+        "--train_file",
+        "train.jsonl",
+        "--valid_file",
+        "valid.jsonl",
+        "--epochs",
+        2,
+        "--batch_size",
+        BATCH_SIZE,
+        "--lr",
+        3e-3,
+        "--num_warmup_steps",
+        5,
+        "--metric_for_best",
+        "exact_match",
+    ]
     return repo, options
 
 
@@ -210,26 +303,66 @@ def runs(tmp_path_factory):
 
     def run(*extra, cache):  # each its own datasets cache: two run at the same time
         return launch(*options, *extra, cwd=repo, env={"HF_DATASETS_CACHE": str(repo / cache)})
+
     small = ["--batch_size", BATCH_SIZE // 2, "--accumulation", 2]
     with ThreadPoolExecutor(2) as pool:
         full = pool.submit(run, "--outdir", "full", "--sample_every", 20, cache="cache-a")
-        stopped = pool.submit(run, "--outdir", "stopped", "--stop_after_steps", STOP_AFTER, cache="cache-b")
+        stopped = pool.submit(
+            run, "--outdir", "stopped", "--stop_after_steps", STOP_AFTER, cache="cache-b"
+        )
         full, stopped = full.result(), stopped.result()
-        resumed = pool.submit(launch, "--resume", "stopped/last", cwd=repo, env={"HF_DATASETS_CACHE": str(repo / "cache-b")})
+        resumed = pool.submit(
+            launch,
+            "--resume",
+            "stopped/last",
+            cwd=repo,
+            env={"HF_DATASETS_CACHE": str(repo / "cache-b")},
+        )
         accumulated = pool.submit(run, "--outdir", "full2", *small, cache="cache-a")
         resumed, accumulated = resumed.result(), accumulated.result()
-        stopped2 = pool.submit(run, "--outdir", "stopped2", *small, "--stop_after_steps", STOP_AFTER, cache="cache-b")
-        lora = pool.submit(launch, *options, "--model_name_or_path", "full/best", "--epochs", 1, "--lora_r", 8,
-                           "--outdir", "lora", cwd=repo,
-                           env={"HF_DATASETS_CACHE": str(repo / "cache-a")})
+        stopped2 = pool.submit(
+            run, "--outdir", "stopped2", *small, "--stop_after_steps", STOP_AFTER, cache="cache-b"
+        )
+        lora = pool.submit(
+            launch,
+            *options,
+            "--model_name_or_path",
+            "full/best",
+            "--epochs",
+            1,
+            "--lora_r",
+            8,
+            "--outdir",
+            "lora",
+            cwd=repo,
+            env={"HF_DATASETS_CACHE": str(repo / "cache-a")},
+        )
         stopped2, lora = stopped2.result(), lora.result()
-        resumed2 = pool.submit(launch, "--resume", "stopped2/last", cwd=repo,
-                               env={"HF_DATASETS_CACHE": str(repo / "cache-b")})
-        check = pool.submit(launch, *options, "--check", cwd=repo, check=False,
-                            env={"HF_DATASETS_CACHE": str(repo / "cache-a")})
+        resumed2 = pool.submit(
+            launch,
+            "--resume",
+            "stopped2/last",
+            cwd=repo,
+            env={"HF_DATASETS_CACHE": str(repo / "cache-b")},
+        )
+        check = pool.submit(
+            launch,
+            *options,
+            "--check",
+            cwd=repo,
+            check=False,
+            env={"HF_DATASETS_CACHE": str(repo / "cache-a")},
+        )
         resumed2, check = resumed2.result(), check.result()
-    return SimpleNamespace(repo=repo, options=options, full=full, stopped=stopped, resumed=resumed,
-                           lora=lora, check=check)
+    return SimpleNamespace(
+        repo=repo,
+        options=options,
+        full=full,
+        stopped=stopped,
+        resumed=resumed,
+        lora=lora,
+        check=check,
+    )
 
 
 @pytest.mark.slow
@@ -239,8 +372,12 @@ def test_stopped_and_resumed_runs_end_bitwise_equal(runs, suffix):
     assert read_json(repo / f"stopped{suffix}" / "last" / "trainer_state.json")["global_step"] == 80
     assert_bitwise_equal(repo / f"full{suffix}" / "last", repo / f"stopped{suffix}" / "last")
     assert_bitwise_equal(repo / f"full{suffix}" / "best", repo / f"stopped{suffix}" / "best")
-    assert read_json(repo / f"full{suffix}" / "log.json") == read_json(repo / f"stopped{suffix}" / "log.json")
-    assert f"Stopped by --stop_after_steps after {STOP_AFTER} optimizer steps" in runs.stopped.stdout
+    assert read_json(repo / f"full{suffix}" / "log.json") == read_json(
+        repo / f"stopped{suffix}" / "log.json"
+    )
+    assert (
+        f"Stopped by --stop_after_steps after {STOP_AFTER} optimizer steps" in runs.stopped.stdout
+    )
 
 
 @pytest.mark.slow
@@ -251,20 +388,41 @@ def test_log_has_exact_match_and_the_model_learns(runs):
     assert valid[1]["loss"] < valid[0]["loss"] and valid[1]["exact_match"] > valid[0]["exact_match"]
     assert "highest valid exact_match" in runs.full.stdout  # higher is better, said at the start
     out = runs.full.stdout
-    assert out.count("--- samples at step ") == 4 and out.count("  generated:") == 12 and out.count("  gold:") == 12
+    assert (
+        out.count("--- samples at step ") == 4
+        and out.count("  generated:") == 12
+        and out.count("  gold:") == 12
+    )
 
 
 @pytest.mark.slow
 def test_predict_writes_one_generated_response_per_prompt(runs):
     repo = runs.repo
-    prompts = [json.loads(line)["prompt"] for line in (repo / "valid.jsonl").read_text().splitlines()]
+    prompts = [
+        json.loads(line)["prompt"] for line in (repo / "valid.jsonl").read_text().splitlines()
+    ]
     write_rows(repo / "prompts.jsonl", [{"prompt": p} for p in prompts])  # no response column
-    launch("--checkpoint", "full/best", "--input_file", "prompts.jsonl", "--output_file", "predictions.jsonl",
-           "--batch_size", 7, cwd=repo, script="predict.py", env={"HF_DATASETS_CACHE": str(repo / "cache-a")})
+    launch(
+        "--checkpoint",
+        "full/best",
+        "--input_file",
+        "prompts.jsonl",
+        "--output_file",
+        "predictions.jsonl",
+        "--batch_size",
+        7,
+        cwd=repo,
+        script="predict.py",
+        env={"HF_DATASETS_CACHE": str(repo / "cache-a")},
+    )
     lines = [json.loads(line) for line in (repo / "predictions.jsonl").read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(VALID_ROWS))
-    assert all(set(line) == {"index", "response"} and isinstance(line["response"], str) for line in lines)
-    gold = [json.loads(line)["response"] for line in (repo / "valid.jsonl").read_text().splitlines()]
+    assert all(
+        set(line) == {"index", "response"} and isinstance(line["response"], str) for line in lines
+    )
+    gold = [
+        json.loads(line)["response"] for line in (repo / "valid.jsonl").read_text().splitlines()
+    ]
     right = sum(line["response"] == answer for line, answer in zip(lines, gold)) / VALID_ROWS
     logged = read_json(repo / "full" / "best" / "trainer_state.json")["best_metric"]
     assert right == pytest.approx(logged)  # predict.py's replies are the ones validation scored
@@ -273,15 +431,26 @@ def test_predict_writes_one_generated_response_per_prompt(runs):
 @pytest.mark.slow
 def test_lora_on_a_trained_checkpoint_trains_the_adapters_only(runs):
     repo = runs.repo
-    base_loss = read_json(repo / "full" / "log.json")["Epoch 1"]["valid_log"]["loss"]  # full/best's epoch
+    base_loss = read_json(repo / "full" / "log.json")["Epoch 1"]["valid_log"][
+        "loss"
+    ]  # full/best's epoch
     assert read_json(repo / "full" / "best" / "trainer_state.json")["epoch"] == 2
     lora_loss = read_json(repo / "lora" / "log.json")["Epoch 0"]["valid_log"]["loss"]
     assert lora_loss < base_loss
-    base, tuned = load_file(repo / "full" / "best" / "model.safetensors"), load_file(repo / "lora" / "best" / "model.safetensors")
-    assert base.keys() == tuned.keys() and all(base[k].equal(tuned[k]) for k in base)  # the backbone as it was
+    base, tuned = (
+        load_file(repo / "full" / "best" / "model.safetensors"),
+        load_file(repo / "lora" / "best" / "model.safetensors"),
+    )
+    assert base.keys() == tuned.keys() and all(
+        base[k].equal(tuned[k]) for k in base
+    )  # the backbone as it was
     adapters = load_file(repo / "lora" / "best" / "adapter_model.safetensors")
     assert adapters and all("lora_" in k for k in adapters)
-    assert {k.split(".")[-3] for k in adapters} == {"c_attn", "c_proj", "c_fc"}  # every Conv1D of GPT-2 by default
+    assert {k.split(".")[-3] for k in adapters} == {
+        "c_attn",
+        "c_proj",
+        "c_fc",
+    }  # every Conv1D of GPT-2 by default
 
 
 @pytest.mark.slow
@@ -302,18 +471,59 @@ def test_two_processes_generate_on_every_process_and_gather(runs, sharded, tmp_p
     config = None
     if sharded:  # fsdp_cpu.yaml with GPT-2's block as the unit of sharding
         config = tmp_path / "fsdp_gpt2.yaml"
-        config.write_text((repo / "configs" / "accelerate" / "fsdp_cpu.yaml").read_text()
-                          .replace("fsdp_transformer_layer_cls_to_wrap: BertLayer", "fsdp_transformer_layer_cls_to_wrap: GPT2Block"))
-    result = launch(*runs.options, "--model_name_or_path", "full/best", "--epochs", 1, "--lr", 1e-3, "--outdir", outdir,
-                    "--sample_every", 15, cwd=repo, processes=2, config=config,
-                    env={"HF_DATASETS_CACHE": str(repo / "cache-a")})
+        config.write_text(
+            (repo / "configs" / "accelerate" / "fsdp_cpu.yaml")
+            .read_text()
+            .replace(
+                "fsdp_transformer_layer_cls_to_wrap: BertLayer",
+                "fsdp_transformer_layer_cls_to_wrap: GPT2Block",
+            )
+        )
+    result = launch(
+        *runs.options,
+        "--model_name_or_path",
+        "full/best",
+        "--epochs",
+        1,
+        "--lr",
+        1e-3,
+        "--outdir",
+        outdir,
+        "--sample_every",
+        15,
+        cwd=repo,
+        processes=2,
+        config=config,
+        env={"HF_DATASETS_CACHE": str(repo / "cache-a")},
+    )
     # Samples too: under FSDP2 every process generates them (the main one prints), else the main one.
-    assert result.stdout.count("--- samples at step ") == 1 and result.stdout.count("  generated:") == 3
+    assert (
+        result.stdout.count("--- samples at step ") == 1
+        and result.stdout.count("  generated:") == 3
+    )
     state = read_json(outdir / "best" / "trainer_state.json")
-    assert (state["num_processes"], state["distributed_type"]) == (2, "FSDP" if sharded else "MULTI_CPU")
-    launch("--checkpoint", outdir / "best", "--input_file", "valid.jsonl", "--output_file", tmp_path / "p.jsonl",
-           cwd=repo, script="predict.py", env={"HF_DATASETS_CACHE": str(repo / "cache-a")})
-    replies = [json.loads(line)["response"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    gold = [json.loads(line)["response"] for line in (repo / "valid.jsonl").read_text().splitlines()]
+    assert (state["num_processes"], state["distributed_type"]) == (
+        2,
+        "FSDP" if sharded else "MULTI_CPU",
+    )
+    launch(
+        "--checkpoint",
+        outdir / "best",
+        "--input_file",
+        "valid.jsonl",
+        "--output_file",
+        tmp_path / "p.jsonl",
+        cwd=repo,
+        script="predict.py",
+        env={"HF_DATASETS_CACHE": str(repo / "cache-a")},
+    )
+    replies = [
+        json.loads(line)["response"] for line in (tmp_path / "p.jsonl").read_text().splitlines()
+    ]
+    gold = [
+        json.loads(line)["response"] for line in (repo / "valid.jsonl").read_text().splitlines()
+    ]
     assert len(replies) == VALID_ROWS
-    assert state["best_metric"] == pytest.approx(sum(r == g for r, g in zip(replies, gold)) / VALID_ROWS)
+    assert state["best_metric"] == pytest.approx(
+        sum(r == g for r, g in zip(replies, gold)) / VALID_ROWS
+    )

@@ -4,6 +4,7 @@ trained end to end by the unchanged train.py: outputs, metrics, learning, sample
     pytest tests/template/test_examples.py               # the examples' own functions, in this process
     pytest tests/template/test_examples.py -m slow       # end to end (~40 s on 2 cores), 2 processes included
 """
+
 import importlib.util
 import json
 import math
@@ -20,13 +21,28 @@ from conftest import ROOT, assert_bitwise_equal, launch, read_json
 
 # Per example: its default model, the suffix of its data files, the metric it adds to log.json.
 EXAMPLES = {
-    "causal_lm": {"model": "examples/causal_lm/tiny-gpt2", "suffix": ".txt", "metric": "perplexity"},
-    "token_classification": {"model": "examples/token_classification/tiny-bert-ner", "suffix": ".jsonl",
-                             "metric": "f1"},
+    "causal_lm": {
+        "model": "examples/causal_lm/tiny-gpt2",
+        "suffix": ".txt",
+        "metric": "perplexity",
+    },
+    "token_classification": {
+        "model": "examples/token_classification/tiny-bert-ner",
+        "suffix": ".jsonl",
+        "metric": "f1",
+    },
 }
 TRAIN_ROWS, VALID_ROWS, BATCH_SIZE = 160, 40, 16  # 10 optimizer steps per epoch
 STOP_AFTER = 13  # inside the second epoch, between two log windows
-TAGS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]  # the token classification data's
+TAGS = [
+    "O",
+    "B-LOC",
+    "I-LOC",
+    "B-ORG",
+    "I-ORG",
+    "B-PER",
+    "I-PER",
+]  # the token classification data's
 
 
 def load_module(path, name):
@@ -39,11 +55,17 @@ def load_module(path, name):
 
 def copy_repository(destination):
     """Everything a user's fork holds but .git, caches and the outputs of earlier runs."""
+
     def ignore(folder, names):
-        skipped = {n for n in names if n in {".git", "__pycache__", ".pytest_cache", ".venv", "runs"}}
+        skipped = {
+            n for n in names if n in {".git", "__pycache__", ".pytest_cache", ".venv", "runs"}
+        }
         if Path(folder) == ROOT:  # a run's output folder: model/, model-tiny/, ...
-            skipped |= {n for n in names if (ROOT / n / "log.json").exists() or (ROOT / n / "last").is_dir()}
+            skipped |= {
+                n for n in names if (ROOT / n / "log.json").exists() or (ROOT / n / "last").is_dir()
+            }
         return skipped
+
     shutil.copytree(ROOT, destination, ignore=ignore)
 
 
@@ -56,11 +78,28 @@ def fork_with_example(name, folder):
     for user_file in ("modeling.py", "dataset.py"):
         shutil.copy(repo / "examples" / name / user_file, repo / user_file)
     for split, rows in [("train", TRAIN_ROWS), ("valid", VALID_ROWS)]:
-        lines = (repo / "examples" / name / "data" / f"{split}{spec['suffix']}").read_text().splitlines()[:rows]
+        lines = (
+            (repo / "examples" / name / "data" / f"{split}{spec['suffix']}")
+            .read_text()
+            .splitlines()[:rows]
+        )
         (repo / f"{split}{spec['suffix']}").write_text("\n".join(lines) + "\n")
-    options = ["--model_name_or_path", spec["model"], "--train_file", f"train{spec['suffix']}",
-               "--valid_file", f"valid{spec['suffix']}", "--epochs", 2, "--batch_size", BATCH_SIZE,
-               "--lr", 3e-3, "--num_warmup_steps", 3]
+    options = [
+        "--model_name_or_path",
+        spec["model"],
+        "--train_file",
+        f"train{spec['suffix']}",
+        "--valid_file",
+        f"valid{spec['suffix']}",
+        "--epochs",
+        2,
+        "--batch_size",
+        BATCH_SIZE,
+        "--lr",
+        3e-3,
+        "--num_warmup_steps",
+        3,
+    ]
     return repo, options
 
 
@@ -73,12 +112,19 @@ def example(request, tmp_path_factory):
 
     def run(*extra, cache):  # each its own datasets cache: the first two run at the same time
         return launch(*options, *extra, cwd=repo, env={"HF_DATASETS_CACHE": str(repo / cache)})
+
     with ThreadPoolExecutor(2) as pool:  # two single-process runs on two cores
         full = pool.submit(run, "--outdir", "full", "--sample_every", 10, cache="cache-full")
-        stopped = pool.submit(run, "--outdir", "stopped", "--stop_after_steps", STOP_AFTER, cache="cache-stopped")
+        stopped = pool.submit(
+            run, "--outdir", "stopped", "--stop_after_steps", STOP_AFTER, cache="cache-stopped"
+        )
         full, stopped = full.result(), stopped.result()
-    resumed = launch("--resume", "stopped/last", cwd=repo, env={"HF_DATASETS_CACHE": str(repo / "cache-stopped")})
-    return SimpleNamespace(name=name, spec=EXAMPLES[name], repo=repo, full=full, stopped=stopped, resumed=resumed)
+    resumed = launch(
+        "--resume", "stopped/last", cwd=repo, env={"HF_DATASETS_CACHE": str(repo / "cache-stopped")}
+    )
+    return SimpleNamespace(
+        name=name, spec=EXAMPLES[name], repo=repo, full=full, stopped=stopped, resumed=resumed
+    )
 
 
 def recompute(name, repo, checkpoint):
@@ -89,19 +135,30 @@ def recompute(name, repo, checkpoint):
     model = modeling.Model.from_pretrained(checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     args = SimpleNamespace(max_len=128, dataset_config=None, model_name_or_path=str(checkpoint))
-    labels = None if name == "causal_lm" else [model.config.id2label[i] for i in range(model.config.num_labels)]
-    valid_set = dataset.generate_dataset(str(repo / f"valid{EXAMPLES[name]['suffix']}"), "validation", tokenizer,
-                                         args, labels)
+    labels = (
+        None
+        if name == "causal_lm"
+        else [model.config.id2label[i] for i in range(model.config.num_labels)]
+    )
+    valid_set = dataset.generate_dataset(
+        str(repo / f"valid{EXAMPLES[name]['suffix']}"), "validation", tokenizer, args, labels
+    )
     assert len(valid_set) == VALID_ROWS
     gathered, predictions = {}, []
     with torch.no_grad():
         for start in range(0, len(valid_set), 7):
-            batch = valid_set.collate(valid_set.__getitems__(list(range(start, min(start + 7, len(valid_set))))))
+            batch = valid_set.collate(
+                valid_set.__getitems__(list(range(start, min(start + 7, len(valid_set)))))
+            )
             outputs = model(**batch)
             for key, value in modeling.metric_inputs(model, tokenizer, batch, outputs).items():
                 gathered.setdefault(key, []).append(value)
             predictions += modeling.predictions(model, tokenizer, batch, outputs)
-    return modeling.compute_metrics({k: torch.cat(v) for k, v in gathered.items()}), predictions, model
+    return (
+        modeling.compute_metrics({k: torch.cat(v) for k, v in gathered.items()}),
+        predictions,
+        model,
+    )
 
 
 def best_epoch_log(outdir):
@@ -111,10 +168,14 @@ def best_epoch_log(outdir):
 
 # ---------------------------------------------------------------- end to end, through train.py
 
+
 @pytest.mark.slow  # 3 launches per example
 def test_stopped_and_resumed_run_ends_bitwise_equal(example):
     repo = example.repo
-    assert f"Stopped by --stop_after_steps after {STOP_AFTER} optimizer steps" in example.stopped.stdout
+    assert (
+        f"Stopped by --stop_after_steps after {STOP_AFTER} optimizer steps"
+        in example.stopped.stdout
+    )
     assert read_json(repo / "stopped" / "last" / "trainer_state.json")["global_step"] == 20
     assert_bitwise_equal(repo / "full" / "last", repo / "stopped" / "last")
     assert_bitwise_equal(repo / "full" / "best", repo / "stopped" / "best")
@@ -132,7 +193,9 @@ def test_log_has_the_metric_and_the_model_learns(example):
     if example.name == "causal_lm":
         assert set(valid[1]) == {"loss", "perplexity"}
         vocabulary = len(AutoTokenizer.from_pretrained(example.repo / example.spec["model"]))
-        assert 1 < valid[1]["perplexity"] < valid[0]["perplexity"] < vocabulary  # better than a uniform guess
+        assert (
+            1 < valid[1]["perplexity"] < valid[0]["perplexity"] < vocabulary
+        )  # better than a uniform guess
     else:
         assert set(valid[1]) == {"loss", "accuracy", "precision", "recall", "f1", "macro_f1"}
         assert all(0 <= v <= 1 for k, v in valid[1].items() if k != "loss")
@@ -154,8 +217,12 @@ def test_best_loads_with_from_pretrained_and_reproduces_its_metric(example):
         assert math.log(metrics["perplexity"]) == pytest.approx(logged["loss"], rel=0.05)
     else:
         assert model.config.id2label == dict(enumerate(TAGS))  # the tag names survive save and load
-        rows = [json.loads(line) for line in (example.repo / "valid.jsonl").read_text().splitlines()]
-        assert [len(p["tags"]) for p in predictions] == [len(row["tokens"]) for row in rows]  # a tag per word
+        rows = [
+            json.loads(line) for line in (example.repo / "valid.jsonl").read_text().splitlines()
+        ]
+        assert [len(p["tags"]) for p in predictions] == [
+            len(row["tokens"]) for row in rows
+        ]  # a tag per word
         assert all(tag in TAGS for p in predictions for tag in p["tags"])
 
 
@@ -164,13 +231,23 @@ def test_samples_show_generations_or_entities(example):
     out = example.full.stdout
     assert out.count("--- samples at step ") == 2  # steps 10 and 20
     if example.name == "causal_lm":
-        assert out.count("prompt: ") == 6 and out.count("  generated:") == 6 and out.count("  gold:") == 6
+        assert (
+            out.count("prompt: ") == 6
+            and out.count("  generated:") == 6
+            and out.count("  gold:") == 6
+        )
     else:
-        sentences = {" ".join(json.loads(line)["tokens"])
-                     for line in (example.repo / "train.jsonl").read_text().splitlines()}
-        gold = [line.split("gold:", 1)[1] for line in out.splitlines() if line.startswith("  gold:")]
+        sentences = {
+            " ".join(json.loads(line)["tokens"])
+            for line in (example.repo / "train.jsonl").read_text().splitlines()
+        }
+        gold = [
+            line.split("gold:", 1)[1] for line in out.splitlines() if line.startswith("  gold:")
+        ]
         assert len(gold) == 6
-        for line in gold:  # the words, joined back from their sub-tokens, are those of a training sentence
+        for (
+            line
+        ) in gold:  # the words, joined back from their sub-tokens, are those of a training sentence
             assert " ".join(word.split("/")[0] for word in line.split()) in sentences
 
 
@@ -190,6 +267,7 @@ def test_two_processes_gather_the_whole_validation_set(name, tmp_path):
 
 # ---------------------------------------------------------------- the metrics alone
 
+
 def test_perplexity_of_a_uniform_guess_is_the_vocabulary_size_and_skips_padding():
     modeling = load_module(ROOT / "examples" / "causal_lm" / "modeling.py", "causal_lm_modeling")
     labels = torch.tensor([[5, 6, 7, 8], [9, 10, -100, -100]])  # the second text is padded
@@ -197,39 +275,68 @@ def test_perplexity_of_a_uniform_guess_is_the_vocabulary_size_and_skips_padding(
     inputs = modeling.metric_inputs(None, None, {"labels": labels}, outputs)
     assert inputs["tokens"].tolist() == [3, 1]
     assert modeling.compute_metrics(inputs)["perplexity"] == pytest.approx(50, rel=1e-5)
-    assert [p["tokens"] for p in modeling.predictions(None, None, {"labels": labels}, outputs)] == [3, 1]
+    assert [p["tokens"] for p in modeling.predictions(None, None, {"labels": labels}, outputs)] == [
+        3,
+        1,
+    ]
 
 
 def test_entities_and_f1_count_like_seqeval():
-    modeling = load_module(ROOT / "examples" / "token_classification" / "modeling.py", "token_classification_modeling")
-    dataset = load_module(ROOT / "examples" / "token_classification" / "dataset.py", "token_classification_dataset")
+    modeling = load_module(
+        ROOT / "examples" / "token_classification" / "modeling.py", "token_classification_modeling"
+    )
+    dataset = load_module(
+        ROOT / "examples" / "token_classification" / "dataset.py", "token_classification_dataset"
+    )
     assert dataset.tag_names({"PER", "ORG", "LOC"}) == TAGS
     ids = {tag: i for i, tag in enumerate(TAGS)}
 
     def entities(*tags):
         return modeling.entities([ids[t] for t in tags])
+
     loc, org, per = 0, 1, 2
     assert entities("B-PER", "I-PER", "O", "B-LOC") == {(0, 2, per), (3, 4, loc)}
-    assert entities("I-PER", "I-PER", "B-PER") == {(0, 2, per), (2, 3, per)}  # an I after O begins one
+    assert entities("I-PER", "I-PER", "B-PER") == {
+        (0, 2, per),
+        (2, 3, per),
+    }  # an I after O begins one
     assert entities("B-PER", "I-LOC", "I-LOC", "B-ORG") == {(0, 1, per), (1, 3, loc), (3, 4, org)}
     assert entities("O", "O") == set() and entities() == set()
 
     # One sentence of 4 words, 3 of them split in sub-tokens (-100); gold PER(0-2) LOC(3), predicted
     # PER(0-1) LOC(3): one entity right of two, one word wrong of four. Sub-token predictions do not count.
     labels = torch.tensor([[-100, ids["B-PER"], -100, ids["I-PER"], ids["O"], ids["B-LOC"], -100]])
-    predicted = [ids["B-ORG"], ids["B-PER"], ids["B-ORG"], ids["O"], ids["O"], ids["B-LOC"], ids["B-ORG"]]
+    predicted = [
+        ids["B-ORG"],
+        ids["B-PER"],
+        ids["B-ORG"],
+        ids["O"],
+        ids["O"],
+        ids["B-LOC"],
+        ids["B-ORG"],
+    ]
     logits = torch.nn.functional.one_hot(torch.tensor([predicted]), len(TAGS)).float()
-    gathered = modeling.metric_inputs(None, None, {"labels": labels}, SimpleNamespace(logits=logits))
-    assert gathered["entity_counts"].shape == (1, 3, 3)  # fixed size per sentence: gathers across processes
+    gathered = modeling.metric_inputs(
+        None, None, {"labels": labels}, SimpleNamespace(logits=logits)
+    )
+    assert gathered["entity_counts"].shape == (
+        1,
+        3,
+        3,
+    )  # fixed size per sentence: gathers across processes
     metrics = modeling.compute_metrics(gathered)
-    assert metrics == pytest.approx({"accuracy": 0.75, "precision": 0.5, "recall": 0.5, "f1": 0.5,
-                                     "macro_f1": 0.5})  # PER 0, LOC 1; ORG never seen: left out
+    assert metrics == pytest.approx(
+        {"accuracy": 0.75, "precision": 0.5, "recall": 0.5, "f1": 0.5, "macro_f1": 0.5}
+    )  # PER 0, LOC 1; ORG never seen: left out
 
 
 # ---------------------------------------------------------------- the data alone
 
+
 def example_args(name, **options):
-    return SimpleNamespace(max_len=128, dataset_config=None, model_name_or_path=EXAMPLES[name]["model"], **options)
+    return SimpleNamespace(
+        max_len=128, dataset_config=None, model_name_or_path=EXAMPLES[name]["model"], **options
+    )
 
 
 def test_causal_lm_keeps_blank_lines_for_predict_and_skips_them_in_training(tmp_path):
@@ -238,8 +345,9 @@ def test_causal_lm_keeps_blank_lines_for_predict_and_skips_them_in_training(tmp_
     path = tmp_path / "texts.txt"
     path.write_text("after friday comes saturday\n\n   \ncount one two three\n")
     training = dataset.generate_dataset(str(path), "train", tokenizer, example_args("causal_lm"))
-    predicting = dataset.generate_dataset(str(path), "validation", tokenizer, example_args("causal_lm"),
-                                          predicting=True)
+    predicting = dataset.generate_dataset(
+        str(path), "validation", tokenizer, example_args("causal_lm"), predicting=True
+    )
     assert len(training) == 2 and len(predicting) == 4  # predict.py: one output line per input row
     assert predicting[1]["input_ids"] == [tokenizer.eos_token_id] and predicting[3] == training[1]
     path.write_text("\n  \n")
@@ -248,11 +356,19 @@ def test_causal_lm_keeps_blank_lines_for_predict_and_skips_them_in_training(tmp_
 
 
 def test_token_classification_refuses_a_word_without_tokens(tmp_path):
-    dataset = load_module(ROOT / "examples" / "token_classification" / "dataset.py", "token_classification_dataset")
+    dataset = load_module(
+        ROOT / "examples" / "token_classification" / "dataset.py", "token_classification_dataset"
+    )
     tokenizer = AutoTokenizer.from_pretrained(ROOT / EXAMPLES["token_classification"]["model"])
     path = tmp_path / "rows.jsonl"
-    rows = [{"tokens": ["Anna", "flew", "home"], "tags": ["B-PER", "O", "O"]},
-            {"tokens": ["Anna", "\u200b", "Lopez"], "tags": ["B-PER", "O", "I-PER"]}]
+    rows = [
+        {"tokens": ["Anna", "flew", "home"], "tags": ["B-PER", "O", "O"]},
+        {"tokens": ["Anna", "\u200b", "Lopez"], "tags": ["B-PER", "O", "I-PER"]},
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(SystemExit, match=r"rows.jsonl, line 2: word 2 \('\\u200b'\) gives no token"):
-        dataset.generate_dataset(str(path), "train", tokenizer, example_args("token_classification"))
+    with pytest.raises(
+        SystemExit, match=r"rows.jsonl, line 2: word 2 \('\\u200b'\) gives no token"
+    ):
+        dataset.generate_dataset(
+            str(path), "train", tokenizer, example_args("token_classification")
+        )

@@ -8,6 +8,7 @@ draws other masks for other splits.
     pytest tests/template/test_loss_weights.py            # 1 process, in this process
     pytest -m slow tests/template/test_loss_weights.py    # 2 processes, elastic resume
 """
+
 import json
 import shutil
 
@@ -19,8 +20,11 @@ from conftest import ROOT, TREE, data_args, launch, read_json, run, weights
 
 EXAMPLE = ROOT / "examples" / "causal_lm"
 ROWS = 330  # 20 steps of 16 and a last, shorter one of 10
-SPLITS = {"16": ["--batch_size", 16], "8x2": ["--batch_size", 8, "--accumulation", 2],
-          "4x4": ["--batch_size", 4, "--accumulation", 4]}
+SPLITS = {
+    "16": ["--batch_size", 16],
+    "8x2": ["--batch_size", 8, "--accumulation", 2],
+    "4x4": ["--batch_size", 4, "--accumulation", 4],
+}
 FLOAT_NOISE = 1e-5  # relative L2 distance of all weights after 21 steps; the issue's bar
 
 
@@ -28,8 +32,14 @@ def distance(a, b):
     """|a - b| / |b| over all the weights together (float64)."""
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
-    return (sum((wa[k].double() - wb[k].double()).pow(2).sum() for k in wa)
-            / sum(wb[k].double().pow(2).sum() for k in wb)).sqrt().item()
+    return (
+        (
+            sum((wa[k].double() - wb[k].double()).pow(2).sum() for k in wa)
+            / sum(wb[k].double().pow(2).sum() for k in wb)
+        )
+        .sqrt()
+        .item()
+    )
 
 
 def without_dropout(source, destination, keys):
@@ -41,7 +51,9 @@ def without_dropout(source, destination, keys):
 
 def lm_data(folder, rows):
     """The causal LM example's tiny GPT-2 without dropout, and the first `rows` lines of its data."""
-    without_dropout(EXAMPLE / "tiny-gpt2", folder / "tiny-gpt2", ["resid_pdrop", "embd_pdrop", "attn_pdrop"])
+    without_dropout(
+        EXAMPLE / "tiny-gpt2", folder / "tiny-gpt2", ["resid_pdrop", "embd_pdrop", "attn_pdrop"]
+    )
     for split, count in [("train", rows), ("valid", 40)]:
         lines = (EXAMPLE / "data" / f"{split}.txt").read_text().splitlines()[:count]
         (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
@@ -54,9 +66,22 @@ def lm_files(tmp_path_factory):
 
 
 def lm_args(folder):
-    return ["--model_name_or_path", folder / "tiny-gpt2", "--train_file", folder / "train.txt",
-            "--valid_file", folder / "valid.txt", "--epochs", 1, "--lr", 3e-3, "--num_warmup_steps", 3,
-            "--max_grad_norm", 0]  # no clipping: the update is the gradient's
+    return [
+        "--model_name_or_path",
+        folder / "tiny-gpt2",
+        "--train_file",
+        folder / "train.txt",
+        "--valid_file",
+        folder / "valid.txt",
+        "--epochs",
+        1,
+        "--lr",
+        3e-3,
+        "--num_warmup_steps",
+        3,
+        "--max_grad_norm",
+        0,
+    ]  # no clipping: the update is the gradient's
 
 
 @pytest.fixture
@@ -68,16 +93,23 @@ def causal_lm():
 
 
 @pytest.mark.parametrize("grouped", [[], ["--group_by_length"]], ids=["shuffled", "grouped"])
-def test_a_token_mean_gives_the_same_update_however_the_batch_is_split(grouped, causal_lm, lm_files, tmp_path):
+def test_a_token_mean_gives_the_same_update_however_the_batch_is_split(
+    grouped, causal_lm, lm_files, tmp_path
+):
     for name, split in SPLITS.items():
         run(*lm_args(lm_files), *split, *grouped, "--outdir", tmp_path / name)
-    apart = {name: distance(tmp_path / name / "last", tmp_path / "16" / "last") for name in ("8x2", "4x4")}
+    apart = {
+        name: distance(tmp_path / name / "last", tmp_path / "16" / "last")
+        for name in ("8x2", "4x4")
+    }
     print(f"relative distance to --batch_size 16 after 21 steps {grouped}: {apart}")
     assert 0 < max(apart.values()) <= FLOAT_NOISE, apart
     logs = [read_json(tmp_path / name / "log.json")["Epoch 0"] for name in SPLITS]
     # The logged losses are token-weighted means too: the same for every split.
     for key in ("train_log", "valid_log"):
-        assert [log[key]["loss"] for log in logs] == pytest.approx([logs[0][key]["loss"]] * 3, rel=1e-5)
+        assert [log[key]["loss"] for log in logs] == pytest.approx(
+            [logs[0][key]["loss"]] * 3, rel=1e-5
+        )
 
 
 def test_without_the_count_the_split_changes_the_update(causal_lm, lm_files, tmp_path, monkeypatch):
@@ -93,31 +125,57 @@ def test_without_the_count_the_split_changes_the_update(causal_lm, lm_files, tmp
 
 def check_split(folder, tmp_path):
     """train.py --check on the causal LM: its `split` line."""
-    result = run(*lm_args(folder), "--batch_size", 16, "--outdir", tmp_path / "model", "--check", check=False)
+    result = run(
+        *lm_args(folder), "--batch_size", 16, "--outdir", tmp_path / "model", "--check", check=False
+    )
     return [line for line in result.stdout.splitlines() if line[6:].startswith("split ")]
 
 
-def test_check_warns_of_an_uncounted_token_mean_and_passes_a_counted_one(causal_lm, lm_files, tmp_path,
-                                                                         monkeypatch):
+def test_check_warns_of_an_uncounted_token_mean_and_passes_a_counted_one(
+    causal_lm, lm_files, tmp_path, monkeypatch
+):
     (counted,) = check_split(lm_files, tmp_path)
-    assert counted.startswith("PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the "
-                              "same gradient") and "loss_items() counts the items" in counted
+    assert (
+        counted.startswith(
+            "PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the "
+            "same gradient"
+        )
+        and "loss_items() counts the items" in counted
+    )
     monkeypatch.delattr(conftest.PAIRS["causal_lm"]["modeling"], "loss_items")
     (uncounted,) = check_split(lm_files, tmp_path)
-    assert uncounted.startswith("WARN  split      one step at --batch_size 16 and at 8 x --accumulation 2 give "
-                                "gradients") and "Add loss_items(batch) to modeling.py" in uncounted
+    assert (
+        uncounted.startswith(
+            "WARN  split      one step at --batch_size 16 and at 8 x --accumulation 2 give "
+            "gradients"
+        )
+        and "Add loss_items(batch) to modeling.py" in uncounted
+    )
     print(counted, uncounted, sep="\n")
 
 
 def test_a_mean_over_examples_needs_no_count(tiny_data, tmp_path, monkeypatch):
     """The default classification task says nothing (its loss is a mean over examples, and micro-batches
     of one size weigh alike): --batch_size 16 and 8 x 2 give the same update to float noise."""
-    model = without_dropout(TREE / "assets" / "tiny-bert", tmp_path / "tiny-bert",
-                            ["hidden_dropout_prob", "attention_probs_dropout_prob"])
-    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x)  # the head's classifier_dropout
+    model = without_dropout(
+        TREE / "assets" / "tiny-bert",
+        tmp_path / "tiny-bert",
+        ["hidden_dropout_prob", "attention_probs_dropout_prob"],
+    )
+    monkeypatch.setattr(
+        torch.nn.Dropout, "forward", lambda self, x: x
+    )  # the head's classifier_dropout
     for name in ("16", "8x2"):
-        run(*data_args(tiny_data), *SPLITS[name], "--epochs", 1, "--model_name_or_path", model,
-            "--outdir", tmp_path / name)
+        run(
+            *data_args(tiny_data),
+            *SPLITS[name],
+            "--epochs",
+            1,
+            "--model_name_or_path",
+            model,
+            "--outdir",
+            tmp_path / name,
+        )
     apart = distance(tmp_path / "8x2" / "last", tmp_path / "16" / "last")
     print(f"classification, 8 x 2 against 16: {apart:.2e}")
     assert apart <= FLOAT_NOISE
@@ -138,7 +196,9 @@ def test_two_processes_give_the_update_of_one_and_an_elastic_resume_keeps_it(tmp
     # process with examples from the start (accelerate's even_batches), which one process never sees.
     lm_files, fork = lm_data(tmp_path / "data", 320), lm_fork(tmp_path)
     launch(*lm_args(lm_files), *SPLITS["16"], "--outdir", tmp_path / "16", cwd=fork)
-    launch(*lm_args(lm_files), "--batch_size", 8, "--outdir", tmp_path / "2x8", processes=2, cwd=fork)
+    launch(
+        *lm_args(lm_files), "--batch_size", 8, "--outdir", tmp_path / "2x8", processes=2, cwd=fork
+    )
     assert read_json(tmp_path / "2x8" / "last" / "trainer_state.json")["num_processes"] == 2
     apart = distance(tmp_path / "2x8" / "last", tmp_path / "16" / "last")
     print(f"2 processes x 8 against --batch_size 16 on 1 process: {apart:.2e}")
@@ -146,8 +206,17 @@ def test_two_processes_give_the_update_of_one_and_an_elastic_resume_keeps_it(tmp
 
     # Stopped on 2 processes x 8, resumed on 1 (--accumulation 1 -> 2): the update stays the same.
     outdir = tmp_path / "elastic"
-    launch(*lm_args(lm_files), "--batch_size", 8, "--outdir", outdir, "--stop_after_steps", 9, processes=2,
-           cwd=fork)
+    launch(
+        *lm_args(lm_files),
+        "--batch_size",
+        8,
+        "--outdir",
+        outdir,
+        "--stop_after_steps",
+        9,
+        processes=2,
+        cwd=fork,
+    )
     result = launch("--resume", outdir / "last", cwd=fork)
     assert "resuming on 1 process(es) instead of 2: --accumulation 1 -> 2" in result.stderr
     apart = distance(outdir / "last", tmp_path / "16" / "last")

@@ -7,6 +7,7 @@ and a full disk under the datasets cache (a real small tmpfs).
     pytest tests/template/test_silent.py              # in this process
     pytest -m slow tests/template/test_silent.py      # bf16 on CPU, stopped and resumed (python train.py)
 """
+
 import errno
 import json
 import os
@@ -17,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pytest
+from test_hardening import refused
 
 import dataset
 import train
 from conftest import TREE, assert_bitwise_equal, data_args, launch, read_json, run, tiny_tokenizer
 from core import checkpoint, options
-from test_hardening import refused
 
 # ---------------------------------------------------------------- 1. a file rewritten under its old mtime
 
@@ -30,22 +31,48 @@ from test_hardening import refused
 def test_a_file_rewritten_with_its_old_size_and_mtime_is_read_again(tiny_data, tmp_path):
     train_file = tmp_path / "train.jsonl"
     train_file.write_text((tiny_data / "train.jsonl").read_text())
-    args = ["--train_file", train_file, "--valid_file", tiny_data / "valid.jsonl", "--epochs", 1, "--batch_size", 32]
+    args = [
+        "--train_file",
+        train_file,
+        "--valid_file",
+        tiny_data / "valid.jsonl",
+        "--epochs",
+        1,
+        "--batch_size",
+        32,
+    ]
     run(*args, "--outdir", tmp_path / "before")
     before = os.stat(train_file)
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]
-    swap = {"positive": "negative", "negative": "positive", "neutral": "neutral"}  # names of one length
-    train_file.write_text("".join(json.dumps({**row, "label": swap[row["label"]]}) + "\n" for row in rows))
-    os.utime(train_file, ns=(before.st_atime_ns, before.st_mtime_ns))  # as rsync -t or a restore does
-    assert (os.stat(train_file).st_size, os.stat(train_file).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    swap = {
+        "positive": "negative",
+        "negative": "positive",
+        "neutral": "neutral",
+    }  # names of one length
+    train_file.write_text(
+        "".join(json.dumps({**row, "label": swap[row["label"]]}) + "\n" for row in rows)
+    )
+    os.utime(
+        train_file, ns=(before.st_atime_ns, before.st_mtime_ns)
+    )  # as rsync -t or a restore does
+    assert (os.stat(train_file).st_size, os.stat(train_file).st_mtime_ns) == (
+        before.st_size,
+        before.st_mtime_ns,
+    )
 
-    rows_now = dataset.generate_dataset(train_file, "train", tiny_tokenizer(), options.parse_args([]))
-    assert [rows_now.labels[rows_now[i]["labels"]] for i in range(len(rows))] == [swap[r["label"]] for r in rows]
+    rows_now = dataset.generate_dataset(
+        train_file, "train", tiny_tokenizer(), options.parse_args([])
+    )
+    assert [rows_now.labels[rows_now[i]["labels"]] for i in range(len(rows))] == [
+        swap[r["label"]] for r in rows
+    ]
     run(*args, "--outdir", tmp_path / "after")  # trains on the new labels: other weights
     with pytest.raises(AssertionError, match="tensors differ"):
         assert_bitwise_equal(tmp_path / "before" / "last", tmp_path / "after" / "last")
-    digests = [read_json(tmp_path / name / "last" / "trainer_state.json")["data"]["train"]["sha256"]
-               for name in ("before", "after")]
+    digests = [
+        read_json(tmp_path / name / "last" / "trainer_state.json")["data"]["train"]["sha256"]
+        for name in ("before", "after")
+    ]
     assert digests[0] != digests[1]
 
 
@@ -56,8 +83,14 @@ def test_a_config_file_builds_on_the_one_it_names_and_a_loop_is_refused(tmp_path
     (tmp_path / "base.yaml").write_text("epochs: 3\nbatch_size: 8\nlr: 0.002\n")
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "small.yaml").write_text("config: ../base.yaml\nbatch_size: 4\n")
-    args = options.parse_args(["--config", str(tmp_path / "configs" / "small.yaml"), "--lr", "0.001"])
-    assert (args.epochs, args.batch_size, args.lr) == (3, 4, 0.001)  # base < the file < the command line
+    args = options.parse_args(
+        ["--config", str(tmp_path / "configs" / "small.yaml"), "--lr", "0.001"]
+    )
+    assert (args.epochs, args.batch_size, args.lr) == (
+        3,
+        4,
+        0.001,
+    )  # base < the file < the command line
 
     (tmp_path / "a.yaml").write_text("config: b.yaml\n")
     (tmp_path / "b.yaml").write_text("config: a.yaml\nepochs: 2\n")
@@ -65,7 +98,10 @@ def test_a_config_file_builds_on_the_one_it_names_and_a_loop_is_refused(tmp_path
     (tmp_path / "self.yaml").write_text("config: self.yaml\n")
     refused(["--config", tmp_path / "self.yaml"], "self.yaml: includes itself")
     (tmp_path / "lost.yaml").write_text("config: nowhere.yaml\n")
-    refused(["--config", tmp_path / "lost.yaml"], "lost.yaml: config: nowhere.yaml: no such options file")
+    refused(
+        ["--config", tmp_path / "lost.yaml"],
+        "lost.yaml: config: nowhere.yaml: no such options file",
+    )
     (tmp_path / "typo.yaml").write_text("config: base.yaml\nepoch: 2\n")
     with pytest.raises(SystemExit):
         options.parse_args(["--config", str(tmp_path / "typo.yaml")])
@@ -103,7 +139,9 @@ def test_a_link_moved_aside_is_removed_and_the_next_save_goes_through(finished_r
         staging.mkdir()
         (staging / "step").write_text(str(step))
         checkpoint.publish(staging, outdir / "last")
-        assert (outdir / "last" / "step").read_text() == str(step) and not os.path.lexists(outdir / ".old-last")
+        assert (outdir / "last" / "step").read_text() == str(step) and not os.path.lexists(
+            outdir / ".old-last"
+        )
     assert (finished_run / "last" / "manifest.json").is_file()
 
 
@@ -112,7 +150,10 @@ def test_a_link_moved_aside_is_removed_and_the_next_save_goes_through(finished_r
 
 def test_an_outdir_path_too_long_is_one_line_before_any_work(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_data", lambda args: pytest.fail("the data was read first"))
-    refused([*data_args(tiny_data), "--outdir", tmp_path / ("d" * 300)], "cannot write there (File name too long)")
+    refused(
+        [*data_args(tiny_data), "--outdir", tmp_path / ("d" * 300)],
+        "cannot write there (File name too long)",
+    )
     deep = tmp_path.joinpath(*["d" * 200] * 25)  # each name fits, the path does not
     refused([*data_args(tiny_data), "--outdir", deep], "cannot write there")
     assert list(tmp_path.iterdir()) == []  # nothing created
@@ -123,8 +164,15 @@ def read_only(tmp_path):
     """A folder on a read-only bind mount of itself (root can make one; else the test is skipped)."""
     folder = tmp_path / "read-only"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
-    if mounted and subprocess.run(["mount", "-o", "remount,ro,bind", folder, folder], capture_output=True).returncode:
+    mounted = (
+        subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
+    )
+    if (
+        mounted
+        and subprocess.run(
+            ["mount", "-o", "remount,ro,bind", folder, folder], capture_output=True
+        ).returncode
+    ):
         subprocess.run(["umount", folder])
         mounted = False
     if not mounted:
@@ -135,25 +183,41 @@ def read_only(tmp_path):
 
 def test_a_read_only_outdir_is_one_line_before_any_work(read_only, tiny_data, monkeypatch):
     monkeypatch.setattr(train, "load_data", lambda args: pytest.fail("the data was read first"))
-    refused([*data_args(tiny_data), "--outdir", read_only / "model"], "cannot write there (Read-only file system)")
-    refused([*data_args(tiny_data), "--outdir", read_only], "cannot write there (Read-only file system)")
+    refused(
+        [*data_args(tiny_data), "--outdir", read_only / "model"],
+        "cannot write there (Read-only file system)",
+    )
+    refused(
+        [*data_args(tiny_data), "--outdir", read_only], "cannot write there (Read-only file system)"
+    )
 
 
 # ---------------------------------------------------------------- 5. fp16 on a CPU; bf16
 
 
 def python_train(*args, check=True):
-    result = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=TREE, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=TREE,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
     assert not check or result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def test_fp16_on_a_cpu_is_refused_naming_bf16(tiny_data, tmp_path):
-    result = python_train(*data_args(tiny_data), "--mixed_precision", "fp16", "--outdir", tmp_path / "m", check=False)
+    result = python_train(
+        *data_args(tiny_data), "--mixed_precision", "fp16", "--outdir", tmp_path / "m", check=False
+    )
     assert result.returncode == 1 and not (tmp_path / "m").exists()
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --mixed_precision fp16 on a CPU: accelerate "
-                                                             "would run it in float32"), result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --mixed_precision fp16 on a CPU: accelerate would run it in float32")
+    ), result.stderr
     assert "--mixed_precision bf16" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -165,7 +229,9 @@ def test_bf16_on_a_cpu_trains_saves_and_resumes_bitwise(tiny_data, tmp_path):
     python_train("--resume", tmp_path / "stopped" / "last")
     assert read_json(tmp_path / "whole" / "last" / "my_config.json")["mixed_precision"] == "bf16"
     assert_bitwise_equal(tmp_path / "whole" / "last", tmp_path / "stopped" / "last")
-    assert read_json(tmp_path / "whole" / "log.json") == read_json(tmp_path / "stopped" / "log.json")
+    assert read_json(tmp_path / "whole" / "log.json") == read_json(
+        tmp_path / "stopped" / "log.json"
+    )
 
 
 # ---------------------------------------------------------------- 6. not a regular file
@@ -173,11 +239,29 @@ def test_bf16_on_a_cpu_trains_saves_and_resumes_bitwise(tiny_data, tmp_path):
 
 def test_a_data_file_that_is_a_fifo_or_a_folder_says_what_it_is(tiny_data, tmp_path):
     os.mkfifo(tmp_path / "train.jsonl")
-    refused(["--train_file", tmp_path / "train.jsonl", "--valid_file", tiny_data / "valid.jsonl",
-             "--outdir", tmp_path / "m"], "train.jsonl: a FIFO (named pipe), not a file of data")
+    refused(
+        [
+            "--train_file",
+            tmp_path / "train.jsonl",
+            "--valid_file",
+            tiny_data / "valid.jsonl",
+            "--outdir",
+            tmp_path / "m",
+        ],
+        "train.jsonl: a FIFO (named pipe), not a file of data",
+    )
     (tmp_path / "valid.jsonl").mkdir()
-    refused(["--train_file", tiny_data / "train.jsonl", "--valid_file", tmp_path / "valid.jsonl",
-             "--outdir", tmp_path / "m"], "valid.jsonl: a folder, not a file of data")
+    refused(
+        [
+            "--train_file",
+            tiny_data / "train.jsonl",
+            "--valid_file",
+            tmp_path / "valid.jsonl",
+            "--outdir",
+            tmp_path / "m",
+        ],
+        "valid.jsonl: a folder, not a file of data",
+    )
 
 
 # ---------------------------------------------------------------- a full disk under the datasets cache
@@ -188,7 +272,9 @@ def cache_disk(tmp_path, monkeypatch):
     """HF_DATASETS_CACHE on a real 1 MiB tmpfs (skipped where mount is not allowed)."""
     disk = tmp_path / "cache"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(disk))
     yield disk
@@ -207,18 +293,29 @@ def fill(disk):
     return filler
 
 
-def test_a_full_datasets_cache_is_one_line_and_leaves_no_partial_file(cache_disk, tiny_data, tmp_path):
+def test_a_full_datasets_cache_is_one_line_and_leaves_no_partial_file(
+    cache_disk, tiny_data, tmp_path
+):
     args = [*data_args(tiny_data), "--epochs", 1, "--batch_size", 32]
-    run(*args, "--outdir", tmp_path / "first")  # the rows and the vocabulary cached on the small disk
+    run(
+        *args, "--outdir", tmp_path / "first"
+    )  # the rows and the vocabulary cached on the small disk
     shutil.rmtree(cache_disk / "vocabularies")
     for extra in ([], ["--max_len", 64]):  # the vocabulary to learn again; then new tokenized rows
         filler = fill(cache_disk)
-        message = refused([*args, *extra, "--outdir", tmp_path / "full"], "no space left on the device of "
-                          f"the datasets cache {cache_disk} while reading or tokenizing the data. Free space")
+        message = refused(
+            [*args, *extra, "--outdir", tmp_path / "full"],
+            "no space left on the device of "
+            f"the datasets cache {cache_disk} while reading or tokenizing the data. Free space",
+        )
         assert "I/O operation on closed file" not in message
-        assert not [p for p in cache_disk.rglob("*") if p.name.startswith(("tmp", "."))], list(cache_disk.rglob("*"))
+        assert not [p for p in cache_disk.rglob("*") if p.name.startswith(("tmp", "."))], list(
+            cache_disk.rglob("*")
+        )
         filler.unlink()
-        run(*args, *extra, "--outdir", tmp_path / f"after{len(extra)}")  # with room: afresh, and it trains
+        run(
+            *args, *extra, "--outdir", tmp_path / f"after{len(extra)}"
+        )  # with room: afresh, and it trains
         assert (tmp_path / f"after{len(extra)}" / "last" / "model.safetensors").is_file()
 
 
@@ -229,14 +326,26 @@ def test_two_first_runs_at_once_on_a_new_data_file_both_succeed(tiny_data, tmp_p
     data = tmp_path / "data"
     data.mkdir()
     for name in ("train.jsonl", "valid.jsonl"):  # bytes no cache has seen: one more row each
-        (data / name).write_text((tiny_data / name).read_text() + (tiny_data / name).read_text().splitlines()[0] + "\n")
+        (data / name).write_text(
+            (tiny_data / name).read_text() + (tiny_data / name).read_text().splitlines()[0] + "\n"
+        )
     cache = tmp_path / "cache"
 
     def first_run(outdir):
-        return launch(*data_args(data), "--epochs", 1, "--outdir", outdir, check=False,
-                      env={"HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
+        return launch(
+            *data_args(data),
+            "--epochs",
+            1,
+            "--outdir",
+            outdir,
+            check=False,
+            env={"HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"},
+        )
+
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(first_run, [tmp_path / "a", tmp_path / "b"]))
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
-    assert_bitwise_equal(tmp_path / "a" / "last", tmp_path / "b" / "last")  # the same rows, the same run
+    assert_bitwise_equal(
+        tmp_path / "a" / "last", tmp_path / "b" / "last"
+    )  # the same rows, the same run
     assert read_json(tmp_path / "a" / "log.json") == read_json(tmp_path / "b" / "log.json")

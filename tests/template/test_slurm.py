@@ -5,14 +5,15 @@ equal to the same training never interrupted.
 
     pytest -m slow tests/template/test_slurm.py       # root and Slurm's packages, else skipped
 """
+
 import os
 import shutil
 import sys
 import time
 
 import pytest
-
 import slurm
+
 from conftest import TREE, assert_bitwise_equal, launch, read_json
 
 pytestmark = pytest.mark.slow  # ~2.5 min: Slurm's daemons, three runs of ~35 s
@@ -42,7 +43,10 @@ def files(tmp_path_factory):
 
 def job_env():
     """What the job runs with: this virtual environment first on PATH, one torch thread."""
-    return {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    return {
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def assert_same_run(outdir, whole):
@@ -54,11 +58,21 @@ def assert_same_run(outdir, whole):
 def test_a_job_requeued_mid_run_continues_bitwise(cluster, files, tmp_path):
     data, whole = files
     outdir = tmp_path / "model"
-    job = cluster.sbatch(TREE / "configs" / "slurm" / "cpu.sbatch", *data, *OPTIONS, "--outdir", outdir,
-                         cwd=TREE, env=job_env(), options=["--output", tmp_path / "job.out"])
+    job = cluster.sbatch(
+        TREE / "configs" / "slurm" / "cpu.sbatch",
+        *data,
+        *OPTIONS,
+        "--outdir",
+        outdir,
+        cwd=TREE,
+        env=job_env(),
+        options=["--output", tmp_path / "job.out"],
+    )
     deadline = time.monotonic() + 120
     while not (outdir / "last").is_dir():  # the first checkpoint, at step 50 of 2250
-        assert time.monotonic() < deadline and cluster.state(job) in ("PENDING", "RUNNING"), cluster.state(job)
+        assert time.monotonic() < deadline and cluster.state(job) in ("PENDING", "RUNNING"), (
+            cluster.state(job)
+        )
         time.sleep(0.2)
     cluster.run("scontrol", "requeue", job)
     start_again(cluster, job)
@@ -76,23 +90,35 @@ def start_again(cluster, job):
     the old incarnation is gone (sooner, Slurm kills it: "Job credential revoked")."""
     cluster.wait(job, ("PENDING",), timeout=120)
     time.sleep(5)
-    for _ in range(30):  # refused at times while the old incarnation completes: then Slurm's delay it is
+    for _ in range(
+        30
+    ):  # refused at times while the old incarnation completes: then Slurm's delay it is
         update = cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
         if update.returncode == 0 or cluster.state(job) != "PENDING":
             return
         time.sleep(1)
-    print(f"scontrol update {job} StartTime=now refused ({update.stderr.strip()}): Slurm starts it after its delay")
+    print(
+        f"scontrol update {job} StartTime=now refused ({update.stderr.strip()}): Slurm starts it after its delay"
+    )
 
 
-def test_a_job_stopped_by_its_signal_before_its_time_limit_requeues_itself_and_continues_bitwise(cluster, files,
-                                                                                                  tmp_path):
+def test_a_job_stopped_by_its_signal_before_its_time_limit_requeues_itself_and_continues_bitwise(
+    cluster, files, tmp_path
+):
     """--time 1 minute, --signal B:USR1@59: Slurm sends USR1 to the script well before the limit; the
     script passes it to train.py, which saves last/ and exits, and requeues the job, which continues."""
     data, whole = files
     outdir = tmp_path / "model"
-    job = cluster.sbatch(TREE / "configs" / "slurm" / "cpu.sbatch", *data, *OPTIONS, "--outdir", outdir, cwd=TREE,
-                         env=job_env(), options=["--output", tmp_path / "job.out", "--time", "00:01:00",
-                                                 "--signal", "B:USR1@59"])
+    job = cluster.sbatch(
+        TREE / "configs" / "slurm" / "cpu.sbatch",
+        *data,
+        *OPTIONS,
+        "--outdir",
+        outdir,
+        cwd=TREE,
+        env=job_env(),
+        options=["--output", tmp_path / "job.out", "--time", "00:01:00", "--signal", "B:USR1@59"],
+    )
     deadline = time.monotonic() + 600
     while (state := cluster.state(job)) != "COMPLETED":
         assert state in ("PENDING", "RUNNING", "COMPLETING") and time.monotonic() < deadline, state
@@ -100,6 +126,12 @@ def test_a_job_stopped_by_its_signal_before_its_time_limit_requeues_itself_and_c
             start_again(cluster, job)
         time.sleep(0.5)
     log = (tmp_path / "job.out").read_text()
-    assert "Stopped by signal 10 after" in log and f"--resume auto: continuing {outdir / 'last'} (step " in log
-    assert int(cluster.run("scontrol", "show", "job", job).stdout.split("Restarts=")[1].split()[0]) >= 1
+    assert (
+        "Stopped by signal 10 after" in log
+        and f"--resume auto: continuing {outdir / 'last'} (step " in log
+    )
+    assert (
+        int(cluster.run("scontrol", "show", "job", job).stdout.split("Restarts=")[1].split()[0])
+        >= 1
+    )
     assert_same_run(outdir, whole)

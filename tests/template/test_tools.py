@@ -1,7 +1,8 @@
 """tools/plot.py and the Accelerate configs in configs/accelerate/.
 
-    pytest tests/template/test_tools.py
+pytest tests/template/test_tools.py
 """
+
 import json
 import os
 import subprocess
@@ -22,9 +23,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture
 def log_json(tmp_path):
     """A log.json as train.py writes it, 3 epochs."""
-    log = {f"Epoch {i}": {"train_log": {"loss": 1.0 / (i + 1), "lr": 1e-3},
-                          "valid_log": {"loss": 1.1 / (i + 1), "accuracy": 0.5 + 0.1 * i, "macro_f1": 0.4 + 0.1 * i}}
-           for i in range(3)}
+    log = {
+        f"Epoch {i}": {
+            "train_log": {"loss": 1.0 / (i + 1), "lr": 1e-3},
+            "valid_log": {
+                "loss": 1.1 / (i + 1),
+                "accuracy": 0.5 + 0.1 * i,
+                "macro_f1": 0.4 + 0.1 * i,
+            },
+        }
+        for i in range(3)
+    }
     path = tmp_path / "model" / "log.json"
     path.parent.mkdir()
     path.write_text(json.dumps(log))
@@ -32,8 +41,14 @@ def log_json(tmp_path):
 
 
 def plot(*args, env=None):
-    return subprocess.run([sys.executable, "tools/plot.py", *map(str, args)], cwd=TREE, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "tools/plot.py", *map(str, args)],
+        cwd=TREE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_plot_writes_a_png(log_json, tmp_path):
@@ -58,14 +73,18 @@ def test_plot_without_matplotlib(log_json, tmp_path):
 
 def test_plot_missing_log(tmp_path):
     result = plot(tmp_path / "log.json")
-    assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'log.json'}: no such file")
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: {tmp_path / 'log.json'}: no such file"
+    )
 
 
 def test_plot_not_a_log(tmp_path):
     path = tmp_path / "log.json"
     path.write_text('{"Epoch 0": 5}')
     result = plot(path)
-    assert result.returncode == 1 and result.stderr.startswith(f"error: {path}: not a log.json of train.py")
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: {path}: not a log.json of train.py"
+    )
 
 
 @pytest.mark.slow
@@ -73,21 +92,43 @@ def test_cpu_config_runs_two_processes(tiny_data, tmp_path):
     outdir = tmp_path / "model"
     # ACCELERATE_USE_CPU=1 as cpu.yaml says: without it, a machine with no GPU starts 2 separate runs.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS / "cpu.yaml", "train.py",
-               *data_args(tiny_data), "--outdir", outdir, "--epochs", 1, "--batch_size", 8]
-    result = subprocess.run(list(map(str, command)), cwd=TREE, env=env, capture_output=True, text=True, timeout=240)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        CONFIGS / "cpu.yaml",
+        "train.py",
+        *data_args(tiny_data),
+        "--outdir",
+        outdir,
+        "--epochs",
+        1,
+        "--batch_size",
+        8,
+    ]
+    result = subprocess.run(
+        list(map(str, command)), cwd=TREE, env=env, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     files = {p.name for p in (outdir / "last").iterdir()}
-    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= files  # one per process: world size 2
+    assert {
+        "rng_state_0.safetensors",
+        "rng_state_1.safetensors",
+    } <= files  # one per process: world size 2
     assert "rng_state_2.safetensors" not in files
     assert read_json(outdir / "last" / "trainer_state.json")["num_processes"] == 2
     assert list(read_json(outdir / "log.json")) == ["Epoch 0"]
 
 
-EXPECTED = {"cpu.yaml": DistributedType.MULTI_GPU,  # torchrun-started processes, made CPU ones by use_cpu
-            "single_gpu.yaml": DistributedType.NO, "multi_gpu.yaml": DistributedType.MULTI_GPU,
-            "multi_node.yaml": DistributedType.MULTI_GPU, "fsdp.yaml": DistributedType.FSDP,
-            "fsdp_cpu.yaml": DistributedType.FSDP}
+EXPECTED = {
+    "cpu.yaml": DistributedType.MULTI_GPU,  # torchrun-started processes, made CPU ones by use_cpu
+    "single_gpu.yaml": DistributedType.NO,
+    "multi_gpu.yaml": DistributedType.MULTI_GPU,
+    "multi_node.yaml": DistributedType.MULTI_GPU,
+    "fsdp.yaml": DistributedType.FSDP,
+    "fsdp_cpu.yaml": DistributedType.FSDP,
+}
 
 
 def test_every_config_is_known():
@@ -96,26 +137,40 @@ def test_every_config_is_known():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_config_loads_and_says_how_to_launch(name):
-    config = load_config_from_file(str(CONFIGS / name))  # what `accelerate launch --config_file` reads
+    config = load_config_from_file(
+        str(CONFIGS / name)
+    )  # what `accelerate launch --config_file` reads
     assert config.distributed_type == EXPECTED[name]
-    assert f"accelerate launch --config_file configs/accelerate/{name}" in (CONFIGS / name).read_text()
+    assert (
+        f"accelerate launch --config_file configs/accelerate/{name}" in (CONFIGS / name).read_text()
+    )
     assert config.num_processes >= 1 and config.num_processes % config.num_machines == 0
 
 
 def test_fsdp_saves_full_weights_and_wraps_the_default_model_layers():
     fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-    model = modeling.build_model(TREE / "assets" / "tiny-bert",
-                                 types.SimpleNamespace(labels=["a", "b"], tokenizer=tiny_tokenizer()))
+    model = modeling.build_model(
+        TREE / "assets" / "tiny-bert",
+        types.SimpleNamespace(labels=["a", "b"], tokenizer=tiny_tokenizer()),
+    )
     layer_classes = {type(module).__name__ for module in model.modules()}
     assert set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= layer_classes
 
 
 def test_gpu_check_skips_in_one_line_without_cuda():
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: run python tools/gpu_check.py itself")
-    result = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=TREE, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "tools/gpu_check.py"],
+        cwd=TREE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0
-    assert result.stdout.strip().splitlines() == ["gpu_check: no CUDA GPU on this machine; nothing was checked."]
+    assert result.stdout.strip().splitlines() == [
+        "gpu_check: no CUDA GPU on this machine; nothing was checked."
+    ]

@@ -35,6 +35,7 @@ What train.py and predict.py read from this file (nothing else):
 
 To change the task, change the head and the loss in forward(), and the functions below it.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -49,19 +50,25 @@ class ModelConfig(PretrainedConfig):
     model_type = "template-classifier"
 
     def __init__(self, encoder=None, classifier_dropout=0.1, **kwargs):
-        self.encoder = encoder or {}  # the backbone's own config, as a dict (config.json of BERT etc.)
+        self.encoder = (
+            encoder or {}
+        )  # the backbone's own config, as a dict (config.json of BERT etc.)
         self.classifier_dropout = classifier_dropout
         super().__init__(**kwargs)
 
 
-AutoConfig.register(ModelConfig.model_type, ModelConfig)  # so Auto* classes read a checkpoint's config.json
+AutoConfig.register(
+    ModelConfig.model_type, ModelConfig
+)  # so Auto* classes read a checkpoint's config.json
 
 
 @dataclass
 class ClassifierOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    embeddings: torch.Tensor | None = None  # the pooled vector the head reads (predict.py --embeddings)
+    embeddings: torch.Tensor | None = (
+        None  # the pooled vector the head reads (predict.py --embeddings)
+    )
 
 
 class Model(PreTrainedModel):
@@ -73,12 +80,16 @@ class Model(PreTrainedModel):
         super().__init__(config)
         encoder_config = AutoConfig.for_model(**config.encoder)
         self.encoder = AutoModel.from_config(encoder_config)
-        self.encoder.pooler = None  # unused: the head pools itself (an unused layer would make DDP fail)
+        self.encoder.pooler = (
+            None  # unused: the head pools itself (an unused layer would make DDP fail)
+        )
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.head = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, labels=None, **inputs):  # inputs: what the tokenizer gave (input_ids, attention_mask, ...)
+    def forward(
+        self, labels=None, **inputs
+    ):  # inputs: what the tokenizer gave (input_ids, attention_mask, ...)
         pooled = self.encoder(**inputs).last_hidden_state[:, 0]  # the [CLS] position
         logits = self.head(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
@@ -96,8 +107,11 @@ def build_model(model_name_or_path, train_set):
     if not pretrained:
         encoder_config.vocab_size = len(train_set.tokenizer)
         encoder_config.pad_token_id = train_set.tokenizer.pad_token_id
-    config = ModelConfig(encoder=encoder_config.to_dict(), id2label=dict(enumerate(labels)),
-                         label2id={label: i for i, label in enumerate(labels)})
+    config = ModelConfig(
+        encoder=encoder_config.to_dict(),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
     model = Model(config)
     if pretrained:
         model.encoder = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=False)
@@ -111,19 +125,32 @@ def metric_inputs(model, tokenizer, batch, outputs):
 
 def compute_metrics(gathered):
     predictions, labels = gathered["predictions"], gathered["labels"]
-    f1 = [2 * ((predictions == c) & (labels == c)).sum() / ((predictions == c).sum() + (labels == c).sum())
-          for c in torch.cat([predictions, labels]).unique()]  # per class: 2 TP / (predicted + gold)
-    return {"accuracy": (predictions == labels).float().mean().item(),
-            "macro_f1": torch.stack(f1).mean().item()}  # over the classes seen, like sklearn's f1_score
+    f1 = [
+        2
+        * ((predictions == c) & (labels == c)).sum()
+        / ((predictions == c).sum() + (labels == c).sum())
+        for c in torch.cat([predictions, labels]).unique()
+    ]  # per class: 2 TP / (predicted + gold)
+    return {
+        "accuracy": (predictions == labels).float().mean().item(),
+        "macro_f1": torch.stack(f1).mean().item(),
+    }  # over the classes seen, like sklearn's f1_score
 
 
 def format_samples(model, tokenizer, batch, outputs, k):
     names = model.config.id2label
     predicted = outputs.logits[:k].argmax(-1).tolist()
-    return [f"input: {tokenizer.decode(ids, skip_special_tokens=True)}\n  prediction: {names[p]}  gold: {names[g]}"
-            for ids, p, g in zip(batch["input_ids"][:k].tolist(), predicted, batch["labels"][:k].tolist())]
+    return [
+        f"input: {tokenizer.decode(ids, skip_special_tokens=True)}\n  prediction: {names[p]}  gold: {names[g]}"
+        for ids, p, g in zip(
+            batch["input_ids"][:k].tolist(), predicted, batch["labels"][:k].tolist()
+        )
+    ]
 
 
 def predictions(model, tokenizer, batch, outputs):
     scores, ids = outputs.logits.float().softmax(-1).max(-1)
-    return [{"label": model.config.id2label[i], "score": round(s, 6)} for i, s in zip(ids.tolist(), scores.tolist())]
+    return [
+        {"label": model.config.id2label[i], "score": round(s, 6)}
+        for i, s in zip(ids.tolist(), scores.tolist())
+    ]
