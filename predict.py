@@ -1,15 +1,17 @@
-"""Runs a trained checkpoint over a data file and writes one JSON line per input row, in input order.
+"""Runs a trained checkpoint over a data file and writes one JSON line per input row, in input
+order.
 
-    python predict.py --checkpoint model/best --input_file data/valid.jsonl --output_file predictions.jsonl
-    python predict.py --input_file my/test.csv --embeddings     # also the vector the head reads
-    python predict.py --input_file nyu-mll/glue --dataset_config sst2 --split validation
+    python predict.py --checkpoint model/best --input_file data/valid.jsonl --output_file
+    predictions.jsonl python predict.py --input_file my/test.csv --embeddings     # also the vector
+    the head reads python predict.py --input_file nyu-mll/glue --dataset_config sst2 --split
+    validation
 
 Each line is {"index": row, **predictions(...)} from modeling.py (default: {"label", "score"}), plus
 "embedding" with --embeddings; without predictions() in modeling.py, the model's raw outputs (every
-per-example tensor but the loss, as lists). The data is prepared by dataset.py exactly as in training (max_len
-and the other options come from the checkpoint's my_config.json). A label column is not needed; if
-there is one, dataset.py checks it against the training labels. One process, on the GPU if there
-is one, else the CPU (for a large file, split it and run one predict.py per GPU).
+per-example tensor but the loss, as lists). The data is prepared by dataset.py exactly as in
+training (max_len and the other options come from the checkpoint's my_config.json). A label column
+is not needed; if there is one, dataset.py checks it against the training labels. One process, on
+the GPU if there is one, else the CPU (for a large file, split it and run one predict.py per GPU).
 """
 
 import argparse
@@ -19,24 +21,23 @@ import os
 import sys
 from pathlib import Path
 
-gc.disable()  # no collections while torch and transformers import (~1 s), as in train.py
-try:
-    import torch
-    import transformers
-    from safetensors import safe_open
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+gc.disable()  # the imports make ~700,000 objects (~1 s of collections), as in train.py
+import torch
+import transformers
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-    import dataset
-    import modeling
-    import utils
-    from core import checkpoint, guard, options, preflight
-    from dataset import generate_dataset
-    from modeling import Model
-    from utils import UserError
-finally:
-    gc.freeze()
-    gc.enable()
+import dataset
+import modeling
+import utils
+from core import check, checkpoint, options
+from dataset import generate_dataset
+from modeling import Model
+from utils import UserError
+
+gc.freeze()
+gc.enable()
 
 
 def parse_args(argv=None):
@@ -73,7 +74,8 @@ def parse_args(argv=None):
 
 
 def load_checkpoint(directory):
-    """The model, its tokenizer and the options it was trained with (train.py's defaults where unknown)."""
+    """The model, its tokenizer and the options it was trained with (train.py's defaults where
+    unknown)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(
@@ -91,10 +93,11 @@ def load_checkpoint(directory):
         )  # every file whole and unchanged
     else:
         print(
-            f"note: {directory} has no manifest.json (not saved by train.py?): its files are not checked.",
+            f"note: {directory} has no manifest.json (not saved by train.py?): its files are not "
+            "checked.",
             file=sys.stderr,
         )
-    guard.refuse_custom_code(directory, "--checkpoint")
+    check.refuse_custom_code(directory, "--checkpoint")
     try:
         saved_type = json.loads((directory / "config.json").read_text()).get("model_type")
     except (ValueError, AttributeError) as e:
@@ -106,9 +109,9 @@ def load_checkpoint(directory):
     )  # None: an Auto class
     if expected and saved_type != expected:
         raise UserError(
-            f"--checkpoint {directory}: trained with another modeling.py (model_type {saved_type}; this "
-            f"modeling.py builds {expected}). Copy back the modeling.py and dataset.py it was "
-            f"trained with."
+            f"--checkpoint {directory}: trained with another modeling.py (model_type {saved_type}; "
+            f"this modeling.py builds {expected}). Copy back the modeling.py and dataset.py it was "
+            "trained with."
         )
     try:
         with safe_open(directory / "model.safetensors", "pt") as f:
@@ -123,8 +126,8 @@ def load_checkpoint(directory):
     else:
         trained_with = options.parse_args([])  # a checkpoint saved by hand
         print(
-            f"note: {directory} has no my_config.json; the data is prepared with train.py's defaults "
-            f"(--max_len {trained_with.max_len}).",
+            f"note: {directory} has no my_config.json; the data is prepared with train.py's "
+            f"defaults (--max_len {trained_with.max_len}).",
             file=sys.stderr,
         )
     try:
@@ -137,11 +140,20 @@ def load_checkpoint(directory):
             f"--checkpoint {directory}: could not load it with modeling.py's Model "
             f"({str(e).splitlines()[0][:300]})."
         ) from None
+    if (directory / "ema.pt").is_file():  # --ema_decay: the weights that validation ran
+        average = checkpoint.load_tensors(directory / "ema.pt")  # torch's AveragedModel's
+        average.pop("n_averaged", None)
+        model.load_state_dict({k.removeprefix("module."): v for k, v in average.items()})
+        print(
+            f"note: predicting with the EMA of the weights ({directory / 'ema.pt'}).",
+            file=sys.stderr,
+        )
     return model, tokenizer, trained_with
 
 
 def write_lines(path, lines):
-    """Writes via a temporary file and a rename: the output is whole or absent, never half written."""
+    """Writes via a temporary file and a rename: the output is whole or absent, never half
+    written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -155,7 +167,8 @@ def write_lines(path, lines):
 
 
 def raw_outputs(model, tokenizer, batch, outputs):
-    """For a modeling.py without predictions(): each per-example tensor of the outputs (not the loss)."""
+    """For a modeling.py without predictions(): each per-example tensor of the outputs (not the
+    loss)."""
     size = len(next(iter(batch.values())))
     tensors = {
         key: value
@@ -221,7 +234,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_output_file(args)
     transformers.utils.logging.disable_progress_bar()
-    preflight.check_hooks(modeling)
+    check.check_hooks(modeling)
     model, tokenizer, trained_with = load_checkpoint(args.checkpoint)
     if Path(args.input_file).suffix in utils.FILE_TYPES and not Path(args.input_file).is_file():
         raise UserError(f"--input_file {args.input_file}: no such file.")
@@ -232,12 +245,13 @@ def main(argv=None):
     data = generate_dataset(
         args.input_file, args.split, tokenizer, trained_with, labels=labels, predicting=True
     )
-    # In order (no shuffling), padded per batch by the dataset's collate, like the validation loader.
+    # In order (no shuffling), padded per batch by the dataset's collate, like the validation
+    # loader.
     loader = DataLoader(data, args.batch_size, collate_fn=getattr(data, "collate", None))
     if not hasattr(modeling, "predictions"):
         print(
-            "note: modeling.py has no predictions(model, tokenizer, batch, outputs): writing the model's "
-            "raw outputs.",
+            "note: modeling.py has no predictions(model, tokenizer, batch, outputs): writing the "
+            "model's raw outputs.",
             file=sys.stderr,
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,54 +15,55 @@ import math
 import os
 from collections import defaultdict
 
-# torch and transformers make ~700,000 objects while importing, which the collector walks again and again
-gc.disable()
-try:
-    import torch
-    import transformers
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import TorchDynamoPlugin, set_seed
-    from torch.distributed.tensor import DTensor
-    from torch.utils.data import DataLoader
-    from transformers import PreTrainedModel, get_scheduler
+gc.disable()  # the imports make ~700,000 objects (~1 s of collections); kept for good below
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin, set_seed
+from torch.distributed.tensor import DTensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, get_scheduler
 
-    import dataset
-    import modeling
-    from core import checkpoint, guard, options, preflight, runtime, samplers, wiring
-    from dataset import generate_dataset
-    from modeling import build_model
-    from utils import UserError
-finally:  # (~1 s of start-up); what the imports made lives as long as the process: never collect it
-    gc.freeze()
-    gc.enable()
+import dataset
+import modeling
+from core import check, checkpoint, lora, options, processes, resume, step
+from dataset import generate_dataset
+from modeling import build_model
+from utils import UserError, datasets_cache_space
+
+gc.freeze()  # what the imports made lives as long as the process: never walk it again
+gc.enable()
 
 
 def main(argv=None):
     args = options.parse_args(argv, __doc__)
     accelerator, resumed, threads = setup(args)
-    if resumed and finished(resumed, args):  # run again as it was (--resume auto): nothing to do
+    if resumed and resume.finished(
+        resumed, args
+    ):  # run again as it was (--resume auto): nothing to do
         accelerator.print(
             f"{args.resume}: the run is finished (epoch {resumed.epoch} of --epochs "
             f"{args.epochs}); nothing to do. Pass a larger --epochs to train further."
         )
-        return runtime.finish(accelerator, 0)
+        return processes.finish(accelerator, 0)
     with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
         tokenizer, train_set, valid_set, data = load_data(args)
-    preflight.check_collate(train_set, tokenizer, args)
+    check.check_collate(train_set, tokenizer, args)
     if resumed:
-        guard.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
+        resume.check_data(resumed.data, data, args.resume, args.ignore_mismatch)
     model = build(args, train_set)
-    preflight.check_positions(model, args)
+    check.check_positions(model, args)
     if args.check:  # a few seconds of checks on the two user files instead of the run
-        failed = wiring.run(accelerator, model, tokenizer, train_set, valid_set, args, modeling)
-        return runtime.finish(accelerator, failed)
+        failed = check.run(accelerator, model, tokenizer, train_set, valid_set, args, modeling)
+        return processes.finish(accelerator, failed)
     adapt(model, args)
     model, optimizer, scheduler, train_loader, valid_loader = prepare(
         accelerator, args, model, train_set, valid_set
     )
     # On the device, as validation will run it (a metric that generates costs what it costs there).
     unwrapped = accelerator.unwrap_model(model)
-    greater = preflight.first_batch(
+    greater = check.first_batch(
         unwrapped,
         train_set,
         valid_set,
@@ -76,17 +77,23 @@ def main(argv=None):
     )
 
     # Everything a checkpoint saves besides the weights and the position: {name: an object with
-    # state_dict() / load_state_dict()}, saved as optimizer.pt, lr.bin, NAME.pt. A second optimizer
-    # or an EMA of the weights is one more line here (and its update in the loop).
+    # state_dict() / load_state_dict()}, saved as optimizer.pt, lr.bin, NAME.pt and restored
+    # bitwise. step.optimizer_step() steps every optimizer here (each skips a non-finite step),
+    # every LR scheduler, and updates every AveragedModel (--ema_decay's) from the model's weights.
+    # Under FSDP2 each process saves its shard of an optimizer; any other object is the main
+    # process's, so one that holds sharded tensors is refused (check.objects_under_fsdp).
     objects = {"optimizer": optimizer, "scheduler": scheduler}
     if accelerator.scaler is not None and accelerator.scaler.is_enabled():  # --mixed_precision fp16
         objects["scaler"] = accelerator.scaler  # its loss scale: a resumed run continues with it
+    if args.ema_decay:  # validated and deciding best/ in the model's place; saved as ema.pt
+        objects["ema"] = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
+    check.objects_under_fsdp(accelerator, objects)
 
     if accelerator.is_main_process:
-        guard.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
+        resume.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
     state = resumed or checkpoint.TrainState(num_processes=accelerator.num_processes)
     if resumed:  # the weights, the objects, the position, and the RNG streams last
-        checkpoint.restore(args.resume, accelerator, model, objects, state)
+        resume.restore(args.resume, accelerator, model, objects, state)
         if state.threads and state.threads != threads and accelerator.device.type == "cpu":
             accelerator.print(
                 f"changed on resume: {state.threads} -> {threads} CPU threads per "
@@ -107,67 +114,58 @@ def main(argv=None):
             accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state, greater
         )
     except RuntimeError as e:  # a collective that failed: said in one line, not gloo's traceback
-        if accelerator.num_processes > 1 and runtime.peer_stopped(e):
-            runtime.exit_peer_stopped(accelerator, args.outdir)
+        if accelerator.num_processes > 1 and processes.peer_stopped(e):
+            processes.exit_peer_stopped(accelerator, args.outdir)
         raise
     if stop:
         accelerator.print(
             f"Stopped by {f'signal {stop}' if isinstance(stop, int) else stop} after "
             f"{state.global_step} optimizer steps; {args.outdir}/last holds the full "
-            f"state. Continue with: {runtime.resume_command(accelerator, args.outdir)}"
+            f"state. Continue with: {processes.resume_command(accelerator, args.outdir)}"
         )
     # A signal's exit status (128 + its number): a scheduler sees a preemption.
-    runtime.finish(accelerator, 128 + stop if isinstance(stop, int) else 0)
-
-
-def finished(state, args):
-    """Whether the resumed run has nothing left: every epoch done, or stopped early."""
-    patience = args.early_stopping_patience
-    return state.epoch >= args.epochs or bool(patience and state.bad_epochs >= patience)
+    processes.finish(accelerator, 128 + stop if isinstance(stop, int) else 0)
 
 
 def setup(args):
     """The refusals that need no model, the Accelerator, the resumed run's position (or None)."""
-    guard.refuse_folders_with_code(args)
+    check.refuse_folders_with_code(args)
     # The resumed run's position, read once (from .old-last if a crash left it there: verify() below
     # takes that back).
     resumed = checkpoint.read_state(checkpoint.find(args.resume)) if args.resume else None
     if not args.check:
-        guard.check_outdir(args.outdir, args.resume, resumed, args.overwrite)
+        resume.check_outdir(args.outdir, args.resume, resumed, args.overwrite)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would break ours
     if resumed:  # on another number of processes: the same global batch, by --accumulation
-        args.accumulation = checkpoint.elastic_accumulation(
+        args.accumulation = resume.elastic_accumulation(
             args.resume,
             resumed.num_processes,
             args.accumulation,
             int(os.environ.get("WORLD_SIZE", 1)),
             args.ignore_mismatch,
         )
-    runtime.join_restarted_group()  # after a restart by torchrun's agent only
+    processes.join_restarted_group()  # after a restart by torchrun's agent only
     # No gradient_accumulation_steps: the loop accumulates --accumulation batches itself, weighing
     # each by its items (accelerate would divide every batch's loss by the same number).
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
-        log_with=runtime.tracker(args.report_to),
+        log_with=step.tracker(args.report_to),
         project_dir=args.outdir,
-        # Any sampler's permutation a function of (seed, epoch) only, so a resumed epoch replays it
-        # (train.py's own samplers are built that way too).
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    runtime.shard_fsdp_on_cpu(accelerator)
-    guard.refuse_deepspeed(accelerator)
-    guard.refuse_fp16_on_cpu(accelerator)
+    processes.shard_fsdp_on_cpu(accelerator)
+    processes.refuse_deepspeed(accelerator)
+    processes.refuse_fp16_on_cpu(accelerator)
     if args.resume:
         if accelerator.is_main_process:
             checkpoint.verify(args.resume)  # every file against its manifest, before any is read
         accelerator.wait_for_everyone()
-    threads = runtime.cpu_threads(accelerator)
+    threads = processes.cpu_threads(accelerator)
     if accelerator.device.type == "cpu":
         accelerator.print(
             f"{threads} CPU thread(s) per process (OMP_NUM_THREADS=N before the command to choose)."
         )
-    preflight.check_hooks(modeling)
+    check.check_hooks(modeling)
     if args.sample_every and not hasattr(modeling, "format_samples"):
         raise UserError(
             "--sample_every: modeling.py has no format_samples(model, tokenizer, batch, "
@@ -186,17 +184,17 @@ def load_data(args):
     """dataset.py's tokenizer (the checkpoint's on --resume) and datasets, and what the data was."""
     # The data side decides whether there is a tokenizer (or other processor).
     load_tokenizer = getattr(dataset, "load_tokenizer", lambda source, args: None)
-    with guard.datasets_cache_space():  # a full disk there: one line, no partial file left
+    with datasets_cache_space():  # a full disk there: one line, no partial file left
         tokenizer = load_tokenizer(args.resume or args.model_name_or_path, args)
         train_set = generate_dataset(args.train_file, args.train_split, tokenizer, args)
         valid_set = generate_dataset(
             args.valid_file, args.valid_split, tokenizer, args, getattr(train_set, "labels", None)
         )
     data = {
-        "train": guard.describe_data(
+        "train": resume.describe_data(
             args.train_file, args.train_split, args.dataset_config, len(train_set)
         ),
-        "valid": guard.describe_data(
+        "valid": resume.describe_data(
             args.valid_file, args.valid_split, args.dataset_config, len(valid_set)
         ),
     }
@@ -217,17 +215,23 @@ def build(args, train_set):
 
 
 def adapt(model, args):
-    """What the options change in the model before it trains: backbone frozen, LoRA, checkpointing."""
+    """What the options change in the model before it trains: backbone frozen, LoRA,
+    checkpointing."""
     if args.freeze_backbone:
         model.base_model.requires_grad_(False)
     if args.lora_r:
-        runtime.add_lora(model, args)
+        lora.add_lora(model, args)
     if args.gradient_checkpointing:
-        if not model.supports_gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        try:  # transformers 5.23 renamed it (the old name is gone in 6)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        except ValueError:  # "... does not support activation checkpointing"
             raise UserError(
                 f"--gradient_checkpointing: {type(model).__name__} does not support it."
-            )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            ) from None
 
 
 def prepare(accelerator, args, model, train_set, valid_set):
@@ -236,7 +240,7 @@ def prepare(accelerator, args, model, train_set, valid_set):
     decay = [p for p in trained if p.dim() >= 2]  # matrices and embeddings, not biases or norms
     no_decay = [p for p in trained if p.dim() < 2]
     # fused: one kernel per step, and it skips a step with non-finite gradients without the host
-    # looking at them (runtime.step), so the loop never waits for the GPU between logs.
+    # looking at them (step.optimizer_step), so the loop never waits for the GPU between logs.
     groups = [
         {"params": decay, "weight_decay": args.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -254,9 +258,9 @@ def prepare(accelerator, args, model, train_set, valid_set):
     }
     step_batch = args.batch_size * args.accumulation * accelerator.num_processes  # grouped per step
     sampler = (
-        samplers.LengthGroupedSampler(step_batch, train_set, args.seed)
+        resume.LengthGroupedSampler(step_batch, train_set, args.seed)
         if args.group_by_length
-        else samplers.ShuffledSampler(len(train_set), args.seed)
+        else resume.ShuffledSampler(len(train_set), args.seed)
     )
     train_loader = DataLoader(
         train_set,
@@ -291,23 +295,23 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
     """The loop, from `state`'s position to --epochs (or a stop); every save is made here. Returns
     why it stopped early: a signal number, "--stop_after_steps", or None. `greater`: whether a
     greater --metric_for_best is better."""
-    optimizer, scheduler = objects["optimizer"], objects["scheduler"]
+    scheduler = objects["scheduler"]
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation)
     loss_items = getattr(modeling, "loss_items", None)  # what the loss is a mean over (optional)
     # Taken after prepare(): FSDP2 replaces every parameter by a sharded one (a DTensor), and the
     # old ones would never see a gradient (nothing clipped, no NaN noticed).
     trained = [p for p in model.parameters() if p.requires_grad]
-    replacing = (
-        args.overwrite and not args.resume
-    )  # the previous run goes with our first checkpoint
+    # What validation runs, and so what decides best/: the EMA of the weights, or the model itself.
+    validated = objects["ema"].module if "ema" in objects else model
+    replacing = args.overwrite and not args.resume  # the previous run goes with our 1st checkpoint
     # The epoch's loss sums of each process, as saved: log.json's mean comes out bitwise the same.
-    running = runtime.RunningLoss(
+    running = step.RunningLoss(
         accelerator.device,
         state.loss_sums[accelerator.process_index] if state.loss_sums else (0.0, 0),
     )
     model.train()  # from_pretrained() returns a model in eval mode (dropout off)
     # SIGTERM / SIGUSR1 / Ctrl-C: the step in progress finishes, last/ is saved, the run ends.
-    preemption = runtime.Preemption(args.outdir)
+    preemption = processes.Preemption(args.outdir)
     stop = None
     for epoch in range(state.epoch, args.epochs):
         if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
@@ -321,41 +325,38 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
         train_loader.set_epoch(epoch)
         done = state.steps_done_in_epoch * args.accumulation  # this epoch's batches before a resume
         batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
-        bar = runtime.progress(
+        bar = step.progress(
             accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=len(train_loader)
         )
         # One optimizer step a window of --accumulation batches. Its items are counted first, so
         # that every token weighs the same however the step's batch is split (see loss_divisors).
-        for window in runtime.windows(batches, args.accumulation):
-            divisors, items = runtime.loss_divisors(
-                window, loss_items, args.accumulation, accelerator
-            )
+        for window in step.windows(batches, args.accumulation):
+            divisors, items = step.loss_divisors(window, loss_items, args.accumulation, accelerator)
             for i, batch in enumerate(window):
                 # The gradients are all-reduced once a step, in the window's last backward.
                 with (
                     accelerator.no_sync(model) if i < len(window) - 1 else contextlib.nullcontext()
                 ):
                     outputs = model(**batch)
-                    preflight.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
+                    check.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
                     accelerator.backward(outputs.loss / divisors[i])
                 running.add(outputs.loss.detach(), items[i])
-                bar.update()  # by hand: the bar closes before validation, inside the epoch's last step
+                bar.update()  # by hand: it closes before validation, inside the epoch's last step
             grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
             if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
                 grad_norm = grad_norm.full_tensor()
             # After backward() every process holds the same (all-reduced) gradients, so all of
             # them skip the same steps.
-            skipped = runtime.step(optimizer, grad_norm, accelerator.scaler)
-            running.nonfinite_steps += skipped
-            scheduler.step()
-            optimizer.zero_grad()
+            running.nonfinite_steps += step.optimizer_step(
+                objects, grad_norm, accelerator.scaler, model
+            )
 
             # One optimizer step done: show, validate at the end of the epoch, save, stop.
             state.global_step += 1
             state.steps_done_in_epoch += 1
             end_of_epoch = state.steps_done_in_epoch == steps_per_epoch
             if args.sample_every and state.global_step % args.sample_every == 0:
-                runtime.show_samples(
+                step.show_samples(
                     accelerator,
                     modeling.format_samples,
                     model,
@@ -380,7 +381,7 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
                 improved = end_epoch(
                     accelerator,
                     args,
-                    model,
+                    validated,
                     tokenizer,
                     valid_loader,
                     running,
@@ -458,7 +459,8 @@ def end_epoch(
 
 
 def has_metrics():
-    """Whether modeling.py has the optional metric_inputs() and compute_metrics() (else: loss only)."""
+    """Whether modeling.py has the optional metric_inputs() and compute_metrics() (else: loss
+    only)."""
     return hasattr(modeling, "metric_inputs") and hasattr(modeling, "compute_metrics")
 
 
@@ -483,9 +485,10 @@ def evaluate(accelerator, model, tokenizer, loader, desc):
     unwrapped = accelerator.unwrap_model(model)  # what metric_inputs() may call generate() on
     losses, items, gathered = [], [], defaultdict(list)
     # Updated by hand: it closes after the metrics.
-    bar = runtime.progress(accelerator, None, desc, total=len(loader))
+    bar = step.progress(accelerator, None, desc, total=len(loader))
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+    # autocast: a model that accelerate did not prepare (an EMA) runs in --mixed_precision too.
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda), accelerator.autocast():
         for batch in loader:
             outputs = model(**batch)
             # Per example (gather_for_metrics drops the copies that even out the last batches): its

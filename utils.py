@@ -3,12 +3,14 @@ into a datasets.Dataset with line-numbered messages, and a vocabulary learnt fro
 It imports nothing of the project; train.py's own machinery is in core/."""
 
 import codecs
+import contextlib
 import csv
 import errno
 import hashlib
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import datasets
@@ -151,6 +153,27 @@ def load_rows(path, split="train", config_name=None):
     if len(rows) == 0:
         raise UserError(f"{path}: the file holds no examples.")
     return rows
+
+
+@contextlib.contextmanager
+def datasets_cache_space():
+    """A full disk under the datasets cache while the data is read, tokenized or its vocabulary
+    learnt: one line naming the folder, and the temporary files datasets left there (tmpXXXX, from a
+    map cut short) removed; the next run with room starts them afresh."""
+    cache, start = Path(datasets.config.HF_DATASETS_CACHE), time.time() - 1
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        for path in cache.rglob("tmp*"):  # written since this run started, never finished
+            if path.is_file() and path.stat().st_mtime >= start:
+                path.unlink()
+        raise UserError(
+            f"no space left on the device of the datasets cache {cache} while reading or "
+            f"tokenizing the data. Free space there, or set HF_DATASETS_CACHE to a folder "
+            f"with room, and run again."
+        ) from None
 
 
 def disk_full(error):

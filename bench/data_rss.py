@@ -1,7 +1,8 @@
 """Peak memory of the data path against the size of the data: dataset.py's generate_dataset() on a
 generated training file of N rows, then one shuffled pass over every batch, as train.py makes it.
 
-    python bench/data_rss.py                      # 10,000 and 1,000,000 rows (~3 minutes on 2 cores)
+    python bench/data_rss.py                      # 10,000 and 1,000,000 rows
+                                                  # (~3 minutes on 2 cores)
     python bench/data_rss.py --rows 10000 100000
 
 Each size runs in a fresh process with an empty datasets cache, then once more on the warm cache
@@ -101,7 +102,8 @@ def main():
     if args.child:
         return child(args.child)
     print(
-        f"{'rows':>10} {'cache':>6} {'build s':>8} {'pass s':>7} {'peak RSS MiB':>13} {'peak RssAnon MiB':>17}"
+        f"{'rows':>10} {'cache':>6} {'build s':>8} {'pass s':>7} "
+        f"{'peak RSS MiB':>13} {'peak RssAnon MiB':>17}"
     )
     with tempfile.TemporaryDirectory(prefix="data-rss-") as folder:
         for rows in args.rows:

@@ -10,7 +10,8 @@ RssAnon is sampled every 5 ms. Peak RSS (VmHWM) is printed beside it; it also co
 memory-mapped files the process touched (datasets' cache files: clean pages, which the kernel
 drops when it needs the memory).
 
-    python bench/row_memory.py              # ~4 minutes on 2 cores (the 1M-row file is tokenized once)
+    python bench/row_memory.py              # ~4 minutes on 2 cores
+                                            # (the 1M-row file is tokenized once)
 """
 
 import argparse
@@ -58,8 +59,8 @@ def peaks_mib(command, env):
 
 
 def measure(rows=(10_000, 1_000_000), progress=print):
-    """{"peaks": {(cache, rows): (peak RSS MiB, peak RssAnon MiB)} of the default job stopped after one
-    step, cache "cold" then "warm"; "read_us": read_speed() of the largest tokenized cache}."""
+    """{"peaks": {(cache, rows): (peak RSS MiB, peak RssAnon MiB)} of the default job stopped after
+    one step, cache "cold" then "warm"; "read_us": read_speed() of the largest tokenized cache}."""
     peaks = {}
     with tempfile.TemporaryDirectory(prefix="bench-rows-") as folder:
         work = Path(folder)
@@ -110,7 +111,8 @@ def read_speed(path, batches=300, batch_size=32, repeats=3):
 
 
 def per_row(peaks, cache, field):
-    """Bytes per row beyond a fixed cost between the smallest and the largest file; field 0: peak RSS, 1: RssAnon."""
+    """Bytes per row beyond a fixed cost between the smallest and the largest file; field 0: peak
+    RSS, 1: RssAnon."""
     sizes = sorted(n for c, n in peaks if c == cache)
     small, large = sizes[0], sizes[-1]
     return (peaks[cache, large][field] - peaks[cache, small][field]) * 2**20 / (large - small)
@@ -119,7 +121,8 @@ def per_row(peaks, cache, field):
 def report(figures):
     peaks = figures["peaks"]
     print(
-        f"  {'MiB at the peak':26s} {'cold RssAnon':>12s} {'warm RssAnon':>12s} {'cold RSS':>10s} {'warm RSS':>10s}"
+        f"  {'MiB at the peak':26s} {'cold RssAnon':>12s} {'warm RssAnon':>12s} "
+        f"{'cold RSS':>10s} {'warm RSS':>10s}"
     )
     for n in sorted({n for _, n in peaks}):
         print(
@@ -128,7 +131,8 @@ def report(figures):
         )
     print(f"  {'bytes per training row beyond a fixed cost':58s} {'cold':>6s} {'warm':>6s}")
     print(
-        f"    {'peak RssAnon':56s} {per_row(peaks, 'cold', 1):6.1f} {per_row(peaks, 'warm', 1):6.1f}   target <= 16"
+        f"    {'peak RssAnon':56s} {per_row(peaks, 'cold', 1):6.1f} "
+        f"{per_row(peaks, 'warm', 1):6.1f}   target <= 16"
     )
     print(
         f"    {'peak RSS (with the pages of mapped files)':56s} {per_row(peaks, 'cold', 0):6.1f} "

@@ -77,8 +77,8 @@ def run(argv, cwd):
 
 
 def big_model(folder, layers):
-    """A BERT-base-shaped config (hidden 768, FFN 3072), from scratch: dataset.py learns its vocabulary
-    from the training file, as for the tiny model; no download."""
+    """A BERT-base-shaped config (hidden 768, FFN 3072), from scratch: dataset.py learns its
+    vocabulary from the training file, as for the tiny model; no download."""
     folder.mkdir(parents=True, exist_ok=True)
     config = json.loads((ROOT / "assets" / "tiny-bert" / "config.json").read_text())
     config.update(
@@ -158,7 +158,8 @@ def main():
     print(f"  ms/row, largest / smallest: {per_row[-1] / per_row[0]:.3f} (1.0 = linear)")
 
     print(
-        "\ncheckpoint save and resume (save: every file written, fsynced, renamed; resume: verified and loaded):"
+        "\ncheckpoint save and resume (save: every file written, fsynced, renamed; "
+        "resume: verified and loaded):"
     )
     write_synthetic(workdir / "train-small.jsonl", 200, words, 32, 12, seed=7)
     big, parameters = big_model(workdir / "big-bert", args.big_layers)

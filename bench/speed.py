@@ -1,34 +1,43 @@
-"""Speed of train.py where users run it, every ratio printed in one run, in four sections:
+r"""Speed of train.py where users run it, every ratio printed in one run, in four sections:
 
     throughput  training speed side by side with a bare PyTorch loop, Hugging Face Trainer and the
-                original template's data path: the same model, data, batch order and optimizer settings
-    startup     the default job (shipped data, tiny BERT) to its first optimizer step and a checkpoint,
-                wall time of the whole process, against HF Trainer doing the same; `import train`
-    threads     `accelerate launch train.py` against `python train.py` on a MiniLM-sized model (threads.py)
+                original template's data path: the same model, data, batch order and optimizer
+                settings
+    startup     the default job (shipped data, tiny BERT) to its first optimizer step and a
+                checkpoint, wall time of the whole process, against HF Trainer doing the same;
+                `import train`
+    threads     `accelerate launch train.py` against `python train.py` on a MiniLM-sized model
+                (threads.py)
     memory      bytes of host memory per training row, 10k against 1M rows (row_memory.py)
 
     python bench/speed.py                                   # all four, ~8 min on 2 CPU cores
     python bench/speed.py --sections throughput             # the training-speed table only, ~3 min
     python bench/speed.py --repeats 5 --rows 40000          # steadier figures
     python bench/speed.py --only bare template              # a subset of the contenders
-    python bench/speed.py --model_name_or_path bert-base-cased --rows 2000 --batch_size 16 --max_len 256
-    python bench/speed.py --train_file data/train.jsonl     # the shipped sample data, not synthetic text
+    python bench/speed.py --model_name_or_path bert-base-cased --rows 2000 --batch_size 16 \
+        --max_len 256
+    python bench/speed.py --train_file data/train.jsonl     # the shipped sample data, not
+                                                            # synthetic text
 
 Contenders (each run is a fresh Python process, so start-up is measured as a user sees it):
 
-    bare              the limit: the model, dataset.py's batches in train.py's order, fused AdamW, gradient
-                      clipping, linear schedule, train mode; no accelerate, no progress bar, no logging
+    bare              the limit: the model, dataset.py's batches in train.py's order, fused AdamW,
+                      gradient clipping, linear schedule, train mode; no accelerate, no progress
+                      bar, no logging
     template          train.py itself (train.main), progress bar and all
-    trainer           transformers.Trainer with its defaults (random order, pads per batch, tqdm bar);
-                      the same lr, batch size, seed, weight decay, clipping and schedule; no eval, no saves
+    trainer           transformers.Trainer with its defaults (random order, pads per batch, tqdm
+                      bar); the same lr, batch size, seed, weight decay, clipping and schedule; no
+                      eval, no saves
     original          train.py's loop on the original template's data path: each item tokenized in
                       __getitem__ and padded to --max_len
     template-grouped  train.py --group_by_length
     trainer-grouped   Trainer with train_sampling_strategy="group_by_length"
     bare-grouped      the bare loop on train.py's --group_by_length batches (not run by default)
-    data              dataset.py's loader alone, no model: how fast batches can come (not run by default)
-    alt, alt-grouped  another train.py (--alt_train) and/or extra options (--alt_args), to measure an edit
-                      side by side with the template (run when --alt_train or --alt_args is given)
+    data              dataset.py's loader alone, no model: how fast batches can come (not run by
+                      default)
+    alt, alt-grouped  another train.py (--alt_train) and/or extra options (--alt_args), to measure
+                      an edit side by side with the template (run when --alt_train or --alt_args
+                      is given)
 
 How it is measured. Every contender runs with the same probe: a wrapper around Model.forward that
 notes the batch shape (and, on the device, the count of non-padding tokens), and a global
@@ -162,21 +171,24 @@ def parse_args(argv=None):
 
 
 def vocabulary(model_name_or_path):
-    """Words of the tokenizer's vocabulary (so that one word is one token with the tiny tokenizer)."""
+    """Words of the tokenizer's vocabulary (so that one word is one token with the tiny
+    tokenizer)."""
     vocab = Path(model_name_or_path) / "vocab.txt"
     if vocab.is_file():
         words = [w for w in vocab.read_text().split() if w.isalpha() and w.islower()]
         if len(words) >= 20:
             return words
     return (
-        "the food was great awful fine service slow friendly cold warm price cheap expensive room staff clean "
-        "dirty view noisy quiet again never always would recommend not really movie book hotel"
+        "the food was great awful fine service slow friendly cold warm price cheap expensive room "
+        "staff clean dirty view noisy quiet again never always would recommend not really movie "
+        "book hotel"
     ).split()
 
 
 def write_synthetic(path, rows, words, max_len, mean_len, seed):
-    """Rows of random words with a wide, long-tailed length distribution (8 .. max_len - 2 words, log-normal),
-    the case where padding to the longest of a random batch wastes most of the compute."""
+    """Rows of random words with a wide, long-tailed length distribution (8 .. max_len - 2 words,
+    log-normal), the case where padding to the longest of a random batch wastes most of the
+    compute."""
     rng = random.Random(seed)
     labels = ["negative", "neutral", "positive"]
     with open(path, "w") as f:
@@ -220,12 +232,14 @@ def original_generate_dataset(path, split, tokenizer, args, labels=None):
     return OriginalDataset(rows["text"], names, labels or sorted(set(names)))
 
 
-# ---------------------------------------------------------------- the probe (in each contender's process)
+# ---------------------------------------------------------------- the probe
+# (in each contender's process)
 
 
 class Probe:
-    """Notes each training step the same way in every contender: the batch at Model.forward (train mode
-    only) and the time at which optimizer.step() returns (a global hook, so no loop is edited)."""
+    """Notes each training step the same way in every contender: the batch at Model.forward (train
+    mode only) and the time at which optimizer.step() returns (a global hook, so no loop is
+    edited)."""
 
     def __init__(self, steps_per_epoch, warmup_steps):
         self.first_forward = None
@@ -257,8 +271,8 @@ class Probe:
         register_optimizer_step_post_hook(self.on_step)
 
     def count_host_reads(self, stop):
-        """Counts the calls that read a tensor's value on the host (each one waits for a GPU) between the
-        end of the first step and the end of step `stop`, by call site."""
+        """Counts the calls that read a tensor's value on the host (each one waits for a GPU)
+        between the end of the first step and the end of step `stop`, by call site."""
         import torch
 
         self.reads, self.counting, self.stop = collections.Counter(), False, stop
@@ -405,7 +419,7 @@ def run_bare(spec, probe):
     from accelerate.data_loader import SeedableRandomSampler
     from transformers import get_scheduler, set_seed
 
-    from core import samplers
+    from core import resume
     from modeling import build_model
 
     set_seed(spec["seed"])
@@ -423,7 +437,7 @@ def run_bare(spec, probe):
         fused=True,
     )
     if spec["grouped"]:
-        sampler = samplers.LengthGroupedSampler(spec["batch_size"], train_set, spec["seed"])
+        sampler = resume.LengthGroupedSampler(spec["batch_size"], train_set, spec["seed"])
     else:
         sampler = SeedableRandomSampler(
             train_set, generator=torch.Generator(), data_seed=spec["seed"]
@@ -481,7 +495,8 @@ def run_trainer(spec, probe):
         remove_unused_columns=False,  # forward(labels, **inputs) would otherwise lose input_ids
         train_sampling_strategy="group_by_length" if spec["grouped"] else "random",
     )
-    # The tokenized datasets.Dataset, as a Trainer user passes it; Trainer's default collator pads per batch.
+    # The tokenized datasets.Dataset, as a Trainer user passes it; Trainer's default collator pads
+    # per batch.
     Trainer(
         model=model, args=args, train_dataset=train_set.rows, processing_class=tokenizer
     ).train()
@@ -549,8 +564,8 @@ def summarize(result, spec, started, finished):
     expected = steps * spec["epochs"]
     if len(ends) != expected or len(shapes) != expected:
         sys.exit(
-            f"expected {expected} steps, the probe saw {len(ends)} optimizer steps and {len(shapes)} "
-            f"training batches ({spec['loop']})"
+            f"expected {expected} steps, the probe saw {len(ends)} optimizer steps and "
+            f"{len(shapes)} training batches ({spec['loop']})"
         )
     seconds = cpu_seconds = samples = padded = tokens = 0
     for epoch in range(spec["epochs"]):
@@ -597,9 +612,9 @@ def machine(threads):
         pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only (no GPU)"
     return (
-        f"{cpu}, {os.cpu_count()} cores; {device}; torch {torch.__version__} ({threads} thread(s) per "
-        f"contender), transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
-        f"Python {platform.python_version()}"
+        f"{cpu}, {os.cpu_count()} cores; {device}; torch {torch.__version__} "
+        f"({threads} thread(s) per contender), transformers {transformers.__version__}, "
+        f"accelerate {accelerate.__version__}, Python {platform.python_version()}"
     )
 
 
@@ -658,7 +673,8 @@ def prepare(args, workdir):
     spec["steps_per_epoch"] = math.ceil(info["rows"] / args.batch_size)
     if spec["steps_per_epoch"] < args.warmup_steps + 5:
         sys.exit(
-            f"only {spec['steps_per_epoch']} steps per epoch: give more --rows or a smaller --batch_size"
+            f"only {spec['steps_per_epoch']} steps per epoch: "
+            "give more --rows or a smaller --batch_size"
         )
     return spec, env, info
 
@@ -692,7 +708,8 @@ def warm(spec):
 
 
 def run_all(args, names, spec, env, workdir, progress=print):
-    """Each contender --repeats times, in an order rotated by one at each repeat; {name: [figures, ...]}."""
+    """Each contender --repeats times, in an order rotated by one at each repeat;
+    {name: [figures, ...]}."""
     results = {name: [] for name in names}
     for repeat in range(args.repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
@@ -700,7 +717,8 @@ def run_all(args, names, spec, env, workdir, progress=print):
             figures = launch(name, spec, workdir, env, repeat)
             results[name].append(figures)
             progress(
-                f"  repeat {repeat + 1}/{args.repeats}  {name:17s} {figures['samples_per_s']:9.1f} samples/s  "
+                f"  repeat {repeat + 1}/{args.repeats}  {name:17s} "
+                f"{figures['samples_per_s']:9.1f} samples/s  "
                 f"start-up {figures['startup_s']:5.2f} s  wall {figures['wall_s']:5.1f} s"
             )
     return results
@@ -723,8 +741,10 @@ def count_reads(names, spec, workdir, env, steps=30):
 def report_reads(counts):
     print()
     print(
-        "host reads of tensor values per training step (.item() .tolist() bool() float() int() .numpy() .cpu(); "
-        "each waits for the GPU when the tensor is on one; blocking copies to the device are not counted):"
+        "host reads of tensor values per training step "
+        "(.item() .tolist() bool() float() int() .numpy() .cpu(); "
+        "each waits for the GPU when the tensor is on one; "
+        "blocking copies to the device are not counted):"
     )
     for name, sites in counts.items():
         print(f"  {name}: {sum(sites.values()):.2f} per step" + ("" if sites else " (none)"))
@@ -771,13 +791,15 @@ def report(args, spec, info, results, loads):
     cpu = all(r["threads"] and not r.get("cuda") for runs in results.values() for r in runs)
     print()
     print(
-        f"machine: {machine(next(iter(results.values()))[0]['threads'])}; load average {loads[0]:.1f} at the "
-        f"start, {loads[1]:.1f} at the end"
+        f"machine: {machine(next(iter(results.values()))[0]['threads'])}; "
+        f"load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end"
     )
     print(
-        f"model: {args.model_name_or_path}; data: {args.train_file or 'synthetic'} ({info['rows']} rows, tokens "
-        f"per row: median {info['p50']:.0f}, mean {info['mean_tokens']:.1f}, max {info['max_tokens']}); batch "
-        f"{args.batch_size}, max_len {args.max_len}, {args.epochs} epoch(s) of {spec['steps_per_epoch']} steps, "
+        f"model: {args.model_name_or_path}; data: {args.train_file or 'synthetic'} "
+        f"({info['rows']} rows, tokens per row: median {info['p50']:.0f}, "
+        f"mean {info['mean_tokens']:.1f}, max {info['max_tokens']}); "
+        f"batch {args.batch_size}, max_len {args.max_len}, "
+        f"{args.epochs} epoch(s) of {spec['steps_per_epoch']} steps, "
         f"the first {args.warmup_steps} of each untimed; medians of {args.repeats} runs each"
     )
     print()
@@ -796,8 +818,9 @@ def report(args, spec, info, results, loads):
             return median([r[key] for r in runs])
 
         print(
-            f"{name:17s} {m('samples_per_s'):10.1f} {m('samples_per_cpu_s'):9.1f} {m('tokens_per_s'):9.0f} "
-            f"{m('step_ms'):8.2f} {m('padding'):8.1%} {m('startup_s'):8.2f}s {m('wall_s'):6.1f}"
+            f"{name:17s} {m('samples_per_s'):10.1f} {m('samples_per_cpu_s'):9.1f} "
+            f"{m('tokens_per_s'):9.0f} {m('step_ms'):8.2f} {m('padding'):8.1%} "
+            f"{m('startup_s'):8.2f}s {m('wall_s'):6.1f}"
         )
     print()
     print("ratios of throughput (samples/s), median of the per-repeat ratios [min, max]:")
@@ -810,12 +833,12 @@ def report(args, spec, info, results, loads):
                 f"[{cpu_time[1]:.3f}, {cpu_time[2]:.3f}]  {'target ' + target if target else ''}"
             )
     startup = ratio(results, "template", "trainer", "startup_s")
-    if (
-        startup
-    ):  # in this harness, which imports torch and transformers before train.py can turn the GC off
+    # in this harness, which imports torch and transformers before train.py can turn the GC off
+    if startup:
         print(
-            f"  {'start-up to the first step in this harness: template / trainer':58s} {startup[0]:6.3f} "
-            f"[{startup[1]:.3f}, {startup[2]:.3f}]   (as users run it: the start-up section)"
+            f"  {'start-up to the first step in this harness: template / trainer':58s} "
+            f"{startup[0]:6.3f} [{startup[1]:.3f}, {startup[2]:.3f}]   "
+            "(as users run it: the start-up section)"
         )
     for a, b in [
         ("template", "bare"),
@@ -831,12 +854,13 @@ def report(args, spec, info, results, loads):
                     [(s[0], s[2]) for s in batches_b],
                 )
             print(
-                f"  {a} and {b} saw {'the same' if batches_a == batches_b else 'DIFFERENT'} batches "
-                f"(shape and real tokens of every step)"
+                f"  {a} and {b} saw {'the same' if batches_a == batches_b else 'DIFFERENT'} "
+                f"batches (shape and real tokens of every step)"
             )
     if cpu:
         print(
-            "CPU time: the process's own CPU seconds in the same window (other jobs on the machine do not count)."
+            "CPU time: the process's own CPU seconds in the same window "
+            "(other jobs on the machine do not count)."
         )
 
 
@@ -844,8 +868,9 @@ def report(args, spec, info, results, loads):
 
 
 def trainer_job(outdir):
-    """What the default job does in its first step, with HF Trainer: the shipped data through dataset.py,
-    the tiny BERT of modeling.py, one optimizer step of train.py's default batch and lr, one checkpoint."""
+    """What the default job does in its first step, with HF Trainer: the shipped data through
+    dataset.py, the tiny BERT of modeling.py, one optimizer step of train.py's default batch and lr,
+    one checkpoint."""
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
     from transformers import Trainer, TrainingArguments, set_seed
@@ -876,7 +901,8 @@ def trainer_job(outdir):
 
 
 def measure_startup(repeats, workdir, progress=print):
-    """{contender: median seconds of the whole process}, rotated order; caches warmed first, untimed."""
+    """{contender: median seconds of the whole process}, rotated order; caches warmed first,
+    untimed."""
     env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "startup-cache"), "HF_HUB_OFFLINE": "1"}
     contenders = {
         "template": lambda out: [

@@ -25,7 +25,8 @@ LAUNCH, PYTHON, ONE_THREAD = (
 
 
 def measure(steps=30, repeats=3, progress=print):
-    """{contender: median seconds of the whole process: `steps` optimizer steps and a checkpoint}."""
+    """{contender: median seconds of the whole process: `steps` optimizer steps and a
+    checkpoint}."""
     work = Path(tempfile.mkdtemp(prefix="bench-threads-"))
     model = work / "minilm"
     model.mkdir()
@@ -101,11 +102,13 @@ def report(medians, steps):
     for name, seconds in medians.items():
         print(f"  {name:38s} {seconds:6.1f} s for {steps} steps and a checkpoint (whole process)")
     print(
-        f"  {'accelerate launch / python train.py (time)':58s} {medians[LAUNCH] / medians[PYTHON]:6.3f}"
+        f"  {'accelerate launch / python train.py (time)':58s} "
+        f"{medians[LAUNCH] / medians[PYTHON]:6.3f}"
         f"   target ~1 (the launcher's own start-up only)"
     )
     print(
-        f"  {'1 thread (before) / accelerate launch now (time)':58s} {medians[ONE_THREAD] / medians[LAUNCH]:6.3f}"
+        f"  {'1 thread (before) / accelerate launch now (time)':58s} "
+        f"{medians[ONE_THREAD] / medians[LAUNCH]:6.3f}"
     )
 
 

@@ -1,3 +1,3 @@
-"""The machinery train.py and predict.py run on: options, checkpoints, the refusals before a run,
-the checks of the user files, samplers and the run's surroundings. The user files never import it,
-and it never imports train, modeling or dataset."""
+"""The machinery train.py and predict.py run on, one module per question a forker arrives with
+(README.md's map lists them). The user files never import it, and it never imports train, modeling
+or dataset; no module of it imports one that imports it."""

@@ -1,9 +1,11 @@
-"""Checkpoints that resume bitwise and survive a crash: save (staging, manifest, atomic publish) and restore.
+"""What a checkpoint holds on disk, written whole and read back without pickles.
 
 A checkpoint directory holds what from_pretrained needs (config.json, model.safetensors, tokenizer
-files) plus what exact resume needs: optimizer.pt, lr.bin (scheduler), trainer_state.json
-(position, best loss, log) and one rng_state_<rank>.safetensors per process. Nothing in it is
-unpickled: tensors are loaded with weights_only=True, the rest is JSON.
+files) plus what exact resume needs: optimizer.pt, lr.bin (scheduler), NAME.pt for train.py's other
+`objects`, trainer_state.json (position, best value, log), one rng_state_<rank>.safetensors per
+process, and manifest.json (the sha256 of every file). save() writes it into a staging folder and
+publishes it by renames; tensors are loaded with weights_only=True, the rest is JSON. The order in
+which a resumed run reads it back is resume.restore().
 """
 
 import json
@@ -11,7 +13,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,8 +78,8 @@ def read_state(directory):
 
 
 def find(path):
-    """Where the checkpoint `path` is: itself, or `.old-<name>` beside it if the run died between the
-    two renames of publish() (verify() then moves it back)."""
+    """Where the checkpoint `path` is: itself, or `.old-<name>` beside it if the run died between
+    the two renames of publish() (verify() then moves it back)."""
     path = Path(path)
     old = path.with_name(f".old-{path.name}")
     return old if not path.exists() and (old / "manifest.json").is_file() else path
@@ -108,7 +109,8 @@ def verify(path, option="--resume", recover=True):
     expected = {"config.json", "model.safetensors", "my_config.json", "trainer_state.json"}
     for name in sorted(expected - set(files)):  # a manifest rewritten to leave a file out
         raise UserError(
-            f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. {other}."
+            f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. "
+            f"{other}."
         )
     for name, digest in files.items():
         if Path(name).name != name or not (path / name).is_file() or sha256(path / name) != digest:
@@ -194,8 +196,8 @@ def publish(staging, target):
 
 
 def discard(old):
-    """Removes a previous checkpoint that publish() moved aside: a folder, or a link (rmtree leaves a
-    link in place, and the next save's rename onto it would fail)."""
+    """Removes a previous checkpoint that publish() moved aside: a folder, or a link (rmtree leaves
+    a link in place, and the next save's rename onto it would fail)."""
     if old.is_symlink():
         old.unlink()
     else:
@@ -203,7 +205,8 @@ def discard(old):
 
 
 # Where each object of train.py's `objects` is saved: today's names for the optimizer and the
-# scheduler (checkpoints saved before the objects were a dict resume as they are), NAME.pt for others.
+# scheduler (checkpoints saved before the objects were a dict resume as they are), NAME.pt for
+# others.
 FILES = {"optimizer": "optimizer.pt", "scheduler": "lr.bin"}
 
 
@@ -220,13 +223,14 @@ def is_scheduler(value):
 
 
 def save(accelerator, outdir, names, model, tokenizer, objects, args, state, replacing=False):
-    """Writes one checkpoint, publishes it as outdir/<name> for each of `names` (last, and best), and log.json.
+    """Writes one checkpoint, publishes it as outdir/<name> for each of `names` (last, and best),
+    and log.json.
 
-    `objects`: {name: anything with state_dict() / load_state_dict()} (optimizer, scheduler, the fp16
-    scaler, an EMA ...), each saved as file_of(name). Every process writes its files into a staging
-    directory; the main process adds manifest.json (the sha256 of every file), fsyncs, and only then
-    swaps it in by renames. A failed write (disk full, whatever exception it comes as) or a process
-    that died stops every process with one message and the previous checkpoints untouched.
+    `objects`: {name: anything with state_dict() / load_state_dict()} (optimizer, scheduler, the
+    fp16 scaler, an EMA ...), each saved as file_of(name). Every process writes its files into a
+    staging directory; the main process adds manifest.json (the sha256 of every file), fsyncs, and
+    only then swaps it in by renames. A failed write (disk full, whatever exception it comes as) or
+    a process that died stops every process with one message and the previous checkpoints untouched.
     `replacing`: the first save of an --overwrite run, which then removes what the previous run left
     (its best/), once this checkpoint is in place."""
     outdir = Path(outdir)
@@ -244,16 +248,16 @@ def save(accelerator, outdir, names, model, tokenizer, objects, args, state, rep
         except Exception as e:  # a peer that died: the collective fails
             raise UserError(
                 f"could not save a checkpoint into {outdir}: another process stopped "
-                f"({str(e).splitlines()[0][:200]}). The previous checkpoints in {outdir} are intact: "
-                f"--resume {outdir}/last."
+                f"({str(e).splitlines()[0][:200]}). The previous checkpoints in {outdir} are "
+                f"intact: --resume {outdir}/last."
             ) from None
         if failed:
             reason = (
                 str(error).splitlines()[0][:300] if error else "a write failed on another process"
             )
             raise UserError(
-                f"could not write a checkpoint into {staging} ({reason}). The previous checkpoints in "
-                f"{outdir} are intact: free some space, then --resume {outdir}/last."
+                f"could not write a checkpoint into {staging} ({reason}). The previous checkpoints "
+                f"in {outdir} are intact: free some space, then --resume {outdir}/last."
             )
         if accelerator.is_main_process:
             publish_all(outdir, staging, names, state)
@@ -286,7 +290,8 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
     sharded = accelerator.distributed_type == DistributedType.FSDP
     # An optimizer's state: under FSDP2 each process its shard (nothing gathered), else whole on the
     # main process alone (computed there only: the others would discard it). Other objects are the
-    # same on every process (a scheduler, a scaler, an EMA of replicated weights): the main process saves them.
+    # same on every process (a scheduler, a scaler, an EMA of replicated weights): the main process
+    # saves them.
     states = {
         name: optimizer_state(model, value, sharded) if is_optimizer(value) else value.state_dict()
         for name, value in objects.items()
@@ -333,42 +338,6 @@ def publish_all(outdir, staging, names, state):
         publish(copy, outdir / name)
     publish(staging, outdir / names[0])
     write_json(outdir / "log.json", state.log)
-
-
-def restore(directory, accelerator, model, objects, state):
-    """Continues the checkpoint at `directory` (verify()ed already) in the prepared run, in the one
-    order that is exact: the weights, then every object of `objects` (as save() wrote them), then the
-    position `state` (read_state()) fitted to this run's number of processes, and the RNG streams
-    last, so that nothing draws a number after them."""
-    directory = Path(directory)
-    load_weights(directory, accelerator, model)
-    for name, value in objects.items():
-        if is_optimizer(value):
-            load_optimizer_state(directory, name, accelerator, model, value, state.num_processes)
-            continue
-        path = directory / file_of(name)
-        if not path.is_file():
-            raise UserError(
-                f"--resume {directory}: no {path.name}: the checkpoint was saved without '{name}' "
-                f"(added to train.py's objects since?). Resume from a checkpoint that has it, or "
-                f"start a new run."
-            )
-        saved = load_tensors(path)
-        if is_scheduler(value) and state.num_processes != accelerator.num_processes:
-            # A prepared scheduler steps once per process at each optimizer step: count in the new unit.
-            saved["last_epoch"] = (
-                saved["last_epoch"] // state.num_processes * accelerator.num_processes
-            )
-            saved["_step_count"] = saved["last_epoch"] + 1
-        value.load_state_dict(saved)
-    if state.num_processes != accelerator.num_processes:
-        # The epoch's loss sums, all on the main process: the epoch's mean comes out the same.
-        totals = [sum(column) for column in zip(*state.loss_sums)] if state.loss_sums else [0.0, 0]
-        state.loss_sums = [totals] + [[0.0, 0]] * (accelerator.num_processes - 1)
-    state.num_processes = accelerator.num_processes
-    path = directory / f"rng_state_{accelerator.process_index}.safetensors"
-    if path.is_file():  # a process that a smaller run did not have starts from the seed
-        set_rng_state(path)
 
 
 def load_weights(directory, accelerator, model):
@@ -418,42 +387,18 @@ def load_weights(directory, accelerator, model):
 def save_model(model, directory, weights):
     """save_pretrained, and with LoRA adapters both halves: save_pretrained alone would write only
     the adapters (adapter_model.safetensors, adapter_config.json), so the base model and the head
-    are written as well, in the plain layout: Model.from_pretrained(dir), then .load_adapter(dir)."""
+    are written as well, in the plain layout: Model.from_pretrained(dir), then
+    .load_adapter(dir)."""
     model.save_pretrained(directory, state_dict=weights)
     if getattr(model, "_hf_peft_config_loaded", False):
         plain = {k.replace(".base_layer.", "."): v for k, v in weights.items() if ".lora_" not in k}
         model._hf_peft_config_loaded = False
         try:
-            # save_original_format=False: the key renames load_adapter() recorded (a base_model.model.
-            # prefix) would otherwise be applied to these plain keys too.
+            # save_original_format=False: the key renames load_adapter() recorded (a
+            # base_model.model. prefix) would otherwise be applied to these plain keys too.
             model.save_pretrained(directory, state_dict=plain, save_original_format=False)
         finally:
             model._hf_peft_config_loaded = True
-
-
-def elastic_accumulation(directory, saved, accumulation, processes, ignore_mismatch):
-    """--accumulation for resuming on `processes` processes a run saved on `saved` processes: the
-    global batch (processes x accumulation) stays, and so does the data each optimizer step takes
-    (process i gets batches i, i+P, ... of the seeded order, so a step always takes the next P x
-    accumulation batches). Refused when no whole accumulation keeps it."""
-    if saved == processes:
-        return accumulation
-    batches = saved * accumulation
-    if batches % processes:
-        if ignore_mismatch:
-            return accumulation
-        counts = ", ".join(str(n) for n in range(1, batches + 1) if batches % n == 0)
-        raise UserError(
-            f"--resume {directory}: saved by {saved} process(es) x --accumulation {accumulation} = "
-            f"{batches} batches per optimizer step, which {processes} processes cannot share; resume "
-            f"with {counts} processes, or add --ignore_mismatch (the global batch then changes)."
-        )
-    print(
-        f"resuming on {processes} process(es) instead of {saved}: --accumulation {accumulation} -> "
-        f"{batches // processes}, the same {batches} batches per optimizer step",
-        file=sys.stderr,
-    )
-    return batches // processes
 
 
 def optimizer_state(model, optimizer, sharded):
@@ -481,8 +426,9 @@ def optimizer_state(model, optimizer, sharded):
 
 
 def load_optimizer_state(directory, name, accelerator, model, optimizer, saved_processes):
-    """Loads optimizer.pt (file_of(name)), or its shards: as they are when FSDP2 runs on as many processes
-    again, else joined into the whole state, which set_optimizer_state_dict reshards (or not) as this run is."""
+    """Loads optimizer.pt (file_of(name)), or its shards: as they are when FSDP2 runs on as many
+    processes again, else joined into the whole state, which set_optimizer_state_dict reshards (or
+    not) as this run is."""
     directory, whole_file = Path(directory), Path(directory) / file_of(name)
     optimizer = getattr(optimizer, "optimizer", optimizer)
     if whole_file.is_file():
@@ -492,8 +438,8 @@ def load_optimizer_state(directory, name, accelerator, model, optimizer, saved_p
         for path in files:
             if not path.is_file():
                 raise UserError(
-                    f"--resume {directory}: {path} is missing: the optimizer state is incomplete. Resume "
-                    f"from another checkpoint."
+                    f"--resume {directory}: {path} is missing: the optimizer state is incomplete. "
+                    "Resume from another checkpoint."
                 )
         if (
             accelerator.distributed_type == DistributedType.FSDP
@@ -539,11 +485,13 @@ def load_optimizer_state(directory, name, accelerator, model, optimizer, saved_p
 
 
 def load_tensors(path):
-    """torch.load that unpickles tensors and plain containers only: a file that would run code is refused."""
+    """torch.load that unpickles tensors and plain containers only: a file that would run code is
+    refused."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
-        # torch's own message goes on to suggest weights_only=False, which would run the pickle's code.
+        # torch's own message goes on to suggest weights_only=False, which would run the pickle's
+        # code.
         raise UserError(
             f"{path}: refused to load: it holds Python objects, not only tensors and numbers, and "
             f"loading them could run code. This template never writes such a file: the checkpoint "

@@ -1,5 +1,6 @@
-"""train.py's options: the table of every option, and how a run gets its values (defaults, the
-resumed checkpoint's my_config.json, a --config file, the command line), each checked by type and range."""
+"""What options exist, and where each value comes from: the table of every option (--help), and
+the order a run takes its values in (defaults < the resumed checkpoint's my_config.json < a --config
+file < the command line), each checked by type and range."""
 
 import argparse
 import json
@@ -11,7 +12,8 @@ from pathlib import Path
 import yaml
 from accelerate.utils import LoggerType
 
-from core.checkpoint import find, read_state
+from core import resume
+from core.checkpoint import find
 from utils import UserError
 
 
@@ -93,7 +95,8 @@ def parse_args(argv=None, description=None):
         "--lora_r",
         type=number(int, 0),
         default=0,
-        help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; 0 = off",
+        help="train LoRA adapters (PEFT) of this rank in the frozen backbone, and the head; "
+        "0 = off",
     )
     model.add_argument("--lora_alpha", type=number(float, 0), default=16, help="LoRA scaling")
     model.add_argument(
@@ -104,7 +107,8 @@ def parse_args(argv=None, description=None):
     )
     model.add_argument(
         "--lora_target_modules",
-        help="comma-separated module names, e.g. query,value (default: every Linear of the backbone)",
+        help="comma-separated module names, e.g. query,value (default: every Linear of the "
+        "backbone)",
     )
     model.add_argument(
         "--gradient_checkpointing", action="store_true", help="less memory, ~30%% more compute"
@@ -175,6 +179,13 @@ def parse_args(argv=None, description=None):
         choices=["no", "fp16", "bf16"],
         help="default: what `accelerate config` / `accelerate launch` says",
     )
+    optimisation.add_argument(
+        "--ema_decay",
+        type=number(float, 0, below=1),
+        default=0,
+        help="keep an exponential moving average of the weights (0.999 is usual), which validation "
+        "runs and best/ is chosen by; saved as ema.pt, used by predict.py; 0 = off",
+    )
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
         "--metric_for_best",
@@ -206,8 +217,8 @@ def parse_args(argv=None, description=None):
     run.add_argument(
         "--check",
         action="store_true",
-        help="check modeling.py and dataset.py on this data in seconds (PASS / WARN / FAIL), then exit; "
-        "writes nothing",
+        help="check modeling.py and dataset.py on this data in seconds (PASS / WARN / FAIL), "
+        "then exit; writes nothing",
     )
     run.add_argument(
         "--seed", type=number(int, 0), default=42, help="initialisation, dropout and data order"
@@ -256,48 +267,6 @@ def parse_args(argv=None, description=None):
 # ---------------------------------------------------------------- where the values come from
 
 
-# Options a resumed run does not take over from the checkpoint's my_config.json (--outdir: the
-# checkpoint's own folder, wherever it has been copied, unless given).
-NOT_RESUMED = {
-    "resume",
-    "config",
-    "overwrite",
-    "stop_after_steps",
-    "ignore_mismatch",
-    "outdir",
-    "check",
-}
-
-
-# Options that must equal the checkpoint's for the resumed run to be the run that was never stopped.
-# Any other option given anew is allowed and printed as "changed on resume".
-MUST_MATCH = [
-    "model_name_or_path",
-    "batch_size",
-    "accumulation",
-    "seed",
-    "max_len",
-    "lr",
-    "weight_decay",
-    "max_grad_norm",
-    "lr_scheduler_type",
-    "num_warmup_steps",
-    "skip_nonfinite",
-    "mixed_precision",
-    "torch_compile",
-    "group_by_length",
-    "metric_for_best",
-    "greater_is_better",
-    "freeze_backbone",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "dataset_config",
-    "train_split",
-]
-
-
 def number(kind, minimum, below=None):
     """An argparse type: a finite int or float >= minimum (and < below); the same check for values
     from a --config file or a checkpoint's my_config.json (see parse_options)."""
@@ -335,20 +304,11 @@ def read_options_file(path):
 
 
 def resume_auto(parser, argv):
-    """--resume auto: OUTDIR/last if --outdir holds a checkpoint (so the same command continues a run,
-    as a scheduler's requeue or torchrun's restart runs it again), else a new run; said in one line."""
+    """--resume auto: the same command with --resume OUTDIR/last if --outdir holds a checkpoint,
+    else a new run (resume.auto_checkpoint() says which)."""
     fresh = parse_options(parser, [*argv, "--resume", ""])  # the last --resume counts: none
-    fresh.resume, last = None, Path(fresh.outdir) / "last"
-    if not (find(last) / "trainer_state.json").is_file():
-        say(f"--resume auto: {fresh.outdir} holds no checkpoint: a new run.")
-        return fresh
-    say(f"--resume auto: continuing {last} (step {read_state(find(last)).global_step}).")
-    return parse_options(parser, [*argv, "--resume", str(last)])
-
-
-def say(line):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(line, file=sys.stderr)
+    fresh.resume, last = None, resume.auto_checkpoint(fresh.outdir)
+    return parse_options(parser, [*argv, "--resume", str(last)]) if last else fresh
 
 
 def read_config(path, including=()):
@@ -379,7 +339,8 @@ def read_config(path, including=()):
 
 
 def check_value(action, value, source):
-    """A value from a file, held to what the option takes on the command line: its type, range and choices."""
+    """A value from a file, held to what the option takes on the command line: its type, range and
+    choices."""
 
     def refuse(expected):
         raise UserError(f"{source}: {action.dest}: {value!r} is not {expected}.")
@@ -408,22 +369,22 @@ def check_value(action, value, source):
 
 
 def parse_options(parser, argv=None):
-    """Defaults < the resumed checkpoint's my_config.json < --config FILE < flags on the command line."""
+    """Defaults < the resumed checkpoint's my_config.json < --config FILE < flags on the command
+    line."""
     known, _ = parser.parse_known_args(argv)
     if known.resume == "auto":
         return resume_auto(parser, sys.argv[1:] if argv is None else list(argv))
     defaults, saved = {}, {}
     if known.resume:
-        folder = find(
-            known.resume
-        )  # or .old-<name>, where a crash between the two renames of a save left it
+        # Or .old-<name>, where a crash between the two renames of a save left it.
+        folder = find(known.resume)
         if not (folder / "my_config.json").is_file():
             raise UserError(
                 f"--resume {known.resume}: not a checkpoint of this template (no my_config.json). "
                 f"Give a checkpoint directory such as model/last."
             )
         saved = read_options_file(folder / "my_config.json")
-        defaults.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        defaults.update({k: v for k, v in saved.items() if k not in resume.NOT_RESUMED})
     sources = {key: f"{known.resume}/my_config.json" for key in defaults}
     if known.config:
         for key, (value, source) in read_config(known.config).items():
@@ -435,27 +396,11 @@ def parse_options(parser, argv=None):
             parser.error(f"{source}: unknown option '{key}'")
         check_value(actions[key], value, source)
     if saved:
-        defaults.setdefault(
-            "outdir", str(Path(known.resume).parent)
-        )  # the folder the checkpoint is in
+        defaults.setdefault("outdir", str(Path(known.resume).parent))  # the checkpoint's folder
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    changed = []
-    for key, value in saved.items() if saved else []:
-        if key in NOT_RESUMED or key not in actions or getattr(args, key) == value:
-            continue
-        if key in MUST_MATCH and not args.ignore_mismatch:
-            raise UserError(
-                f"--{key} {getattr(args, key)} differs from {known.resume}'s {value}, so the "
-                f"resumed run would not continue the same run. Drop the option, or add "
-                f"--ignore_mismatch to resume anyway (data order and results then differ)."
-            )
-        changed.append(f"--{key} {value} -> {getattr(args, key)}")
-    if changed:
-        say(f"changed on resume: {', '.join(changed)}")
-    if os.path.exists(args.outdir) and not os.path.isdir(
-        args.outdir
-    ):  # (False for a path too long)
+    resume.compare_options(saved, args, known.resume)
+    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):  # False for a path too long
         raise UserError(
             f"--outdir {args.outdir} is a file; give a folder (it is created if missing)."
         )

@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler
 
 import utils
 from conftest import ROOT, tiny_tokenizer
-from core import options, samplers
+from core import options, resume
 from dataset import generate_dataset
 
 TOKENIZER = tiny_tokenizer()
@@ -170,7 +170,7 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch():
     data = Lengths(lengths)
 
     def order(seed, epoch):
-        sampler = samplers.LengthGroupedSampler(8, data, seed)
+        sampler = resume.LengthGroupedSampler(8, data, seed)
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -195,7 +195,7 @@ def test_length_grouped_order_is_transformers_own(n, batch_size, seed):
         3, 12, (n,), generator=torch.Generator().manual_seed(n)
     ).tolist()  # many ties
     lengths[n // 2] = 40  # one longest example, to be moved to the front
-    sampler = samplers.LengthGroupedSampler(batch_size, Lengths(lengths), seed)
+    sampler = resume.LengthGroupedSampler(batch_size, Lengths(lengths), seed)
     for epoch in (0, 3):
         sampler.set_epoch(epoch)
         expected = get_length_grouped_indices(
@@ -209,14 +209,14 @@ def test_length_grouped_sampler_takes_the_datasets_own_lengths_quietly():
     data = load(ROOT / "data" / "valid.jsonl")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        order = list(samplers.LengthGroupedSampler(8, data, seed=0))
+        order = list(resume.LengthGroupedSampler(8, data, seed=0))
     assert sorted(order) == list(range(len(data)))
     assert len(data[order[0]]["input_ids"]) == max(data.lengths)  # the longest first
 
 
 def test_length_grouped_batches_are_split_between_two_processes_without_overlap():
     """What accelerator.prepare() does to the train loader with 2 processes."""
-    sampler = samplers.LengthGroupedSampler(8, Lengths(random_lengths(96)), seed=42)
+    sampler = resume.LengthGroupedSampler(8, Lengths(random_lengths(96)), seed=42)
     shards = [
         list(
             BatchSamplerShard(BatchSampler(sampler, 8, False), num_processes=2, process_index=rank)
@@ -231,7 +231,7 @@ def test_a_dataset_without_lengths_is_refused_by_group_by_length():
     with pytest.raises(
         SystemExit, match="--group_by_length: the Dataset of dataset.py has no `lengths`"
     ):
-        samplers.LengthGroupedSampler(2, [1, 2, 3], 0)
+        resume.LengthGroupedSampler(2, [1, 2, 3], 0)
 
 
 def test_jsonl_csv_and_tsv_give_the_same_dataset(tmp_path):
@@ -282,7 +282,7 @@ def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate
     def orders(seed):
         loader = accelerator.prepare(
             torch.utils.data.DataLoader(
-                list(range(50)), 8, sampler=samplers.ShuffledSampler(50, seed)
+                list(range(50)), 8, sampler=resume.ShuffledSampler(50, seed)
             )
         )
         result = []
@@ -297,7 +297,7 @@ def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate
 
 
 def test_the_shuffled_order_is_torchs_permutation_held_in_int32():
-    sampler = samplers.ShuffledSampler(100_000, seed=3)
+    sampler = resume.ShuffledSampler(100_000, seed=3)
     sampler.set_epoch(2)
     assert sampler.order().dtype == torch.int32  # 4 bytes an example
     assert (

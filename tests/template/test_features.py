@@ -154,15 +154,15 @@ def test_report_to_tensorboard_logs_train_every_n_steps_and_valid_every_epoch(ti
 
 
 def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(monkeypatch):
-    from core import runtime
+    from core import step
 
-    monkeypatch.setattr(runtime, "get_available_trackers", lambda: [])
+    monkeypatch.setattr(step, "get_available_trackers", lambda: [])
     with pytest.raises(
         SystemExit,
         match="--report_to tensorboard: the tensorboard package is not installed. "
         "pip install tensorboard",
     ):
-        runtime.tracker("tensorboard")
+        step.tracker("tensorboard")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import dataset
 import train
 import utils
 from conftest import TREE, data_args, read_json, tiny_tokenizer
-from core import options, preflight
+from core import check, options
 
 FAST = ["--batch_size", "32", "--epochs", "1"]
 
@@ -92,7 +92,7 @@ def test_the_direction_of_a_metric_follows_its_name(
     )
     train_set = train.generate_dataset(args.train_file, "train", tiny_tokenizer(), args)
     assert (
-        preflight.first_batch(
+        check.first_batch(
             model,
             train_set,
             valid_set,
@@ -102,7 +102,7 @@ def test_the_direction_of_a_metric_follows_its_name(
         is greater
     )
     args.greater_is_better = not greater  # the flag wins
-    assert preflight.first_batch(
+    assert check.first_batch(
         model,
         train_set,
         valid_set,
@@ -409,8 +409,8 @@ def test_accelerate_launch_quiet_shows_our_line_only(tmp_path):
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from core import guard
-guard.lock_outdir({outdir!r})
+from core import resume
+resume.lock_outdir({outdir!r})
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -616,13 +616,13 @@ def test_the_positions_are_read_from_the_models_position_table(config, limit):
         ),
     }[config["model_type"]]
     model = AutoModel.from_config(AutoConfig.for_model(**config, **sizes))
-    assert preflight.positions(model) == limit
-    preflight.check_positions(model, SimpleNamespace(max_len=limit or 4096, model_name_or_path="m"))
+    assert check.positions(model) == limit
+    check.check_positions(model, SimpleNamespace(max_len=limit or 4096, model_name_or_path="m"))
     if limit:
         with pytest.raises(
             SystemExit, match=f"--max_len {limit + 1}: the model of m has {limit} positions"
         ):
-            preflight.check_positions(
+            check.check_positions(
                 model, SimpleNamespace(max_len=limit + 1, model_name_or_path="m")
             )
 

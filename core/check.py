@@ -1,28 +1,243 @@
-"""`train.py --check`: is the pair of user files wired right? A few seconds of checks on the real data
-and model instead of a run, one line each (PASS / WARN / FAIL, the figure measured, what to look
-at), nothing written into --outdir. The exit status is 0 only if no check failed.
+"""Are the two user files right? The checks every run makes before its first step (a folder that
+would run its own code, the hooks' parameters, the collate function, --max_len against the model's
+positions, a forward() without a scalar loss, a --metric_for_best no metric has), and `--check`: a
+few seconds of checks on the real data and model instead of a run, one line each (PASS / WARN /
+FAIL, the figure measured, what to look at), nothing written into --outdir; the exit status is 0
+only if no check failed.
 
     accelerate launch train.py --check                      # with any options of a normal run
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --check
 
-The checks follow the well-known recipe for training neural networks: look at a batch, check the
-initial loss, that every layer gets a gradient, that padding changes nothing, that one batch can be
-learnt by heart, that the model survives save_pretrained / from_pretrained, that a batch split in two
-takes the same step, and what the time goes to.
+The --check checks follow the well-known recipe for training neural networks: look at a batch, check
+the initial loss, that every layer gets a gradient, that padding changes nothing, that one batch can
+be learnt by heart, that the model survives save_pretrained / from_pretrained, that a batch split in
+two takes the same step, and what the time goes to.
 """
 
 import copy
 import inspect
+import json
 import math
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
+import numpy
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import DistributedType, send_to_device
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from core import runtime
+from core import step
+from core.checkpoint import is_optimizer
+from utils import UserError
+
+# ---------------------------------------------------------------- before step 1
+
+
+def refuse_folders_with_code(args):
+    """The folders of --model_name_or_path and --resume, checked by refuse_custom_code()."""
+    for folder, option in [
+        (args.model_name_or_path, "--model_name_or_path"),
+        (args.resume, "--resume"),
+    ]:
+        if folder and Path(folder).is_dir():
+            refuse_custom_code(folder, option)
+
+
+def refuse_custom_code(folder, what):
+    """A model folder or checkpoint that asks to run code of its own (auto_map) is refused: this
+    template never runs code that came with a folder (and never asks whether it may)."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = Path(folder) / name
+        try:
+            asks = path.is_file() and "auto_map" in json.loads(path.read_text())
+        except (ValueError, TypeError):
+            continue  # not ours to judge here: loading it names the problem
+        if asks:
+            raise UserError(
+                f"{what} {folder}: {name} asks to run code that came with the folder (auto_map); "
+                "this template never runs such code. Use a folder without custom code."
+            )
+
+
+LOWER_IS_BETTER = {"loss", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
+
+
+POSITIONS = (
+    "position_embeddings",
+    "wpe",
+    "embed_positions",
+)  # BERT, RoBERTa...; GPT-2; BART, OPT, Marian
+
+
+def positions(model):
+    """The fewest positions a learnt (or fixed) position table of the model holds, None without one
+    (T5's relative positions, rotary ones). Read from the tables, not the configs: a T5 config says
+    n_positions 512 and runs longer inputs; RoBERTa's 514 holds 512 (two offset rows)."""
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITIONS:
+            offset = getattr(module, "offset", None)  # BART's and OPT's tables start 2 rows in
+            if offset is None:  # RoBERTa's count from padding_idx + 1
+                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            limits.append(module.num_embeddings - offset)
+    return min(limits, default=None)
+
+
+def check_positions(model, args):
+    """--max_len beyond the model's positions (or those of a model inside it: the default wraps an
+    encoder) is refused before anything runs: else an input that long fails mid-run with
+    'IndexError: index out of range in self'."""
+    limit = positions(model)
+    if limit is not None and args.max_len > limit:
+        raise UserError(
+            f"--max_len {args.max_len}: the model of {args.model_name_or_path} has {limit} "
+            f"positions, so a longer input would fail mid-run. Pass --max_len {limit} or less."
+        )
+
+
+HOOKS = {
+    "metric_inputs": "model, tokenizer, batch, outputs",
+    "compute_metrics": "gathered",
+    "loss_items": "batch",
+    "format_samples": "model, tokenizer, batch, outputs, k",
+    "predictions": "model, tokenizer, batch, outputs",
+}  # what train.py and predict.py pass
+
+
+def check_hooks(modeling):
+    """modeling.py's optional hooks take what they are given: one made for other parameters (the
+    hooks before they took the model and the tokenizer) is one line, not a TypeError mid-run."""
+    for name, parameters in HOOKS.items():
+        hook = getattr(modeling, name, None)
+        try:
+            if hook is not None:
+                inspect.signature(hook).bind(*parameters.split(", "))
+        except TypeError:
+            raise UserError(
+                f"modeling.py: {name}{inspect.signature(hook)} cannot take ({parameters}), what it "
+                f"is called with: give it those parameters (the list at the top of modeling.py "
+                f"says what each is)."
+            ) from None
+
+
+def check_collate(train_set, tokenizer, args):
+    """Two training examples of unequal length through Dataset.collate(), before the model is built:
+    a tokenizer without a pad token is one line here, not transformers' traceback mid-run."""
+    collate = getattr(train_set, "collate", None)
+    lengths = getattr(train_set, "lengths", None)
+    if collate is None or len(train_set) < 2:
+        return
+    pair = (
+        [int(numpy.argmin(lengths)), int(numpy.argmax(lengths))] if lengths is not None else [0, 1]
+    )
+    try:
+        collate([train_set[i] for i in pair])
+    except (
+        ValueError,
+        TypeError,
+    ):  # transformers' "Asking to pad ...", or None in a padding by hand
+        if tokenizer is None or getattr(tokenizer, "pad_token", "") is not None:
+            raise  # another mistake in collate(): its own traceback says where
+        raise UserError(
+            f"the tokenizer of {args.resume or args.model_name_or_path} has no pad token, which "
+            f"Dataset.collate() needs to pad a batch: set one in dataset.py's load_tokenizer() "
+            f"(tokenizer.pad_token = tokenizer.eos_token, as examples/causal_lm does) or give the "
+            f"model folder's tokenizer_config.json a pad_token."
+        ) from None
+
+
+def first_batch(model, train_set, valid_set, args, metrics, device=torch.device("cpu")):
+    """Before any training: the first validation examples and the longest training example through
+    the model, so that a forward without a scalar loss, a --max_len beyond the model's positions or
+    a --metric_for_best that no metric has costs seconds, not an epoch. Returns whether a greater
+    --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept. `metrics`:
+    (batch, outputs) -> {name: value}, modeling.py's metrics on one batch; `device`: the model's."""
+    collate = getattr(valid_set, "collate", torch.utils.data.default_collate)
+    samples = [valid_set[i] for i in range(min(2, len(valid_set)))]
+    lengths = getattr(train_set, "lengths", None)
+    samples += [train_set[int(lengths.argmax())]] if lengths is not None else []
+    batch = send_to_device(collate(samples), device)
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            outputs = model(**batch)
+        except (RuntimeError, IndexError) as e:
+            longest = f"the longest, {int(lengths.max())} tokens, " if lengths is not None else ""
+            raise UserError(
+                f"Model.forward() failed on a batch of validation and training examples ({longest}"
+                f"--max_len {args.max_len}): {str(e).splitlines()[0][:300]}. If the model has "
+                "fewer positions, lower --max_len."
+            ) from None
+        loss_of(model, batch, outputs)
+        names = ["loss", *metrics(batch, outputs)]
+    model.train()
+    for module in model.modules():  # FSDP2 keeps what it gathered for a forward without a backward
+        if isinstance(module, FSDPModule):  # (the loop's list of parameters would hold those)
+            module.reshard()
+    if args.metric_for_best not in names:
+        raise UserError(
+            f"--metric_for_best {args.metric_for_best}: not among the validation metrics "
+            f"({', '.join(names)}); compute_metrics() in modeling.py makes them."
+        )
+    greater = args.greater_is_better
+    if greater is None:  # lower is better for losses, errors and perplexities
+        greater = not LOWER_IS_BETTER & set(
+            args.metric_for_best.lower().replace("-", "_").split("_")
+        )
+    return greater
+
+
+def loss_of(model, batch, outputs):
+    """One clear line for a forward() whose loss is missing or not a scalar."""
+    loss = getattr(outputs, "loss", None)
+    if loss is None:
+        parameters = inspect.signature(
+            type(getattr(model, "module", model)).forward
+        ).parameters  # DDP: .module
+        swallowed = [k for k in batch if k not in parameters]
+        hint = (
+            f" The batch's keys {', '.join(swallowed)} are not parameters of forward() and went "
+            f"into its **{next(p.name for p in parameters.values() if p.kind is p.VAR_KEYWORD)}: "
+            "is one of them meant as the labels?"
+            if swallowed and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+            else ""
+        )
+        raise UserError(
+            "Model.forward() returned no loss: return a ModelOutput with .loss set (see "
+            "modeling.py)." + hint
+        )
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+        raise UserError(
+            f"Model.forward() returned a loss of shape {shape}: it must be a scalar tensor (reduce "
+            "it, e.g. with .mean())."
+        )
+
+
+def objects_under_fsdp(accelerator, objects):
+    """Under FSDP2 the main process saves every object but the optimizers (whose shards each
+    process saves): an object holding sharded tensors (an EMA of sharded weights) would be saved
+    in part. Refused before step 1."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    for name, value in objects.items():
+        if not is_optimizer(value) and any(
+            isinstance(v, DTensor) for v in value.state_dict().values()
+        ):
+            option = " (--ema_decay)" if name == "ema" else ""
+            raise UserError(
+                f"'{name}'{option} holds weights sharded by FSDP2, which a checkpoint would save "
+                f"in part: not supported under FSDP2. Drop it, or train with plain data "
+                f"parallelism (DDP)."
+            )
+
+
+# ---------------------------------------------------------------- --check
+
 
 PADDING_TOLERANCE = 1e-4  # float32 outputs of one example, alone and padded in a batch (absolute)
 SPLIT_TOLERANCE = 1e-4  # one step's gradient, a batch whole against in two halves (relative)
@@ -30,9 +245,8 @@ OVERFIT_STEPS, OVERFIT_FACTOR = (
     40,
     0.5,
 )  # steps on one batch; the loss must end below half its start
-NEXT_TOKEN_MARGIN = (
-    0.1  # after them, the offset a causal LM learnt must beat "the next token" by this share
-)
+# After them, the offset a causal LM learnt must beat "the next token" by this share.
+NEXT_TOKEN_MARGIN = 0.1
 LEARNING_FACTOR = (
     0.9  # the validation loss after as many steps on distinct batches, against its start
 )
@@ -51,7 +265,8 @@ class Report:
 
 
 def first_tensor(outputs):
-    """The output that stands for the model's answer: logits if there are any, else the first tensor but the loss."""
+    """The output that stands for the model's answer: logits if there are any, else the first tensor
+    but the loss."""
     if getattr(outputs, "logits", None) is not None:
         return outputs.logits
     return next(v for k, v in outputs.items() if k != "loss" and torch.is_tensor(v))
@@ -72,7 +287,8 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
     )
     batch = next(iter(loader))
 
-    # 1. Data: the first batch, its padding, the labels, and the batch's keys against forward()'s parameters.
+    # 1. Data: the first batch, its padding, the labels, and the batch's keys against forward()'s
+    # parameters.
     shapes = ", ".join(
         f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
         for k, v in batch.items()
@@ -174,7 +390,8 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
 
 
 def label_counts(train_set, collate, limit=2000):
-    """Counts of the integer labels of (up to `limit`) training examples, -100 (ignored) left out."""
+    """Counts of the integer labels of (up to `limit`) training examples, -100 (ignored) left
+    out."""
     counts = Counter()
     for start in range(0, min(len(train_set), limit), 256):
         batch = collate(
@@ -188,8 +405,9 @@ def label_counts(train_set, collate, limit=2000):
 
 
 def forward_and_gradients(report, accelerator, model, batch, train_set, valid_set, collate, args):
-    """2. The loss: a finite scalar that requires grad, near ln(classes) at first. 3. Every trainable
-    parameter gets a finite, non-zero gradient (those that do not are what DDP calls unused)."""
+    """2. The loss: a finite scalar that requires grad, near ln(classes) at first. 3. Every
+    trainable parameter gets a finite, non-zero gradient (those that do not are what DDP calls
+    unused)."""
     model.train()
     model.zero_grad()
     loss = getattr(model(**batch), "loss", None)
@@ -401,8 +619,9 @@ def next_token(report, model, batch):
 
 
 def learning(report, accelerator, model, batch, train_set, valid_set, collate, args):
-    """5b. As many steps on distinct training batches lower the loss of held-out validation examples:
-    else what is learnt does not carry over (labels shuffled against their inputs, say)."""
+    """5b. As many steps on distinct training batches lower the loss of held-out validation
+    examples: else what is learnt does not carry over (labels shuffled against their inputs,
+    say)."""
     trained, optimizer = trainable_copy(model, args.lr)
     valid_collate = getattr(valid_set, "collate", None) or collate
     held_out = valid_collate([valid_set[i] for i in range(min(64, len(valid_set)))])
@@ -443,7 +662,8 @@ def learning(report, accelerator, model, batch, train_set, valid_set, collate, a
 
 
 def trainable_copy(model, lr):
-    """A copy of the model in train mode and an AdamW over its trainable parameters: checks train it."""
+    """A copy of the model in train mode and an AdamW over its trainable parameters: checks train
+    it."""
     trained = copy.deepcopy(model).train()
     return trained, torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=lr)
 
@@ -490,9 +710,9 @@ def round_trip(report, accelerator, model, batch, train_set, valid_set, collate,
 
 def batch_split(report, accelerator, model, batch, train_set, valid_set, collate, args, loss_items):
     """7. One step's gradient at --batch_size B and at B/2 x --accumulation 2, each batch weighed as
-    train.py weighs it (runtime.loss_divisors), dropout off: the same to float noise, unless the loss
-    is a mean over items whose number varies between batches (tokens) and loss_items() does not count
-    them."""
+    train.py weighs it (step.loss_divisors), dropout off: the same to float noise, unless the loss
+    is a mean over items whose number varies between batches (tokens) and loss_items() does not
+    count them."""
     size = max(2, min(args.batch_size, len(train_set)))
     if len(train_set) < 2:
         report("WARN", "split", "one training example: no batch to split")
@@ -507,7 +727,7 @@ def batch_split(report, accelerator, model, batch, train_set, valid_set, collate
             send_to_device(collate(copy.deepcopy(part)), accelerator.device) for part in window
         ]
         trained = copy.deepcopy(model).eval()  # dropout off: the two splits would draw other masks
-        divisors, _ = runtime.loss_divisors(window, loss_items, len(window))
+        divisors, _ = step.loss_divisors(window, loss_items, len(window))
         for micro, divisor in zip(window, divisors):
             (trained(**micro).loss / divisor).backward()
         gradients.append(
@@ -637,7 +857,8 @@ def throughput(report, accelerator, model, batch, train_set, valid_set, collate,
         load_time, step_time = load_time + loaded - start, step_time + time.perf_counter() - loaded
     verdict = "WARN" if load_time > step_time else "PASS"
     hint = (
-        ": the data loader is the bottleneck (--num_workers, or tokenize in generate_dataset, not in __getitem__)"
+        ": the data loader is the bottleneck (--num_workers, or tokenize in generate_dataset, not "
+        "in __getitem__)"
         if load_time > step_time
         else ""
     )
@@ -650,7 +871,8 @@ def throughput(report, accelerator, model, batch, train_set, valid_set, collate,
 
 
 def processes(report, accelerator, model, train_set, collate, args):
-    """9. With several processes: each sees other batches, and one DDP step leaves the weights equal."""
+    """9. With several processes: each sees other batches, and one DDP step leaves the weights
+    equal."""
     loader = DataLoader(
         train_set,
         args.batch_size,
@@ -675,7 +897,8 @@ def processes(report, accelerator, model, train_set, collate, args):
     report(
         "PASS" if distinct else "FAIL",
         "processes",
-        f"{accelerator.num_processes} processes see {'different' if distinct else 'THE SAME'} batches",
+        f"{accelerator.num_processes} processes see {'different' if distinct else 'THE SAME'} "
+        "batches",
     )
     same = bool((sums == sums[0]).all())
     report(
