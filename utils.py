@@ -1,10 +1,12 @@
 """Helpers the user files import (dataset.py, modeling.py, the examples): UserError, data files read
-into a datasets.Dataset with line-numbered messages, and a vocabulary learnt from the training text.
-It imports nothing of the project; train.py's own machinery is in core/."""
+into a datasets.Dataset with line-numbered messages, RowsDataset (the torch Dataset over those rows
+that every task's Dataset builds on), and a vocabulary learnt from the training text. It imports
+nothing of the project; train.py's own machinery is in core/."""
 
 import codecs
 import csv
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +14,8 @@ import stat
 from pathlib import Path
 
 import datasets
+import pyarrow.compute
+import torch
 from datasets.fingerprint import Hasher
 from tokenizers import (
     Tokenizer,
@@ -151,6 +155,34 @@ def load_rows(path, split="train", config_name=None):
     if len(rows) == 0:
         raise UserError(f"{path}: the file holds no examples.")
     return rows
+
+
+class RowsDataset(torch.utils.data.Dataset):
+    """A torch Dataset over `rows`, a datasets.Dataset read from its cache file (memory-mapped):
+    len(), [i], __getitems__ (DataLoader's one call per batch: datasets' own), and `lengths` (for
+    --group_by_length): the tokens of each row, int32 numpy, counted by arrow without reading a row,
+    summed over the list columns LENGTH_COLUMNS. A task's Dataset subclasses it and adds what is its
+    own (labels, tokenizer, collate)."""
+
+    LENGTH_COLUMNS = ("input_ids",)  # the list columns whose lengths `lengths` adds up, per row
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
+        return self.rows.__getitems__(indices)
+
+    @property
+    def lengths(self):
+        table = self.rows.with_format("arrow")
+        counts = [pyarrow.compute.list_value_length(table[c]) for c in self.LENGTH_COLUMNS]
+        return functools.reduce(pyarrow.compute.add, counts).to_numpy()
 
 
 def disk_full(error):

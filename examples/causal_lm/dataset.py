@@ -17,35 +17,21 @@ What train.py expects of this file (as for the default task):
   * `Dataset.lengths`: the length of each sample, for --group_by_length.
 """
 
-import pyarrow.compute
-import torch
 from transformers import AutoTokenizer
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 TEXT = "text"
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids and attention_mask; RowsDataset reads them (len, [i], __getitems__,
+    lengths)."""
+
     def __init__(self, rows, tokenizer):
-        self.rows = rows  # a datasets.Dataset of input_ids and attention_mask, read from its cache
+        super().__init__(rows)
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
 
     def collate(self, samples):
         batch = self.tokenizer.pad(samples, padding_side="right", return_tensors="pt")

@@ -18,31 +18,25 @@ What train.py expects of this file (as for the default task):
   * `Dataset.lengths`: the source plus target tokens of each pair, for --group_by_length.
 """
 
-import pyarrow.compute
-import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 SOURCE, TARGET = "source", "target"
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids (the source) and labels (the target's); RowsDataset reads them (len, [i],
+    __getitems__, lengths)."""
+
+    LENGTH_COLUMNS = ("input_ids", "labels")  # `lengths`: source plus target tokens of each pair
+
     def __init__(self, rows, tokenizer):
-        self.rows = rows  # a datasets.Dataset of input_ids (and labels), read from its cache
+        super().__init__(rows)
         self.labels = None  # no classes
         self.tokenizer = tokenizer  # build_model() checks the model's vocabulary against it
         # Pads input_ids and attention_mask with the pad token, labels with -100 (no loss there).
         self.pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
 
     def collate(self, samples):
         batch = self.pad(samples)
@@ -51,14 +45,6 @@ class Dataset(torch.utils.data.Dataset):
         ):  # rows without a target (predict.py): no labels key, not None
             batch.pop("labels", None)
         return batch
-
-    @property
-    def lengths(self):  # source plus target tokens of each pair, counted by arrow: no row is read
-        table = self.rows.with_format("arrow")
-        return pyarrow.compute.add(
-            pyarrow.compute.list_value_length(table["input_ids"]),
-            pyarrow.compute.list_value_length(table["labels"]),
-        ).to_numpy()
 
 
 def load_tokenizer(source, args):

@@ -28,11 +28,10 @@ implementations read them, GPT-2 and Llama among them; a model that ignores posi
 attention cross). The validation set and predict.py are never packed: metrics are per example.
 """
 
-import pyarrow.compute
 import torch
 from transformers import AutoTokenizer
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 PROMPT, RESPONSE = "prompt", "response"
 FALLBACK_FORMAT = (
@@ -41,26 +40,14 @@ FALLBACK_FORMAT = (
 PACK = False  # True: pack the training set into rows of up to --max_len tokens (see above)
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids and labels (and position_ids if packed); RowsDataset reads them (len, [i],
+    __getitems__, lengths)."""
+
     def __init__(self, rows, tokenizer):
-        self.rows = rows  # a datasets.Dataset of input_ids and labels (+ position_ids if packed), from its cache
+        super().__init__(rows)
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
 
     def collate(self, samples):
         width = max(len(s["input_ids"]) for s in samples)

@@ -27,11 +27,10 @@ What train.py expects of this file (as for the default task):
 import re
 
 import datasets
-import pyarrow.compute
 import torch
 from transformers import AutoTokenizer, DataCollatorForTokenClassification
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 WORDS, TAGS = "tokens", "tags"
 
@@ -42,27 +41,15 @@ def tag_names(entity_types):
     return ["O"] + [f"{prefix}-{kind}" for kind in sorted(entity_types) for prefix in ("B", "I")]
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids, attention_mask, ..., labels, word_starts; RowsDataset reads them (len,
+    [i], __getitems__, lengths)."""
+
     def __init__(self, rows, labels, tokenizer):
-        self.rows = rows  # input_ids, attention_mask, ..., labels, word_starts (from the cache)
+        super().__init__(rows)
         self.labels = labels  # the tag names, index = tag id
         self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
         self.padding_side = tokenizer.padding_side
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
 
     def collate(self, samples):
         word_starts = [sample.pop("word_starts") for sample in samples]

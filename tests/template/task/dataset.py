@@ -20,8 +20,10 @@ What train.py and predict.py read from this file (nothing else):
   * Bad data raises UserError naming the file and line, so the user sees one clear message.
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with
-the same file, tokenizer and max_len does not tokenize again), and the Dataset reads its rows from
-the cache file, memory-mapped (datasets' own Dataset.__getitems__).
+the same file, tokenizer and max_len does not tokenize again). The Dataset subclasses
+utils.RowsDataset, which reads its rows from the cache file, memory-mapped (datasets' own
+Dataset.__getitems__), and counts `lengths` from the input_ids column; it adds only its labels,
+tokenizer and collate.
 """
 
 import math
@@ -29,11 +31,9 @@ from pathlib import Path
 
 import datasets
 import pyarrow
-import pyarrow.compute
-import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from utils import UserError, learn_vocabulary, load_rows, row_name
+from utils import RowsDataset, UserError, learn_vocabulary, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
 VOCABULARY_SIZE = (
@@ -60,31 +60,16 @@ def load_tokenizer(source, args):
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids and labels (class ids); RowsDataset reads them (len, [i], __getitems__,
+    lengths)."""
+
     def __init__(self, rows, labels, tokenizer):
-        self.rows = (
-            rows  # a datasets.Dataset of input_ids and labels (class ids), read from its cache file
-        )
+        super().__init__(rows)
         self.labels = labels  # index = class id; build_model() puts them in the model config
-        self.tokenizer = (
-            tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
-        )
+        # build_model() sizes a model trained from scratch by its vocabulary
+        self.tokenizer = tokenizer
         self.collate = DataCollatorWithPadding(tokenizer)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
