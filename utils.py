@@ -1,9 +1,11 @@
 """Helpers the user files import (dataset.py, modeling.py, the examples): UserError, data files read
 into a datasets.Dataset with line-numbered messages, RowsDataset (the torch Dataset over those rows
-that every task's Dataset builds on), and a vocabulary learnt from the training text. It imports
-nothing of the project; train.py's own machinery is in core/."""
+that every task's Dataset builds on), and a vocabulary learnt from the training text; also
+datasets_cache_space(), the one line train.py gives for a full disk under the datasets cache. It
+imports nothing of the project; train.py's own machinery is in core/."""
 
 import codecs
+import contextlib
 import csv
 import errno
 import functools
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import datasets
@@ -195,6 +198,27 @@ def disk_full(error):
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@contextlib.contextmanager
+def datasets_cache_space():
+    """A full disk under the datasets cache while the data is read, tokenized or its vocabulary
+    learnt: one line naming the folder, and the temporary files datasets left there (tmpXXXX, from a
+    map cut short) removed; the next run with room starts them afresh."""
+    cache, start = Path(datasets.config.HF_DATASETS_CACHE), time.time() - 1
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        for path in cache.rglob("tmp*"):  # written since this run started, never finished
+            if path.is_file() and path.stat().st_mtime >= start:
+                path.unlink()
+        raise UserError(
+            f"no space left on the device of the datasets cache {cache} while reading or "
+            f"tokenizing the data. Free space there, or set HF_DATASETS_CACHE to a folder "
+            f"with room, and run again."
+        ) from None
 
 
 def file_kind(path):
