@@ -12,7 +12,8 @@ predictions say whether each generated text is exactly the target.
 
 What train.py expects of this file (as for the default task):
   * `load_tokenizer(source, args)`: the tokenizer that generate_dataset() receives.
-  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch Dataset.
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch
+    Dataset.
   * `Dataset.collate(samples)` pads a batch: input_ids and attention_mask (the source), labels (the
     target's token ids, -100 on padding; T5 makes its decoder input from them, shifted right).
   * `Dataset.lengths`: the source plus target tokens of each pair, for --group_by_length.
@@ -40,34 +41,31 @@ class Dataset(RowsDataset):
 
     def collate(self, samples):
         batch = self.pad(samples)
-        if (
-            batch.get("labels") is None
-        ):  # rows without a target (predict.py): no labels key, not None
+        # rows without a target (predict.py): no labels key, not None
+        if batch.get("labels") is None:
             batch.pop("labels", None)
         return batch
 
 
 def load_tokenizer(source, args):
-    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(
-        source, trust_remote_code=False
-    )  # never run a folder's own code
+    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in
+    predict.py)."""
+    # trust_remote_code=False: never run a folder's own code
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     rows = load_rows(path, split, args.dataset_config)
-    with_target = (
-        not predicting or TARGET in rows.column_names
-    )  # predict.py: the target is optional
+    # predict.py: the target is optional
+    with_target = not predicting or TARGET in rows.column_names
     for column in (SOURCE, TARGET) if with_target else (SOURCE,):
         if column not in rows.column_names:
             raise UserError(
                 f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
                 f"Rename it, or change SOURCE / TARGET in dataset.py."
             )
-    if (
-        tokenizer.pad_token_id is None
-    ):  # a batch of sources of different lengths could not be padded
+    # a batch of sources of different lengths could not be padded
+    if tokenizer.pad_token_id is None:
         raise UserError(
             f"the tokenizer of {args.model_name_or_path} has no pad token, which this example pads "
             f"the sources with: give it one (tokenizer.pad_token = ...) in load_tokenizer()."

@@ -36,9 +36,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from utils import RowsDataset, UserError, learn_vocabulary, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
-VOCABULARY_SIZE = (
-    8000  # at most, for a vocabulary learnt from the training file (training from scratch)
-)
+VOCABULARY_SIZE = 8000  # at most, for a vocabulary learnt from the training file (from scratch)
 
 
 def load_tokenizer(source, args):
@@ -56,7 +54,8 @@ def load_tokenizer(source, args):
                 f"Rename it, or change TEXT in dataset.py."
             )
         return learn_vocabulary(rows, TEXT, VOCABULARY_SIZE, args.max_len)
-    # trust_remote_code=False: a folder that asks to run its own tokenizer code is refused, never run.
+    # trust_remote_code=False: a folder that asks to run its own tokenizer code is refused, never
+    # run.
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
@@ -82,19 +81,16 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                 f"Rename it, or change TEXT / LABEL in dataset.py."
             )
     feature = rows.features.get(LABEL)
-    name_of = (
-        feature.int2str if isinstance(feature, datasets.ClassLabel) else str
-    )  # hub data: ids with names
-    if (
-        need_labels and labels is None
-    ):  # the training data decides the classes: its label names, sorted
+    # hub data: ids with names
+    name_of = feature.int2str if isinstance(feature, datasets.ClassLabel) else str
+    # the training data decides the classes: its label names, sorted
+    if need_labels and labels is None:
         try:
             labels = sorted(
                 {name_of(label) for label in rows.unique(LABEL) if label not in (None, "")}
             )
-        except (
-            pyarrow.ArrowNotImplementedError
-        ):  # the reader found numbers and strings in one column
+        except pyarrow.ArrowNotImplementedError:
+            # the reader found numbers and strings in one column
             raise UserError(
                 f"{path}: the '{LABEL}' column mixes numbers and strings (e.g. 1 and \"1\"): write "
                 f"every label the same way."
@@ -108,9 +104,9 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                 raise UserError(
                     f"{path}, {row_name(path, i)}: the '{TEXT}' field is empty or not a string."
                 )
-        # Token ids only: the attention mask (all ones before padding) is made per batch by collate(), and
-        # token type ids (all zeros for one text) are the model's default. A third of the cache to read.
-        # For text pairs, tokenizer(a, b, ...), drop return_token_type_ids=False.
+        # Token ids only: the attention mask (all ones before padding) is made per batch by
+        # collate(), and token type ids (all zeros for one text) are the model's default. A third of
+        # the cache to read. For text pairs, tokenizer(a, b, ...), drop return_token_type_ids=False.
         encoded = tokenizer(
             batch[TEXT],
             truncation=True,
@@ -131,8 +127,8 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                     )
                 if name not in label_ids:
                     raise UserError(
-                        f"{path}, {row_name(path, i)}: label '{name}' is not among the training labels "
-                        f"({', '.join(labels)})."
+                        f"{path}, {row_name(path, i)}: label '{name}' is not among the training "
+                        f"labels ({', '.join(labels)})."
                     )
             encoded["labels"] = [label_ids[name] for name in names]
         return encoded
