@@ -18,6 +18,7 @@ What train.py expects of this file (as for the default task):
   * `Dataset.lengths`: the length of each sample, for --group_by_length.
 """
 
+import torch  # noqa: F401 (unused here: kept for edits of collate(), torch.cat and the like)
 from transformers import AutoTokenizer
 
 from utils import RowsDataset, UserError, load_rows, row_name
