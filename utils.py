@@ -160,47 +160,6 @@ def load_rows(path, split="train", config_name=None):
     return rows
 
 
-class RowsDataset(torch.utils.data.Dataset):
-    """A torch Dataset over `rows`, a datasets.Dataset read from its cache file (memory-mapped):
-    len(), [i], __getitems__ (DataLoader's one call per batch: datasets' own), and `lengths` (for
-    --group_by_length): the tokens of each row, int32 numpy, counted by arrow without reading a row,
-    summed over the list columns LENGTH_COLUMNS. A task's Dataset subclasses it and adds what is its
-    own (labels, tokenizer, collate)."""
-
-    LENGTH_COLUMNS = ("input_ids",)  # the list columns whose lengths `lengths` adds up, per row
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):
-        table = self.rows.with_format("arrow")
-        counts = [pyarrow.compute.list_value_length(table[c]) for c in self.LENGTH_COLUMNS]
-        return functools.reduce(pyarrow.compute.add, counts).to_numpy()
-
-
-def disk_full(error):
-    """Whether `error`, or one it came from, is a full disk (ENOSPC: OSError, or the text of
-    tokenizers' and pyarrow's own errors); datasets' map follows it with "I/O operation on closed
-    file"."""
-    while error is not None:
-        if (
-            isinstance(error, OSError) and error.errno == errno.ENOSPC
-        ) or "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 @contextlib.contextmanager
 def datasets_cache_space():
     """A full disk under the datasets cache while the data is read, tokenized or its vocabulary
@@ -220,6 +179,19 @@ def datasets_cache_space():
             f"tokenizing the data. Free space there, or set HF_DATASETS_CACHE to a folder "
             f"with room, and run again."
         ) from None
+
+
+def disk_full(error):
+    """Whether `error`, or one it came from, is a full disk (ENOSPC: OSError, or the text of
+    tokenizers' and pyarrow's own errors); datasets' map follows it with "I/O operation on closed
+    file"."""
+    while error is not None:
+        if (
+            isinstance(error, OSError) and error.errno == errno.ENOSPC
+        ) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def file_kind(path):
@@ -318,6 +290,34 @@ def row_name(path, index):
     if suffix in (".csv", ".tsv"):
         return f"line {index + 2}"
     return f"row {index + 1}"
+
+
+class RowsDataset(torch.utils.data.Dataset):
+    """A torch Dataset over `rows`, a datasets.Dataset read from its cache file (memory-mapped):
+    len(), [i], __getitems__ (DataLoader's one call per batch: datasets' own), and `lengths` (for
+    --group_by_length): the tokens of each row, int32 numpy, counted by arrow without reading a row,
+    summed over the list columns LENGTH_COLUMNS. A task's Dataset subclasses it and adds what is its
+    own (labels, tokenizer, collate)."""
+
+    LENGTH_COLUMNS = ("input_ids",)  # the list columns whose lengths `lengths` adds up, per row
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
+        return self.rows.__getitems__(indices)
+
+    @property
+    def lengths(self):
+        table = self.rows.with_format("arrow")
+        counts = [pyarrow.compute.list_value_length(table[c]) for c in self.LENGTH_COLUMNS]
+        return functools.reduce(pyarrow.compute.add, counts).to_numpy()
 
 
 # ---------------------------------------------------- a vocabulary of the user's own words
