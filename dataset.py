@@ -20,8 +20,10 @@ What train.py and predict.py read from this file (nothing else):
   * Bad data raises UserError naming the file and line, so the user sees one clear message.
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with
-the same file, tokenizer and max_len does not tokenize again), and the Dataset reads its rows from
-the cache file, memory-mapped (datasets' own Dataset.__getitems__).
+the same file, tokenizer and max_len does not tokenize again). The Dataset subclasses
+utils.RowsDataset, which reads its rows from the cache file, memory-mapped (datasets' own
+Dataset.__getitems__), and counts `lengths` from the input_ids column; it adds only its labels,
+tokenizer and collate.
 """
 
 import math
@@ -29,16 +31,12 @@ from pathlib import Path
 
 import datasets
 import pyarrow
-import pyarrow.compute
-import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from utils import UserError, learn_vocabulary, load_rows, row_name
+from utils import RowsDataset, UserError, learn_vocabulary, load_rows, row_name
 
 TEXT, LABEL = "text", "label"
-VOCABULARY_SIZE = (
-    8000  # at most, for a vocabulary learnt from the training file (training from scratch)
-)
+VOCABULARY_SIZE = 8000  # at most, for a vocabulary learnt from the training file (from scratch)
 
 
 def load_tokenizer(source, args):
@@ -56,35 +54,21 @@ def load_tokenizer(source, args):
                 f"Rename it, or change TEXT in dataset.py."
             )
         return learn_vocabulary(rows, TEXT, VOCABULARY_SIZE, args.max_len)
-    # trust_remote_code=False: a folder that asks to run its own tokenizer code is refused, never run.
+    # trust_remote_code=False: a folder that asks to run its own tokenizer code is refused, never
+    # run.
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids and labels (class ids); RowsDataset reads them (len, [i], __getitems__,
+    lengths)."""
+
     def __init__(self, rows, labels, tokenizer):
-        self.rows = (
-            rows  # a datasets.Dataset of input_ids and labels (class ids), read from its cache file
-        )
+        super().__init__(rows)
         self.labels = labels  # index = class id; build_model() puts them in the model config
-        self.tokenizer = (
-            tokenizer  # build_model() sizes a model trained from scratch by its vocabulary
-        )
+        # build_model() sizes a model trained from scratch by its vocabulary
+        self.tokenizer = tokenizer
         self.collate = DataCollatorWithPadding(tokenizer)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
@@ -97,19 +81,16 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                 f"Rename it, or change TEXT / LABEL in dataset.py."
             )
     feature = rows.features.get(LABEL)
-    name_of = (
-        feature.int2str if isinstance(feature, datasets.ClassLabel) else str
-    )  # hub data: ids with names
-    if (
-        need_labels and labels is None
-    ):  # the training data decides the classes: its label names, sorted
+    # hub data: ids with names
+    name_of = feature.int2str if isinstance(feature, datasets.ClassLabel) else str
+    # the training data decides the classes: its label names, sorted
+    if need_labels and labels is None:
         try:
             labels = sorted(
                 {name_of(label) for label in rows.unique(LABEL) if label not in (None, "")}
             )
-        except (
-            pyarrow.ArrowNotImplementedError
-        ):  # the reader found numbers and strings in one column
+        except pyarrow.ArrowNotImplementedError:
+            # the reader found numbers and strings in one column
             raise UserError(
                 f"{path}: the '{LABEL}' column mixes numbers and strings (e.g. 1 and \"1\"): write "
                 f"every label the same way."
@@ -123,9 +104,9 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                 raise UserError(
                     f"{path}, {row_name(path, i)}: the '{TEXT}' field is empty or not a string."
                 )
-        # Token ids only: the attention mask (all ones before padding) is made per batch by collate(), and
-        # token type ids (all zeros for one text) are the model's default. A third of the cache to read.
-        # For text pairs, tokenizer(a, b, ...), drop return_token_type_ids=False.
+        # Token ids only: the attention mask (all ones before padding) is made per batch by
+        # collate(), and token type ids (all zeros for one text) are the model's default. A third of
+        # the cache to read. For text pairs, tokenizer(a, b, ...), drop return_token_type_ids=False.
         encoded = tokenizer(
             batch[TEXT],
             truncation=True,
@@ -146,8 +127,8 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                     )
                 if name not in label_ids:
                     raise UserError(
-                        f"{path}, {row_name(path, i)}: label '{name}' is not among the training labels "
-                        f"({', '.join(labels)})."
+                        f"{path}, {row_name(path, i)}: label '{name}' is not among the training "
+                        f"labels ({', '.join(labels)})."
                     )
             encoded["labels"] = [label_ids[name] for name in names]
         return encoded

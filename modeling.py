@@ -4,7 +4,8 @@ What train.py and predict.py read from this file (nothing else):
   * `Model` (required): a transformers PreTrainedModel, so that it saves and loads with
     save_pretrained(dir) / from_pretrained(dir) like BertModel: a trained checkpoint loads with
     `Model.from_pretrained("model/best")` and no train.py. `Model.forward(**batch)` takes the keys
-    the dataset's collate function yields and returns a ModelOutput whose `.loss` is a scalar tensor.
+    the dataset's collate function yields and returns a ModelOutput whose `.loss` is a scalar
+    tensor.
   * `build_model(model_name_or_path, train_set)` (required) returns the model to train. `train_set`
     is what dataset.generate_dataset() built from --train_file, so the data can size the model
     (here: the label names become config.id2label, the learnt vocabulary sizes the embeddings).
@@ -28,10 +29,11 @@ What train.py and predict.py read from this file (nothing else):
     it each batch weighs the same: right for this file's loss, a mean over examples.
   * `format_samples(model, tokenizer, batch, outputs, k)` (optional, for --sample_every) shows k
     examples of a training batch as text (input / prediction / gold). It runs on the main process
-    only, with the RNG state restored afterwards, so it may call model.generate() (on the unwrapped model).
-  * `predictions(model, tokenizer, batch, outputs)` (optional, for predict.py) turns a batch into one
-    JSON-able dict per example; without it predict.py writes the raw outputs. `outputs.embeddings`
-    (optional) is what predict.py --embeddings writes.
+    only, with the RNG state restored afterwards, so it may call model.generate() (on the unwrapped
+    model).
+  * `predictions(model, tokenizer, batch, outputs)` (optional, for predict.py) turns a batch into
+    one JSON-able dict per example; without it predict.py writes the raw outputs.
+    `outputs.embeddings` (optional) is what predict.py --embeddings writes.
 
 To change the task, change the head and the loss in forward(), and the functions below it.
 """
@@ -50,25 +52,22 @@ class ModelConfig(PretrainedConfig):
     model_type = "template-classifier"
 
     def __init__(self, encoder=None, classifier_dropout=0.1, **kwargs):
-        self.encoder = (
-            encoder or {}
-        )  # the backbone's own config, as a dict (config.json of BERT etc.)
+        # the backbone's own config, as a dict (config.json of BERT etc.)
+        self.encoder = encoder or {}
         self.classifier_dropout = classifier_dropout
         super().__init__(**kwargs)
 
 
-AutoConfig.register(
-    ModelConfig.model_type, ModelConfig
-)  # so Auto* classes read a checkpoint's config.json
+# so Auto* classes read a checkpoint's config.json
+AutoConfig.register(ModelConfig.model_type, ModelConfig)
 
 
 @dataclass
 class ClassifierOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    embeddings: torch.Tensor | None = (
-        None  # the pooled vector the head reads (predict.py --embeddings)
-    )
+    # the pooled vector the head reads (predict.py --embeddings)
+    embeddings: torch.Tensor | None = None
 
 
 class Model(PreTrainedModel):
@@ -80,16 +79,14 @@ class Model(PreTrainedModel):
         super().__init__(config)
         encoder_config = AutoConfig.for_model(**config.encoder)
         self.encoder = AutoModel.from_config(encoder_config)
-        self.encoder.pooler = (
-            None  # unused: the head pools itself (an unused layer would make DDP fail)
-        )
+        # unused: the head pools itself (an unused layer would make DDP fail)
+        self.encoder.pooler = None
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.head = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(
-        self, labels=None, **inputs
-    ):  # inputs: what the tokenizer gave (input_ids, attention_mask, ...)
+    def forward(self, labels=None, **inputs):
+        # inputs: what the tokenizer gave (input_ids, attention_mask, ...)
         pooled = self.encoder(**inputs).last_hidden_state[:, 0]  # the [CLS] position
         logits = self.head(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
@@ -141,7 +138,8 @@ def format_samples(model, tokenizer, batch, outputs, k):
     names = model.config.id2label
     predicted = outputs.logits[:k].argmax(-1).tolist()
     return [
-        f"input: {tokenizer.decode(ids, skip_special_tokens=True)}\n  prediction: {names[p]}  gold: {names[g]}"
+        f"input: {tokenizer.decode(ids, skip_special_tokens=True)}\n"
+        f"  prediction: {names[p]}  gold: {names[g]}"
         for ids, p, g in zip(
             batch["input_ids"][:k].tolist(), predicted, batch["labels"][:k].tolist()
         )

@@ -1,11 +1,14 @@
 """Helpers the user files import (dataset.py, modeling.py, the examples): UserError, data files read
-into a datasets.Dataset with line-numbered messages, and a vocabulary learnt from the training text.
-It imports nothing of the project; train.py's own machinery is in core/."""
+into a datasets.Dataset with line-numbered messages, RowsDataset (the torch Dataset over those rows
+that every task's Dataset builds on), and a vocabulary learnt from the training text; also
+datasets_cache_space(), the one line train.py gives for a full disk under the datasets cache. It
+imports nothing of the project; train.py's own machinery is in core/."""
 
 import codecs
 import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -14,6 +17,8 @@ import time
 from pathlib import Path
 
 import datasets
+import pyarrow.compute
+import torch
 from datasets.fingerprint import Hasher
 from tokenizers import (
     Tokenizer,
@@ -28,7 +33,8 @@ from transformers import PreTrainedTokenizerFast
 
 
 class UserError(SystemExit):
-    """A mistake the user can fix: Python prints the message and exits with status 1, no traceback."""
+    """A mistake the user can fix: Python prints the message and exits with status 1, no
+    traceback."""
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
@@ -55,7 +61,8 @@ FILE_TYPES = {
 ROWS_PER_RECORD_BATCH = 100_000
 # JSON lines are read 1 MiB at a time (datasets' default: 10 MB), ~6,000 short rows a record batch:
 # pyarrow parses each block on its threads, and its allocator and Python's kept ~100 MB of what a
-# 1M-row file's 10 MB blocks had used (~100 bytes a row, on the first run only); 1 MiB blocks ~20 MB.
+# 1M-row file's 10 MB blocks had used (~100 bytes a row, on the first run only); 1 MiB blocks
+# ~20 MB.
 JSON_BYTES_PER_READ = 1 << 20
 
 
@@ -67,8 +74,9 @@ def has_weights(model_name_or_path):
 
 
 def load_rows(path, split="train", config_name=None):
-    """A data file (.jsonl .json .csv .tsv .parquet .txt) or a hub dataset name as a datasets.Dataset:
-    memory-mapped from the datasets cache (HF_DATASETS_CACHE), so a second run reads it back."""
+    """A data file (.jsonl .json .csv .tsv .parquet .txt) or a hub dataset name as a
+    datasets.Dataset: memory-mapped from the datasets cache (HF_DATASETS_CACHE), so a second run
+    reads it back."""
     path = str(path)
     suffix = Path(path).suffix
     try:
@@ -81,9 +89,8 @@ def load_rows(path, split="train", config_name=None):
                 )
             if Path(path).stat().st_size == 0:
                 raise UserError(f"{path}: the file holds no examples.")
-            if suffix != ".parquet" and not is_utf8(
-                path
-            ):  # pyarrow's JSON reader lets bad bytes through
+            # pyarrow's JSON reader lets bad bytes through
+            if suffix != ".parquet" and not is_utf8(path):
                 raise UserError(
                     f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8."
                 )
@@ -100,8 +107,8 @@ def load_rows(path, split="train", config_name=None):
                     options.update(delimiter="\t", quoting=csv.QUOTE_NONE)
             # datasets keys its cache of a local file, and the rows' fingerprint (which keys the
             # tokenized cache and the learnt vocabulary), by path and mtime: a file rewritten with
-            # the same size and its old mtime (rsync -t, a restore) would give the old rows. Keyed by
-            # the file's bytes as well, a changed file is always read again.
+            # the same size and its old mtime (rsync -t, a restore) would give the old rows. Keyed
+            # by the file's bytes as well, a changed file is always read again.
             digest = data_sha256(path)
             cache = Path(datasets.config.HF_DATASETS_CACHE) / "by-content" / digest[:16]
             rows = datasets.load_dataset(
@@ -113,17 +120,15 @@ def load_rows(path, split="train", config_name=None):
                 **options,
             )
             fingerprint = Hasher.hash((rows._fingerprint, digest))
-            rows = rows.select_columns(
-                rows.column_names, new_fingerprint=fingerprint
-            )  # a view: no copy
+            # a view: no copy
+            rows = rows.select_columns(rows.column_names, new_fingerprint=fingerprint)
         elif Path(path).is_file():
             raise UserError(
                 f"{path}: unknown file type '{suffix}'. Give a {', '.join(FILE_TYPES)} file."
             )
         else:
-            rows = datasets.load_dataset(
-                path, config_name, split=split
-            )  # its builder's own batches (images...)
+            # its builder's own batches (images...)
+            rows = datasets.load_dataset(path, config_name, split=split)
     except UnicodeDecodeError:
         raise UserError(
             f"{path}, {not_utf8_line(path)}: not UTF-8 text. Save the file as UTF-8."
@@ -177,8 +182,9 @@ def datasets_cache_space():
 
 
 def disk_full(error):
-    """Whether `error`, or one it came from, is a full disk (ENOSPC: OSError, or the text of tokenizers'
-    and pyarrow's own errors); datasets' map follows it with "I/O operation on closed file"."""
+    """Whether `error`, or one it came from, is a full disk (ENOSPC: OSError, or the text of
+    tokenizers' and pyarrow's own errors); datasets' map follows it with "I/O operation on closed
+    file"."""
     while error is not None:
         if (
             isinstance(error, OSError) and error.errno == errno.ENOSPC
@@ -214,8 +220,8 @@ def sha256(path):
 
 
 def data_sha256(path):
-    """sha256() of a data file, computed once per version of the file in a process (the cache key and
-    the checkpoint's record both need it): by its inode, size, mtime and ctime (a write changes
+    """sha256() of a data file, computed once per version of the file in a process (the cache key
+    and the checkpoint's record both need it): by its inode, size, mtime and ctime (a write changes
     ctime, which no tool sets back)."""
     info = os.stat(path)
     key = (
@@ -245,7 +251,10 @@ def bad_line(path):
                 if line.strip() and not isinstance(json.loads(line), dict):
                     raise ValueError("a JSON value that is not an object")
             except ValueError as e:
-                return f'line {number}: not a JSON object ({e}). Each line must be one object like {{"text": "..."}}.'
+                return (
+                    f"line {number}: not a JSON object ({e}). Each line must be one object like "
+                    '{"text": "..."}.'
+                )
     return None
 
 
@@ -283,7 +292,35 @@ def row_name(path, index):
     return f"row {index + 1}"
 
 
-# ---------------------------------------------------------------- a vocabulary of the user's own words
+class RowsDataset(torch.utils.data.Dataset):
+    """A torch Dataset over `rows`, a datasets.Dataset read from its cache file (memory-mapped):
+    len(), [i], __getitems__ (DataLoader's one call per batch: datasets' own), and `lengths` (for
+    --group_by_length): the tokens of each row, int32 numpy, counted by arrow without reading a row,
+    summed over the list columns LENGTH_COLUMNS. A task's Dataset subclasses it and adds what is its
+    own (labels, tokenizer, collate)."""
+
+    LENGTH_COLUMNS = ("input_ids",)  # the list columns whose lengths `lengths` adds up, per row
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
+        return self.rows.__getitems__(indices)
+
+    @property
+    def lengths(self):
+        table = self.rows.with_format("arrow")
+        counts = [pyarrow.compute.list_value_length(table[c]) for c in self.LENGTH_COLUMNS]
+        return functools.reduce(pyarrow.compute.add, counts).to_numpy()
+
+
+# ---------------------------------------------------- a vocabulary of the user's own words
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -291,19 +328,19 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def learn_vocabulary(rows, column, size=8000, max_len=None):
     """A BERT-style lower-cased WordPiece tokenizer learnt from the texts of `column` of `rows` (a
     datasets.Dataset): every character (alone and as a ##continuation), then the most frequent words
-    up to `size` tokens, cached in HF_DATASETS_CACHE/vocabularies by the data's fingerprint (a second
-    run on the same file reads it back). Built from word counts, ties broken by the word, so every
-    machine learns the same vocabulary; tokenizers' WordPieceTrainer breaks ties in hash order, so two
-    fresh machines got different token ids and, from the same seed, different results."""
+    up to `size` tokens, cached in HF_DATASETS_CACHE/vocabularies by the data's fingerprint (a
+    second run on the same file reads it back). Built from word counts, ties broken by the word, so
+    every machine learns the same vocabulary; tokenizers' WordPieceTrainer breaks ties in hash
+    order, so two fresh machines got different token ids and, from the same seed, different
+    results."""
     # Keyed by the data and by this function with what it uses: edit either and it is learnt again.
     name = (
         f"{rows._fingerprint}-{Hasher.hash((learn_vocabulary, column, size, SPECIAL_TOKENS))}.json"
     )
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "vocabularies" / name
     if not cache.is_file():
-        counter = Tokenizer(
-            models.WordLevel(unk_token="[UNK]")
-        )  # counts words: most frequent first, then by word
+        # counts words: most frequent first, then by word
+        counter = Tokenizer(models.WordLevel(unk_token="[UNK]"))
         counter.normalizer = normalizers.BertNormalizer(lowercase=True)
         counter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         texts = (
@@ -315,8 +352,9 @@ def learn_vocabulary(rows, column, size=8000, max_len=None):
         )
         counts = counter.get_vocab()
         words = sorted(counts, key=counts.__getitem__)
-        # Every character, and as a continuation every one that follows another in a word (CJK characters
-        # are words of their own), so that nothing seen is [UNK]; then whole words while `size` allows.
+        # Every character, and as a continuation every one that follows another in a word (CJK
+        # characters are words of their own), so that nothing seen is [UNK]; then whole words while
+        # `size` allows.
         alphabet = (
             SPECIAL_TOKENS
             + sorted({c for word in words for c in word})

@@ -1,6 +1,6 @@
-"""The checks that need NVIDIA GPUs, in one command: mixed precision, an fp16 overflow, DDP and FSDP2
-on 2 GPUs, --torch_compile; samples/s and peak GPU memory per case. Never run by this project's CI
-(it has no GPU): run it on any machine with 1 to 8 GPUs after an upgrade.
+"""The checks that need NVIDIA GPUs, in one command: mixed precision, an fp16 overflow, DDP and
+FSDP2 on 2 GPUs, --torch_compile; samples/s and peak GPU memory per case. Never run by this
+project's CI (it has no GPU): run it on any machine with 1 to 8 GPUs after an upgrade.
 
     python tools/gpu_check.py            # prints one line per case, exits 1 if any failed
 
@@ -135,8 +135,9 @@ def main():
             if (outdir / "last").exists()
             else 0
         )
+        rate = steps * 16 * case.get("processes", 1) / seconds
         print(
-            f"{'PASS' if ok else 'FAIL'}  {name}: {steps * 16 * case.get('processes', 1) / seconds:.0f} samples/s "
+            f"{'PASS' if ok else 'FAIL'}  {name}: {rate:.0f} samples/s "
             f"(whole process), peak GPU memory {'/'.join(peak) or '?'} MiB"
         )
         if not ok:

@@ -5,61 +5,49 @@ Copy it over the repository's dataset.py, with modeling.py beside it:
     cp examples/causal_lm/{modeling,dataset}.py .
 
 Reads a .txt file (one text per line; blank lines are skipped in training, kept by predict.py) or
-a .jsonl, .json, .csv, .tsv or .parquet file (or a hub dataset, see --dataset_config) with a "text" column. Each text becomes its
-tokens plus the end-of-text token, truncated to --max_len: the model learns where a text ends.
-There are no classes, so `Dataset.labels` is None.
+a .jsonl, .json, .csv, .tsv or .parquet file (or a hub dataset, see --dataset_config) with a "text"
+column. Each text becomes its tokens plus the end-of-text token, truncated to --max_len: the model
+learns where a text ends. There are no classes, so `Dataset.labels` is None.
 
 What train.py expects of this file (as for the default task):
   * `load_tokenizer(source, args)`: the tokenizer that generate_dataset() receives.
-  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch Dataset.
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch
+    Dataset.
   * `Dataset.collate(samples)` pads a batch: input_ids, attention_mask, and labels (the input ids,
     -100 on padding; the model shifts them by one position itself).
   * `Dataset.lengths`: the length of each sample, for --group_by_length.
 """
 
-import pyarrow.compute
-import torch
+import torch  # noqa: F401 (unused here: kept for edits of collate(), torch.cat and the like)
 from transformers import AutoTokenizer
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 TEXT = "text"
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids and attention_mask; RowsDataset reads them (len, [i], __getitems__,
+    lengths)."""
+
     def __init__(self, rows, tokenizer):
-        self.rows = rows  # a datasets.Dataset of input_ids and attention_mask, read from its cache
+        super().__init__(rows)
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
 
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
-
     def collate(self, samples):
         batch = self.tokenizer.pad(samples, padding_side="right", return_tensors="pt")
-        # Padding is masked by the attention mask, not by pad_token_id: a tokenizer whose pad token is
-        # its end-of-text token (GPT-2's) would otherwise never learn to end a text.
+        # Padding is masked by the attention mask, not by pad_token_id: a tokenizer whose pad token
+        # is its end-of-text token (GPT-2's) would otherwise never learn to end a text.
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return batch
 
 
 def load_tokenizer(source, args):
-    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(
-        source, trust_remote_code=False
-    )  # never run a folder's own code
+    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in
+    predict.py)."""
+    # trust_remote_code=False: never run a folder's own code
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
@@ -82,8 +70,8 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
         for i, text in zip(indices, batch[TEXT]):
             if not isinstance(text, str):
                 raise UserError(f"{path}, {row_name(path, i)}: the '{TEXT}' field is not a string.")
-        # Training skips blank texts (a batched map may return fewer rows); predict.py keeps them, so
-        # that its output has one line per input row.
+        # Training skips blank texts (a batched map may return fewer rows); predict.py keeps them,
+        # so that its output has one line per input row.
         texts = [text for text in batch[TEXT] if text.strip() or predicting]
         if not texts:
             return {"input_ids": [], "attention_mask": []}

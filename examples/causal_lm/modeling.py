@@ -12,9 +12,11 @@ What train.py expects of this file (as for the default task):
   * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py.
   * `loss_items(batch)`: the loss is a mean over tokens, and this counts them, so that train.py
     weighs every token of an optimizer step alike however its batch is split.
-  * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: the validation perplexity.
+  * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: the validation
+    perplexity.
   * `format_samples(...)`: for --sample_every, a greedy continuation of the first tokens of a text.
-  * `predictions(model, tokenizer, batch, outputs)`: each text's loss and perplexity, for predict.py.
+  * `predictions(model, tokenizer, batch, outputs)`: each text's loss and perplexity, for
+    predict.py.
 """
 
 import math
@@ -31,18 +33,15 @@ from utils import has_weights
 # GPT2LMHeadModel here. To change the architecture, write a PreTrainedModel as in the default
 # modeling.py (it then needs GenerationMixin as a base class for format_samples' generate()).
 Model = AutoModelForCausalLM
-PROMPT_TOKENS, NEW_TOKENS = (
-    4,
-    16,
-)  # --sample_every: continue the first 4 tokens of a text by 16 at most
+# --sample_every: continue the first 4 tokens of a text by 16 at most
+PROMPT_TOKENS, NEW_TOKENS = 4, 16
 
 
 def build_model(model_name_or_path, train_set):
-    """A directory with only a config.json (examples/causal_lm/tiny-gpt2) gives a randomly initialised
-    model; a hub id (gpt2) or a directory with weights gives that pretrained model."""
-    config = AutoConfig.from_pretrained(
-        model_name_or_path
-    )  # train.py refuses a --max_len beyond its positions
+    """A directory with only a config.json (examples/causal_lm/tiny-gpt2) gives a randomly
+    initialised model; a hub id (gpt2) or a directory with weights gives that pretrained model."""
+    # train.py refuses a --max_len beyond its positions
+    config = AutoConfig.from_pretrained(model_name_or_path)
     pretrained = has_weights(model_name_or_path)
     model = Model.from_pretrained(model_name_or_path) if pretrained else Model.from_config(config)
     vocabulary = len(train_set.tokenizer)
@@ -52,17 +51,15 @@ def build_model(model_name_or_path, train_set):
 
 
 def loss_items(batch):
-    """Per text, the tokens its loss is a mean over: all but the first (position t predicts token t + 1)
-    and the padding (-100)."""
+    """Per text, the tokens its loss is a mean over: all but the first (position t predicts token
+    t + 1) and the padding (-100)."""
     return (batch["labels"][:, 1:] != -100).sum(1)
 
 
 def token_losses(batch, outputs):
     """Each text's summed next-token loss (float32) and its number of predicted tokens."""
-    logits, targets = (
-        outputs.logits[:, :-1].float(),
-        batch["labels"][:, 1:],
-    )  # position t predicts token t + 1
+    # position t predicts token t + 1
+    logits, targets = outputs.logits[:, :-1].float(), batch["labels"][:, 1:]
     losses = nn.functional.cross_entropy(
         logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
     )
@@ -78,7 +75,8 @@ def metric_inputs(model, tokenizer, batch, outputs):
 
 def compute_metrics(gathered):
     token_loss = (gathered["loss_sum"].sum() / gathered["tokens"].sum()).item()
-    # Lower is better: train.py takes --metric_for_best perplexity that way (a part of LOWER_IS_BETTER).
+    # Lower is better: train.py takes --metric_for_best perplexity that way (a part of
+    # LOWER_IS_BETTER).
     return {"perplexity": math.exp(min(token_loss, 700.0))}  # exp(700) is about the largest float
 
 
@@ -94,9 +92,10 @@ def format_samples(model, tokenizer, batch, outputs, k):
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
+        continuation = generated[0, prompt.shape[1] :]
         samples.append(
             f"prompt: {tokenizer.decode(prompt[0], skip_special_tokens=True)}\n"
-            f"  generated: {tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)}\n"
+            f"  generated: {tokenizer.decode(continuation, skip_special_tokens=True)}\n"
             f"  gold: {tokenizer.decode(ids[prompt.shape[1] :], skip_special_tokens=True)}"
         )
     return samples

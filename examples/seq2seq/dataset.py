@@ -12,76 +12,60 @@ predictions say whether each generated text is exactly the target.
 
 What train.py expects of this file (as for the default task):
   * `load_tokenizer(source, args)`: the tokenizer that generate_dataset() receives.
-  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch Dataset.
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch
+    Dataset.
   * `Dataset.collate(samples)` pads a batch: input_ids and attention_mask (the source), labels (the
     target's token ids, -100 on padding; T5 makes its decoder input from them, shifted right).
   * `Dataset.lengths`: the source plus target tokens of each pair, for --group_by_length.
 """
 
-import pyarrow.compute
-import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 SOURCE, TARGET = "source", "target"
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids (the source) and labels (the target's); RowsDataset reads them (len, [i],
+    __getitems__, lengths)."""
+
+    LENGTH_COLUMNS = ("input_ids", "labels")  # `lengths`: source plus target tokens of each pair
+
     def __init__(self, rows, tokenizer):
-        self.rows = rows  # a datasets.Dataset of input_ids (and labels), read from its cache
+        super().__init__(rows)
         self.labels = None  # no classes
         self.tokenizer = tokenizer  # build_model() checks the model's vocabulary against it
         # Pads input_ids and attention_mask with the pad token, labels with -100 (no loss there).
         self.pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
     def collate(self, samples):
         batch = self.pad(samples)
-        if (
-            batch.get("labels") is None
-        ):  # rows without a target (predict.py): no labels key, not None
+        # rows without a target (predict.py): no labels key, not None
+        if batch.get("labels") is None:
             batch.pop("labels", None)
         return batch
 
-    @property
-    def lengths(self):  # source plus target tokens of each pair, counted by arrow: no row is read
-        table = self.rows.with_format("arrow")
-        return pyarrow.compute.add(
-            pyarrow.compute.list_value_length(table["input_ids"]),
-            pyarrow.compute.list_value_length(table["labels"]),
-        ).to_numpy()
-
 
 def load_tokenizer(source, args):
-    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(
-        source, trust_remote_code=False
-    )  # never run a folder's own code
+    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in
+    predict.py)."""
+    # trust_remote_code=False: never run a folder's own code
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
     rows = load_rows(path, split, args.dataset_config)
-    with_target = (
-        not predicting or TARGET in rows.column_names
-    )  # predict.py: the target is optional
+    # predict.py: the target is optional
+    with_target = not predicting or TARGET in rows.column_names
     for column in (SOURCE, TARGET) if with_target else (SOURCE,):
         if column not in rows.column_names:
             raise UserError(
                 f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
                 f"Rename it, or change SOURCE / TARGET in dataset.py."
             )
-    if (
-        tokenizer.pad_token_id is None
-    ):  # a batch of sources of different lengths could not be padded
+    # a batch of sources of different lengths could not be padded
+    if tokenizer.pad_token_id is None:
         raise UserError(
             f"the tokenizer of {args.model_name_or_path} has no pad token, which this example pads "
             f"the sources with: give it one (tokenizer.pad_token = ...) in load_tokenizer()."

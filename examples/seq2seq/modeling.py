@@ -1,6 +1,6 @@
-"""USER EDITS: the model. Example: sequence to sequence (an encoder reads the source, a decoder writes
-the target), from scratch with the tiny T5 of examples/seq2seq/tiny-t5, or fine-tuning a T5 of the
-hub (t5-small, google/flan-t5-small, ...).
+"""USER EDITS: the model. Example: sequence to sequence (an encoder reads the source, a decoder
+writes the target), from scratch with the tiny T5 of examples/seq2seq/tiny-t5, or fine-tuning a T5
+of the hub (t5-small, google/flan-t5-small, ...).
 
 Copy it over the repository's modeling.py, with dataset.py beside it:
 
@@ -10,7 +10,8 @@ What train.py expects of this file (as for the default task):
   * `build_model(model_name_or_path, train_set)` returns the model to train.
   * `Model.forward(**batch)` returns a ModelOutput with `.loss`: the mean cross-entropy of each
     target token given the source and the target tokens before it (T5 computes it from `labels`).
-  * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py, and `generate()` writes.
+  * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py, and `generate()`
+    writes.
   * `loss_items(batch)`: the loss is a mean over target tokens, and this counts them.
   * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: exact match and
     chrF of the GENERATED targets (greedy), not of the teacher-forced logits.
@@ -31,9 +32,10 @@ CHRF_ORDER, CHRF_BETA = 6, 2  # sacrebleu's default chrF: character 1- to 6-gram
 
 
 class Model(T5ForConditionalGeneration):
-    """T5 as the hub has it, plus one thing: predict.py calls model(**batch) on rows without a target,
-    and T5 then has no decoder input at all. It is given the start token alone (generation makes the
-    real outputs). For BART, Marian, ... subclass their ...ForConditionalGeneration in the same way."""
+    """T5 as the hub has it, plus one thing: predict.py calls model(**batch) on rows without a
+    target, and T5 then has no decoder input at all. It is given the start token alone (generation
+    makes the real outputs). For BART, Marian, ... subclass their ...ForConditionalGeneration in the
+    same way."""
 
     def forward(
         self, input_ids=None, attention_mask=None, labels=None, decoder_input_ids=None, **kwargs
@@ -57,13 +59,13 @@ class Model(T5ForConditionalGeneration):
 
 
 def build_model(model_name_or_path, train_set):
-    """A directory with only a config.json (examples/seq2seq/tiny-t5) gives a randomly initialised T5;
-    a hub id (t5-small) or a directory with weights gives that pretrained model."""
+    """A directory with only a config.json (examples/seq2seq/tiny-t5) gives a randomly initialised
+    T5; a hub id (t5-small) or a directory with weights gives that pretrained model."""
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
     if config.model_type != Model.config_class.model_type:
         raise UserError(
-            f"{model_name_or_path} is a {config.model_type} model, and Model in modeling.py is a T5: "
-            f"change its base class to the {config.model_type} ...ForConditionalGeneration."
+            f"{model_name_or_path} is a {config.model_type} model, and Model in modeling.py is a "
+            f"T5: change its base class to the {config.model_type} ...ForConditionalGeneration."
         )
     pretrained = has_weights(model_name_or_path)
     model = (
@@ -78,7 +80,8 @@ def build_model(model_name_or_path, train_set):
 
 
 def loss_items(batch):
-    """Per example, the target tokens its loss is a mean over (T5 shifts the labels itself: all count)."""
+    """Per example, the target tokens its loss is a mean over (T5 shifts the labels itself: all
+    count)."""
     return (batch["labels"] != -100).sum(1)
 
 
@@ -101,23 +104,22 @@ def gold(tokenizer, batch):
 
 
 def chrf_statistics(hypothesis, reference):
-    """Per character n-gram order 1..6: [n-grams in the hypothesis, in the reference, matched], spaces
-    removed, as sacrebleu's chrF counts them (the hypothesis' n-grams only where the reference is
-    that long). Summed over examples they give the corpus chrF."""
+    """Per character n-gram order 1..6: [n-grams in the hypothesis, in the reference, matched],
+    spaces removed, as sacrebleu's chrF counts them (the hypothesis' n-grams only where the
+    reference is that long). Summed over examples they give the corpus chrF."""
     hypothesis, reference = "".join(hypothesis.split()), "".join(reference.split())
     statistics = []
     for n in range(1, CHRF_ORDER + 1):
         hyp = Counter(hypothesis[i : i + n] for i in range(len(hypothesis) - n + 1))
         ref = Counter(reference[i : i + n] for i in range(len(reference) - n + 1))
-        statistics.append(
-            [hyp.total() if ref else 0, ref.total(), (hyp & ref).total()]
-        )  # &: the smaller count
+        # &: the smaller count
+        statistics.append([hyp.total() if ref else 0, ref.total(), (hyp & ref).total()])
     return statistics
 
 
 def chrf(statistics):
-    """chrF (0-100) from [hypothesis, reference, matched] counts per order, as sacrebleu computes it:
-    precision and recall averaged over the orders that both sides have, then their F-beta."""
+    """chrF (0-100) from [hypothesis, reference, matched] counts per order, as sacrebleu computes
+    it: precision and recall averaged over the orders that both sides have, then their F-beta."""
     precisions, recalls = [], []
     for hyp, ref, matched in statistics:
         if hyp > 0 and ref > 0:

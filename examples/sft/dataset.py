@@ -1,4 +1,5 @@
-"""USER EDITS: the data. Example: instruction tuning (SFT) of a causal LM on prompt / response pairs.
+"""USER EDITS: the data. Example: instruction tuning (SFT) of a causal LM on prompt / response
+pairs.
 
 Copy it over the repository's dataset.py, with modeling.py beside it:
 
@@ -28,39 +29,25 @@ implementations read them, GPT-2 and Llama among them; a model that ignores posi
 attention cross). The validation set and predict.py are never packed: metrics are per example.
 """
 
-import pyarrow.compute
 import torch
 from transformers import AutoTokenizer
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 PROMPT, RESPONSE = "prompt", "response"
-FALLBACK_FORMAT = (
-    "### Instruction:\n{prompt}\n\n### Response:\n"  # for a tokenizer without a chat template
-)
+# for a tokenizer without a chat template
+FALLBACK_FORMAT = "### Instruction:\n{prompt}\n\n### Response:\n"
 PACK = False  # True: pack the training set into rows of up to --max_len tokens (see above)
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids and labels (and position_ids if packed); RowsDataset reads them (len, [i],
+    __getitems__, lengths)."""
+
     def __init__(self, rows, tokenizer):
-        self.rows = rows  # a datasets.Dataset of input_ids and labels (+ position_ids if packed), from its cache
+        super().__init__(rows)
         self.labels = None  # no classes: build_model() takes the vocabulary from the model's config
         self.tokenizer = tokenizer
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
 
     def collate(self, samples):
         width = max(len(s["input_ids"]) for s in samples)
@@ -69,9 +56,8 @@ class Dataset(torch.utils.data.Dataset):
             return torch.tensor([s[key] + [value] * (width - len(s[key])) for s in samples])
 
         batch = {"input_ids": pad("input_ids", self.tokenizer.pad_token_id)}
-        if any(
-            "position_ids" in s for s in samples
-        ):  # packed rows (a plain one is a row of one example)
+        # packed rows (a plain one is a row of one example)
+        if any("position_ids" in s for s in samples):
             # Positions restart for every example and for the padding; transformers reads the
             # restarts as example boundaries when there is no attention mask and no cache (use_cache
             # off: the config's default would give the model one, and a causal mask across them).
@@ -93,10 +79,10 @@ class Dataset(torch.utils.data.Dataset):
 
 
 def load_tokenizer(source, args):
-    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(
-        source, trust_remote_code=False
-    )  # never run a folder's own code
+    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in
+    predict.py)."""
+    # trust_remote_code=False: never run a folder's own code
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def formatted(tokenizer, prompt, response=None):
@@ -165,12 +151,12 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
     if tokenizer.eos_token is None:
         raise UserError(
             f"the tokenizer of {args.model_name_or_path} has no end-of-text (eos) token, which "
-            f"ends every response (and stops generation). Set eos_token in its tokenizer_config.json."
+            f"ends every response (and stops generation). Set eos_token in its "
+            f"tokenizer_config.json."
         )
     if tokenizer.pad_token is None:  # GPT-2 and many other causal LMs ship without one
-        tokenizer.pad_token = (
-            tokenizer.eos_token
-        )  # harmless: padding is masked by position, not by id
+        # harmless: padding is masked by position, not by id
+        tokenizer.pad_token = tokenizer.eos_token
     max_len = args.max_len  # not args itself: the cache key would then change with every option
 
     def encode(batch, indices):
@@ -191,13 +177,12 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
             )
             if prompt_length >= max_len:
                 raise UserError(
-                    f"{path}, {row_name(path, i)}: the prompt is {prompt_length} tokens as formatted, "
-                    f"which leaves no room for the response within --max_len {max_len}. Raise "
-                    f"--max_len or shorten the prompt."
+                    f"{path}, {row_name(path, i)}: the prompt is {prompt_length} tokens as "
+                    f"formatted, which leaves no room for the response within --max_len {max_len}. "
+                    f"Raise --max_len or shorten the prompt."
                 )
-            encoded["input_ids"].append(
-                ids[:max_len]
-            )  # a long response is cut: its end is not learnt
+            # a long response is cut: its end is not learnt
+            encoded["input_ids"].append(ids[:max_len])
             if not predicting:  # the loss skips the prompt: its labels are -100
                 encoded["labels"].append(([-100] * prompt_length + ids[prompt_length:])[:max_len])
         return encoded

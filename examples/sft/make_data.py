@@ -84,11 +84,12 @@ WORDS = [
     "bell",
 ]
 PAD, USER, ASSISTANT, SYSTEM, END = "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
-# Each message is <|role|>content<|end|>; with add_generation_prompt the prompt ends on <|assistant|>,
-# so that what the model writes after it is the reply, up to its own <|end|> (the eos token:
-# generate() stops there).
+# Each message is <|role|>content<|end|>; with add_generation_prompt the prompt ends on
+# <|assistant|>, so that what the model writes after it is the reply, up to its own <|end|> (the eos
+# token: generate() stops there).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 

@@ -1,5 +1,5 @@
-"""USER EDITS: the model. Example: instruction tuning (SFT) of a causal LM: from scratch with the tiny
-chat GPT-2 of examples/sft/tiny-gpt2-chat, or fine-tuning any causal LM of the hub (full, or
+"""USER EDITS: the model. Example: instruction tuning (SFT) of a causal LM: from scratch with the
+tiny chat GPT-2 of examples/sft/tiny-gpt2-chat, or fine-tuning any causal LM of the hub (full, or
 --lora_r adapters).
 
 Copy it over the repository's modeling.py, with dataset.py beside it:
@@ -17,7 +17,8 @@ What train.py expects of this file (as for the default task):
   * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: exact_match,
     the share of validation prompts whose greedily generated reply is the gold response.
   * `format_samples(...)`: for --sample_every, prompt / generated / gold of a few training examples.
-  * `predictions(model, tokenizer, batch, outputs)`: a generated response per prompt, for predict.py.
+  * `predictions(model, tokenizer, batch, outputs)`: a generated response per prompt, for
+    predict.py.
 """
 
 import torch
@@ -33,20 +34,19 @@ MAX_NEW_TOKENS = 32  # predict.py: the longest reply written (it ends earlier at
 
 
 def build_model(model_name_or_path, train_set):
-    """A directory with only a config.json (examples/sft/tiny-gpt2-chat) gives a randomly initialised
-    model; a hub id or a directory with weights (a checkpoint such as model/best) gives that model."""
-    config = AutoConfig.from_pretrained(
-        model_name_or_path
-    )  # train.py refuses a --max_len beyond its positions
+    """A directory with only a config.json (examples/sft/tiny-gpt2-chat) gives a randomly
+    initialised model; a hub id or a directory with weights (a checkpoint such as model/best) gives
+    that model."""
+    # train.py refuses a --max_len beyond its positions
+    config = AutoConfig.from_pretrained(model_name_or_path)
     model = (
         Model.from_pretrained(model_name_or_path)
         if has_weights(model_name_or_path)
         else Model.from_config(config)
     )
     vocabulary = len(train_set.tokenizer)
-    if (
-        vocabulary > model.get_input_embeddings().num_embeddings
-    ):  # a tokenizer with added (chat) tokens
+    # a tokenizer with added (chat) tokens
+    if vocabulary > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocabulary)
     return model
 
@@ -64,8 +64,8 @@ def until_end(ids, end):
 
 
 def prompts_and_replies(batch):
-    """Per row, the prompt's tokens and the gold reply's: the labels start where the reply starts, and
-    the reply is their first run without -100 (a packed row's first example). Without labels
+    """Per row, the prompt's tokens and the gold reply's: the labels start where the reply starts,
+    and the reply is their first run without -100 (a packed row's first example). Without labels
     (predict.py), the row's tokens are all prompt."""
     rows = []
     for i, ids in enumerate(batch["input_ids"]):
@@ -114,7 +114,8 @@ def metric_inputs(model, tokenizer, batch, outputs):
 
 
 def compute_metrics(gathered):
-    # Higher is better: train.py takes --metric_for_best exact_match that way (no part like loss or error).
+    # Higher is better: train.py takes --metric_for_best exact_match that way (no part like loss or
+    # error).
     return {"exact_match": gathered["exact_match"].mean().item()}
 
 

@@ -16,22 +16,22 @@ later ones and the special tokens ([CLS], [SEP]) get -100, which the loss and th
 
 What train.py expects of this file (as for the default task):
   * `load_tokenizer(source, args)`: the tokenizer that generate_dataset() receives.
-  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch Dataset whose
-    `labels` are the tag names (index = tag id); build_model() puts them in the model config.
-  * `Dataset.collate(samples)` pads a batch: input_ids, attention_mask, ..., labels (-100 on padding)
-    and word_starts (1 on the first sub-token of each word: where predictions are read, also
-    without labels).
+  * `generate_dataset(path, split, tokenizer, args, labels=None, predicting=False)` returns a torch
+    Dataset whose `labels` are the tag names (index = tag id); build_model() puts them in the model
+    config.
+  * `Dataset.collate(samples)` pads a batch: input_ids, attention_mask, ..., labels (-100 on
+    padding) and word_starts (1 on the first sub-token of each word: where predictions are read,
+    also without labels).
   * `Dataset.lengths`: the length of each sample in tokens, for --group_by_length.
 """
 
 import re
 
 import datasets
-import pyarrow.compute
 import torch
 from transformers import AutoTokenizer, DataCollatorForTokenClassification
 
-from utils import UserError, load_rows, row_name
+from utils import RowsDataset, UserError, load_rows, row_name
 
 WORDS, TAGS = "tokens", "tags"
 
@@ -42,27 +42,15 @@ def tag_names(entity_types):
     return ["O"] + [f"{prefix}-{kind}" for kind in sorted(entity_types) for prefix in ("B", "I")]
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(RowsDataset):
+    """Rows of input_ids, attention_mask, ..., labels, word_starts; RowsDataset reads them (len,
+    [i], __getitems__, lengths)."""
+
     def __init__(self, rows, labels, tokenizer):
-        self.rows = rows  # input_ids, attention_mask, ..., labels, word_starts (from the cache)
+        super().__init__(rows)
         self.labels = labels  # the tag names, index = tag id
         self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
         self.padding_side = tokenizer.padding_side
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def __getitems__(self, indices):  # what DataLoader calls: one call for the whole batch
-        return self.rows.__getitems__(indices)
-
-    @property
-    def lengths(self):  # the tokens of each row (int32), counted by arrow: no row is read
-        return pyarrow.compute.list_value_length(
-            self.rows.with_format("arrow")["input_ids"]
-        ).to_numpy()
 
     def collate(self, samples):
         word_starts = [sample.pop("word_starts") for sample in samples]
@@ -79,10 +67,10 @@ class Dataset(torch.utils.data.Dataset):
 
 
 def load_tokenizer(source, args):
-    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in predict.py)."""
-    return AutoTokenizer.from_pretrained(
-        source, trust_remote_code=False
-    )  # never run a folder's own code
+    """The tokenizer of --model_name_or_path (or of the checkpoint, on --resume and in
+    predict.py)."""
+    # trust_remote_code=False: never run a folder's own code
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
@@ -99,9 +87,8 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                 f"{path}: no '{column}' column (found: {', '.join(rows.column_names)}). "
                 f"Rename it, or change WORDS / TAGS in dataset.py."
             )
-    feature = getattr(
-        rows.features.get(TAGS), "feature", None
-    )  # hub data: a list of ClassLabel ids
+    # hub data: a list of ClassLabel ids
+    feature = getattr(rows.features.get(TAGS), "feature", None)
     name_of = feature.int2str if isinstance(feature, datasets.ClassLabel) else str
     if need_labels and labels is None:  # the training data decides the entity types
         types = set()
@@ -112,9 +99,9 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
                     types.add(match[1])
                 elif name_of(tag) != "O":
                     raise UserError(
-                        f"{path}, {row_name(path, i)}: tag '{name_of(tag)}' is not a BIO tag (O, B-TYPE, "
-                        f"I-TYPE). Convert the tags, or change tag_names() and the metrics of "
-                        f"modeling.py for another tag set."
+                        f"{path}, {row_name(path, i)}: tag '{name_of(tag)}' is not a BIO tag (O, "
+                        f"B-TYPE, I-TYPE). Convert the tags, or change tag_names() and the metrics "
+                        f"of modeling.py for another tag set."
                     )
         labels = tag_names(types)
     tag_ids = {name: i for i, name in enumerate(labels or [])}
@@ -137,15 +124,13 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
         for row, (i, words) in enumerate(zip(indices, batch[WORDS])):
             word_ids = encoded.word_ids(row)  # the word of each sub-token; None for [CLS], [SEP]
             seen = set(word_ids) - {None}
-            empty = [
-                w for w in range(max(seen, default=-1) + 1) if w not in seen
-            ]  # not the truncated ones
-            if (
-                empty
-            ):  # its tag would have no position to be read from, and the tags after it would shift
+            # words with no sub-token (not the truncated ones)
+            empty = [w for w in range(max(seen, default=-1) + 1) if w not in seen]
+            # its tag would have no position to be read from, and the tags after it would shift
+            if empty:
                 raise UserError(
-                    f"{path}, {row_name(path, i)}: word {empty[0] + 1} ({words[empty[0]]!r}) gives no token "
-                    f"with this tokenizer (a space or an invisible character); remove it."
+                    f"{path}, {row_name(path, i)}: word {empty[0] + 1} ({words[empty[0]]!r}) gives "
+                    f"no token with this tokenizer (a space or an invisible character); remove it."
                 )
             starts = [
                 int(w is not None and (t == 0 or word_ids[t - 1] != w))

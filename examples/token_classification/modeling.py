@@ -14,10 +14,12 @@ What train.py expects of this file (as for the default task):
   * `Model.from_pretrained(dir)` loads a trained checkpoint without train.py.
   * `loss_items(batch)`: the loss is a mean over words, and this counts them, so that train.py
     weighs every word of an optimizer step alike however its batch is split.
-  * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: word accuracy, and precision,
-    recall and F1 of whole entities (exact type and span, as seqeval and conlleval count them).
+  * `metric_inputs(model, tokenizer, batch, outputs)` / `compute_metrics(gathered)`: word accuracy,
+    and precision, recall and F1 of whole entities (exact type and span, as seqeval and conlleval
+    count them).
   * `format_samples(...)` shows the predicted and the gold entities of a few sentences;
-    `predictions(model, tokenizer, batch, outputs)` gives each sentence's tags, one per word, for predict.py.
+    `predictions(model, tokenizer, batch, outputs)` gives each sentence's tags, one per word, for
+    predict.py.
 """
 
 from dataclasses import dataclass
@@ -34,9 +36,8 @@ class ModelConfig(PretrainedConfig):
     model_type = "template-token-classifier"
 
     def __init__(self, encoder=None, classifier_dropout=0.1, **kwargs):
-        self.encoder = (
-            encoder or {}
-        )  # the backbone's own config, as a dict (config.json of BERT etc.)
+        # the backbone's own config, as a dict (config.json of BERT etc.)
+        self.encoder = encoder or {}
         self.classifier_dropout = classifier_dropout
         super().__init__(**kwargs)
 
@@ -56,9 +57,8 @@ class Model(PreTrainedModel):
         super().__init__(config)
         encoder_config = AutoConfig.for_model(**config.encoder)
         self.encoder = AutoModel.from_config(encoder_config)
-        self.encoder.pooler = (
-            None  # unused: the head reads every token (an unused layer would make DDP fail)
-        )
+        # unused: the head reads every token (an unused layer would make DDP fail)
+        self.encoder.pooler = None
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.head = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
@@ -67,9 +67,8 @@ class Model(PreTrainedModel):
         # word_starts is not an input of the network: it rides along in the batch for predictions().
         logits = self.head(self.dropout(self.encoder(**inputs).last_hidden_state))
         loss = None
-        if (
-            labels is not None
-        ):  # -100 (later sub-tokens, [CLS], [SEP], padding) is left out of the mean
+        # -100 (later sub-tokens, [CLS], [SEP], padding) is left out of the mean
+        if labels is not None:
             loss = nn.functional.cross_entropy(
                 logits.flatten(0, 1), labels.flatten(), ignore_index=-100
             )
@@ -82,8 +81,8 @@ def loss_items(batch):
 
 
 def build_model(model_name_or_path, train_set):
-    """A directory with only a config.json (tiny-bert-ner) gives a randomly initialised encoder; a hub
-    id or a directory with weights gives that pretrained encoder under a new head."""
+    """A directory with only a config.json (tiny-bert-ner) gives a randomly initialised encoder; a
+    hub id or a directory with weights gives that pretrained encoder under a new head."""
     labels = train_set.labels
     encoder_config = AutoConfig.from_pretrained(model_name_or_path)
     config = ModelConfig(
@@ -121,13 +120,10 @@ def metric_inputs(model, tokenizer, batch, outputs):
     types = (outputs.logits.shape[-1] - 1) // 2
     words = batch["labels"] != -100  # each word's first sub-token
     predicted = outputs.logits.argmax(-1)
-    gold_tags, predicted_tags = (
-        batch["labels"][words].tolist(),
-        predicted[words].tolist(),
-    )  # sentence after sentence
-    counts = torch.zeros(
-        len(words), types, 3, dtype=torch.long
-    )  # per type: correct, predicted, gold
+    # sentence after sentence
+    gold_tags, predicted_tags = batch["labels"][words].tolist(), predicted[words].tolist()
+    # per type: correct, predicted, gold
+    counts = torch.zeros(len(words), types, 3, dtype=torch.long)
     start = 0
     for row, length in enumerate(words.sum(1).tolist()):
         gold = entities(gold_tags[start : start + length])
@@ -144,24 +140,23 @@ def metric_inputs(model, tokenizer, batch, outputs):
 
 
 def compute_metrics(gathered):
-    correct, predicted, gold = (
-        gathered["entity_counts"].sum(0).double().unbind(-1)
-    )  # per entity type
+    # per entity type
+    correct, predicted, gold = gathered["entity_counts"].sum(0).double().unbind(-1)
     seen = (predicted + gold) > 0
     per_type_f1 = 2 * correct[seen] / (predicted + gold)[seen]
     return {
         "accuracy": (gathered["words_correct"].sum() / gathered["words"].sum()).item(),
         "precision": (correct.sum() / predicted.sum().clamp(min=1)).item(),
         "recall": (correct.sum() / gold.sum().clamp(min=1)).item(),
-        "f1": (
-            2 * correct.sum() / (predicted.sum() + gold.sum()).clamp(min=1)
-        ).item(),  # over all entities
+        # over all entities
+        "f1": (2 * correct.sum() / (predicted.sum() + gold.sum()).clamp(min=1)).item(),
         "macro_f1": per_type_f1.mean().item() if seen.any() else 0.0,
     }  # mean over the entity types
 
 
 def words_and_tags(tokenizer, batch, tag_ids, k):
-    """Per sentence: its words (sub-tokens joined back) and the tag id at each word's first sub-token."""
+    """Per sentence: its words (sub-tokens joined back) and the tag id at each word's first
+    sub-token."""
     special = set(tokenizer.all_special_ids)
     sentences = []
     for ids, starts, tags in zip(
