@@ -1,5 +1,5 @@
-"""The data path: every file type, hub-style dataset folders, ClassLabel ids, the tokenization cache,
-and the length-grouped sampler.
+"""The data path: every file type, hub-style dataset folders, ClassLabel ids, the tokenization
+cache, and the length-grouped sampler.
 
     pytest tests/task/test_data.py
 """

@@ -1,6 +1,6 @@
 """A real one-node Slurm on this machine for the tests: munged, slurmctld and slurmd started from
-Debian's packages (apt-get install slurmctld slurmd slurm-client munge; .ci/run installs them) with a
-configuration of their own in a temporary folder, and stopped by their pids.
+Debian's packages (apt-get install slurmctld slurmd slurm-client munge; .ci/run installs them) with
+a configuration of their own in a temporary folder, and stopped by their pids.
 
     with Cluster(folder) as cluster:
         job = cluster.sbatch("configs/slurm/cpu.sbatch", "--epochs", 3, cwd=repo)

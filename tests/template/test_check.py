@@ -1,10 +1,12 @@
-"""The checks before step 1: what every run refuses before training (a plain nn.Module, no scalar
-loss, a hook with old parameters, a tokenizer without padding, --max_len beyond the model's
-positions, an unknown --metric_for_best), and `train.py --check`: the default pair passes, each
-planted wiring bug fails the check meant to catch it.
+"""The checks before step 1: what every run refuses before training, and `train.py --check`.
 
-    python -m pytest -q tests/template/test_check.py             # in this process
-    python -m pytest -q -m slow tests/template/test_check.py     # 2 processes, the example pairs
+Every run refuses a plain nn.Module, a forward() without a scalar loss, a hook with the old
+parameters, a tokenizer without a pad token, --max_len beyond the model's positions and an unknown
+--metric_for_best. `--check`: the default pair passes; each planted wiring bug fails the check
+meant to catch it.
+
+    python -m pytest -q tests/template/test_check.py
+    python -m pytest -q -m slow tests/template/test_check.py    # 2 processes, the example pairs
 """
 
 import json

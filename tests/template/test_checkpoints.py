@@ -1,9 +1,11 @@
-"""What a checkpoint holds on disk and how it survives: written whole (a kill inside a save, a crash
-between its two renames, links, a full disk), checked against its manifest, and a damaged or
-malicious file refused by name, a pickle never run.
+"""Checkpoints on disk: written whole, checked against their manifest, bad files refused by name.
 
-    python -m pytest -q tests/template/test_checkpoints.py             # in this process
-    python -m pytest -q -m slow tests/template/test_checkpoints.py     # killed in a save, 2 processes
+A kill inside a save or between its two renames, a link among the checkpoints and a full disk leave
+a whole checkpoint to resume from; a damaged file is named in one line; a pickle or a config's
+auto_map never runs.
+
+    python -m pytest -q tests/template/test_checkpoints.py
+    python -m pytest -q -m slow tests/template/test_checkpoints.py    # kills, 2 processes
 """
 
 import errno

@@ -1,10 +1,12 @@
-"""The data as the template reads it: files that hold no data (a FIFO, a folder, bad labels, bytes
-that are not UTF-8, CSV lines counted), the datasets cache (a file rewritten under its old mtime, a
-full cache disk, two first runs at once), the vocabulary learnt from the training file, loader
-workers. The root pair's dataset.py has its own: tests/task/test_data.py.
+"""The data the template reads: its files, the datasets cache, the vocabulary, loader workers.
 
-    python -m pytest -q tests/template/test_data_files.py             # in this process
-    python -m pytest -q -m slow tests/template/test_data_files.py     # two runs at once
+Files that hold no data (a FIFO, a folder, bad labels, bytes that are not UTF-8; CSV lines counted
+as an editor counts them); the datasets cache (a file rewritten under its old mtime, a full cache
+disk, two first runs at once); the vocabulary learnt from the training file; loader workers. The
+root pair's dataset.py has tests/task/test_data.py.
+
+    python -m pytest -q tests/template/test_data_files.py
+    python -m pytest -q -m slow tests/template/test_data_files.py    # two first runs at once
 """
 
 import errno

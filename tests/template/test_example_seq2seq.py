@@ -1,10 +1,11 @@
-"""examples/seq2seq (numbers to English words with a tiny T5): its metrics and data checks in this
-process, and end to end in a copy of the repository with the pair copied over modeling.py and
-dataset.py: bitwise resume, metrics of generated text that improve and that best/ reproduces, two
-processes, predict.py, --check and --sample_every.
+"""examples/seq2seq (numbers to English words with a tiny T5): metrics, data, end to end.
 
-    pytest tests/template/test_example_seq2seq.py            # metrics and data (a few seconds)
-    pytest tests/template/test_example_seq2seq.py -m slow    # end to end (~1-2 min on 2 cores)
+Its metrics and data checks in this process, and end to end in a copy of the repository with the
+pair copied over modeling.py and dataset.py: bitwise resume, metrics of generated text that improve
+and that best/ reproduces, two processes, predict.py, --check and --sample_every.
+
+    python -m pytest -q tests/template/test_example_seq2seq.py            # metrics and data
+    python -m pytest -q -m slow tests/template/test_example_seq2seq.py    # end to end (~1-2 min)
 """
 
 import json

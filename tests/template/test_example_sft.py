@@ -1,9 +1,11 @@
-"""examples/sft (instruction tuning): its data and metric functions in this process, and the pair
-copied over modeling.py / dataset.py in a copy of the repository, trained end to end by the
-unchanged train.py: bitwise resume, metrics, predict.py, LoRA on a trained checkpoint, --check.
+"""examples/sft (instruction tuning): its data and metric functions, and end to end.
 
-    pytest tests/template/test_example_sft.py               # the example's own functions (seconds)
-    pytest tests/template/test_example_sft.py -m slow       # end to end (~1-2 min on 2 cores)
+Its data and metric functions in this process, and the pair copied over modeling.py / dataset.py in
+a copy of the repository, trained end to end by the unchanged train.py: bitwise resume, metrics,
+predict.py, LoRA on a trained checkpoint, --check.
+
+    python -m pytest -q tests/template/test_example_sft.py            # the example's own functions
+    python -m pytest -q -m slow tests/template/test_example_sft.py    # end to end (~1-2 min)
 """
 
 import json

@@ -1,8 +1,10 @@
-"""The task pairs of examples/, copied over modeling.py and dataset.py in a copy of the repository and
+"""The example pairs (causal LM, token classification), trained end to end by train.py.
+
+The task pairs of examples/, copied over modeling.py and dataset.py in a copy of the repository and
 trained end to end by the unchanged train.py: outputs, metrics, learning, samples, bitwise resume.
 
-    pytest tests/template/test_examples.py               # the examples' own functions, in this process
-    pytest tests/template/test_examples.py -m slow       # end to end (~40 s on 2 cores), 2 processes included
+    python -m pytest -q tests/template/test_examples.py            # the examples' own functions
+    python -m pytest -q -m slow tests/template/test_examples.py    # end to end, 2 processes (~40 s)
 """
 
 import importlib.util

@@ -1,8 +1,10 @@
-"""FSDP2, sharded for real on 2 CPU processes over gloo (configs/accelerate/fsdp_cpu.yaml): training,
-clipping and non-finite detection on the sharded gradients, full weights in best/ and last/, exact
-resume, a kill inside a save, and resuming on another number of processes or without sharding.
+"""FSDP2, sharded for real on 2 CPU processes over gloo (configs/accelerate/fsdp_cpu.yaml).
 
-    pytest -m slow tests/template/test_fsdp.py
+Training, clipping and non-finite detection on the sharded gradients, full weights in best/ and
+last/, exact resume, a kill inside a save, and resuming on another number of processes or without
+sharding.
+
+    python -m pytest -q -m slow tests/template/test_fsdp.py
 """
 
 import pytest

@@ -1,7 +1,8 @@
-"""The optional hooks of the user files: what they get when present (the unwrapped model, in eval
-mode without gradients, and the tokenizer, on every process, gathered), and a task that has none
-(no tokenizer, no metrics). The fork here replaces the pinned pair's metric_inputs() and
-predictions() by ones that use both.
+"""The optional hooks of the user files: what they get, and a task that has none.
+
+metric_inputs() and predictions() get the unwrapped model (in eval mode, without gradients: it may
+generate) and the tokenizer, on every process, gathered: the fork here replaces the pinned pair's
+by ones that use both. A task without a tokenizer or metrics trains, saves and resumes.
 
     python -m pytest -q tests/template/test_hooks.py
 """

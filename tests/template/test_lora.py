@@ -1,5 +1,7 @@
-"""A pretrained backbone, adapted or frozen: --lora_r adapters and --freeze_backbone train what they
-should, resume bitwise and load back with from_pretrained and predict.py.
+"""A pretrained backbone: --lora_r adapters and --freeze_backbone.
+
+Each trains what it should, resumes bitwise and loads back with from_pretrained and predict.py;
+adapters on a model without weights are said to learn little.
 
     python -m pytest -q tests/template/test_lora.py
 """

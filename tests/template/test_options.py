@@ -1,5 +1,7 @@
-"""The options: defaults < a --config file (which may build on another) < flags, what --resume takes
-from the checkpoint, values checked by type and range in one line, --help; predict.py's output file.
+"""Options: where each value comes from, and values checked before anything happens.
+
+Defaults < a --config file (which may build on another) < flags; what --resume takes from the
+checkpoint; types and ranges, in one line; --help; predict.py's --output_file.
 
     python -m pytest -q tests/template/test_options.py
 """

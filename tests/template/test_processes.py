@@ -1,9 +1,12 @@
-"""What happens to the processes: the signals that stop a run (SIGTERM, Ctrl-C, SIGKILL, the launcher
-signalled alone), a worker killed and restarted by torchrun's agent, the peer that sees it, the CPU
-threads each process takes, and the launches refused before anything (DeepSpeed, fp16 on a CPU).
+"""The processes: signals, torchrun's restarts, a dead peer, CPU threads, refused launches.
 
-    python -m pytest -q tests/template/test_processes.py             # in this process
-    python -m pytest -q -m slow tests/template/test_processes.py     # signals and kills, launched
+SIGTERM, Ctrl-C, SIGKILL and a SIGTERM to the launcher alone stop a run that then resumes bitwise;
+a worker killed under --max_restarts is started again with its group and the run ends bitwise, the
+surviving peer saying so in one line; the CPU threads of each process; DeepSpeed and fp16 on a CPU
+refused before anything is written (core/processes.py).
+
+    python -m pytest -q tests/template/test_processes.py
+    python -m pytest -q -m slow tests/template/test_processes.py    # signals and kills, launched
 """
 
 import json

@@ -1,9 +1,11 @@
-"""Resume: is this the same run, and where does it continue. Bitwise exact resume (1 and 2 processes,
-bf16), --resume auto, another number of processes, the options that must match, the training
-data's fingerprint, and the outdir: one run's, locked while it runs, never written over unasked.
+"""Resume: is this the same run, and where does it continue.
 
-    python -m pytest -q tests/template/test_resume.py             # 1 process, in this process
-    python -m pytest -q -m slow tests/template/test_resume.py     # 2 processes, elastic, bf16
+A run stopped and resumed ends bitwise equal to the run never stopped (1 and 2 processes, bf16,
+--group_by_length); --resume auto; another number of processes; the options that must match; the
+training data's fingerprint; the outdir, which holds one run, locked while it runs.
+
+    python -m pytest -q tests/template/test_resume.py
+    python -m pytest -q -m slow tests/template/test_resume.py    # 2 processes, elastic, bf16
 """
 
 import json

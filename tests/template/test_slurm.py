@@ -1,9 +1,10 @@
-"""The same command continues under a real Slurm: configs/slurm/cpu.sbatch submitted to a one-node
-cluster started here (tests/template/slurm.py), requeued mid-run with `scontrol requeue` and once
-stopped by its own --signal before a short time limit, ends with last/, best/ and log.json bitwise
-equal to the same training never interrupted.
+"""The same command continues under a real Slurm: requeued, or stopped by its --signal.
 
-    pytest -m slow tests/template/test_slurm.py       # root and Slurm's packages, else skipped
+configs/slurm/cpu.sbatch submitted to a one-node cluster started here (tests/template/slurm.py),
+requeued mid-run with `scontrol requeue` and once stopped by its own --signal before a short time
+limit, ends with last/, best/ and log.json bitwise equal to the same training never interrupted.
+
+    python -m pytest -q -m slow tests/template/test_slurm.py    # as root with Slurm's packages
 """
 
 import os

@@ -1,7 +1,12 @@
-"""State besides the weights: train.py's `objects` (optimizer, scheduler, fp16's loss scaler, an EMA
-of the weights, a second optimizer) saved and restored whole, stepped by the loop, and an EMA that
-validation runs and best/ is chosen by. A forker's object is added the way a fork would, through a
-function of train.py (setup()), never by matching its lines."""
+"""State besides the weights: the `objects` saved and restored whole, and an EMA.
+
+train.py's `objects` (optimizer, scheduler, fp16's loss scaler, an EMA of the weights, a second
+optimizer) saved and restored whole, stepped by the loop, and an EMA that validation runs and best/
+is chosen by. A forker's object is added the way a fork would, through a function of train.py
+(setup()), never by matching its lines.
+
+    python -m pytest -q tests/template/test_state.py
+"""
 
 import os
 import shutil

@@ -1,14 +1,14 @@
-"""What one optimizer step does: the same update however the batch is split (--accumulation,
-processes, modeling.loss_items), gradient clipping, and the LR schedule over the whole run.
+"""One optimizer step: the same update however the batch is split, clipping, the LR schedule.
 
-A loss that is a mean over tokens (the causal LM example: loss_items counts them) weighs every
-token of an optimizer step alike, over the accumulation window and the processes: --batch_size 16,
-8 x --accumulation 2, 4 x 4 and 2 processes x 8 end 21 steps (the last one shorter) at the same
-weights to float noise, with and without --group_by_length, and so does a resume from 2 processes
-onto 1. Dropout is off in these models: it draws other masks for other splits.
+A loss that is a mean over tokens (the causal LM example: modeling.loss_items counts them) weighs
+every token of an optimizer step alike, over the accumulation window and the processes:
+--batch_size 16, 8 x --accumulation 2, 4 x 4 and 2 processes x 8 end 21 steps (the last one
+shorter) at the same weights to float noise, with and without --group_by_length, and so does a
+resume from 2 processes onto 1. Dropout is off in these models: it draws other masks for other
+splits. Then clipping, and every --lr_scheduler_type over the whole run.
 
-    python -m pytest -q tests/template/test_step.py             # 1 process, in this process
-    python -m pytest -q -m slow tests/template/test_step.py     # 2 processes, elastic resume
+    python -m pytest -q tests/template/test_step.py
+    python -m pytest -q -m slow tests/template/test_step.py    # 2 processes, elastic resume
 """
 
 import json

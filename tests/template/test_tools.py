@@ -1,6 +1,11 @@
 """tools/plot.py and the Accelerate configs in configs/accelerate/.
 
-pytest tests/template/test_tools.py
+tools/plot.py turns a log.json into a PNG or says in one line why not; tools/gpu_check.py skips
+without CUDA; every config in configs/accelerate/ loads and says how to launch with it, and cpu.yaml
+runs 2 processes.
+
+    python -m pytest -q tests/template/test_tools.py
+    python -m pytest -q -m slow tests/template/test_tools.py    # cpu.yaml: 2 processes
 """
 
 import json

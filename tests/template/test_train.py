@@ -1,8 +1,12 @@
-"""A run end to end: outputs, my_config.json, log.json, best/ and --metric_for_best, early stopping,
-samples, trackers, progress bars; options that change memory or speed, not the run.
+"""A run end to end: outputs, log.json, best/, early stopping, samples, trackers, progress bars.
 
-    python -m pytest -q tests/template/test_train.py              # one launch, the rest in-process
-    python -m pytest -q -m slow tests/template/test_train.py      # 2 processes, torch.compile
+The shipped task launched once as a user would (the files of best/ and last/, my_config.json,
+log.json, the bars, a checkpoint that loads with from_pretrained alone), then runs in this process:
+--metric_for_best and its direction, early stopping (both through a resume), samples, trackers,
+and the options that change memory or speed but not the run.
+
+    python -m pytest -q tests/template/test_train.py
+    python -m pytest -q -m slow tests/template/test_train.py     # 2 processes, torch.compile
 """
 
 import re

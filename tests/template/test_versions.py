@@ -1,6 +1,6 @@
 """The installed packages are the ones the template was tested with (constraints.txt).
 
-    pytest tests/template/test_versions.py
+    python -m pytest -q tests/template/test_versions.py
 
 A fresh `pip install -r requirements.txt` resolves to the newest release in each range, which the
 tests may never have seen (transformers 5.24 broke --lora_r with the newest peft). This test names
