@@ -70,7 +70,8 @@ def half(path):
 
 
 def home(which=None):
-    """The folder the active half runs in: TREE for tests/template, the repository for tests/task."""
+    """The folder the active half runs in: TREE for tests/template, the repository for
+    tests/task."""
     return TREE if (which or ACTIVE[0]) == "template" else ROOT
 
 
@@ -82,9 +83,9 @@ FOLDERS = {
 
 
 def activate(which):
-    """Makes `import modeling, dataset, train, predict` give the pair of `which` (FOLDERS: the pinned
-    copy for "template", the root files for "task", an example's); train.py and predict.py import
-    whichever is active."""
+    """Makes `import modeling, dataset, train, predict` give the pair of `which` (FOLDERS: the
+    pinned copy for "template", the root files for "task", an example's); train.py and predict.py
+    import whichever is active."""
     ACTIVE[0] = which
     if which not in PAIRS:
         for name in ("modeling", "dataset", "train", "predict"):
@@ -148,7 +149,8 @@ def fork(folder, edits=None):
     one). train.py and core/ are never edited by their text: a test wraps a function of train.py
     from a small script instead (test_state.py's SCALED), or passes an option."""
     assert set(edits or {}) <= {"modeling.py", "dataset.py"}, (
-        f"fork() edits the user files only, not {sorted(set(edits) - {'modeling.py', 'dataset.py'})}"
+        "fork() edits the user files only, not "
+        f"{sorted(set(edits) - {'modeling.py', 'dataset.py'})}"
     )
     tree = Path(folder) / "fork"
     tree.mkdir()
@@ -211,13 +213,15 @@ def launch(*args, processes=1, check=True, cwd=None, env=None, script="train.py"
     )  # a hung run fails the test instead of the whole CI job
     if check and result.returncode != 0:
         raise AssertionError(
-            f"train.py exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+            f"train.py exited {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         )
     return result
 
 
 def run(*args, processes=1, check=True):
-    """train.main(args) in this process when processes == 1, else launch(): a result like launch()'s."""
+    """train.main(args) in this process when processes == 1, else launch(): a result like
+    launch()'s."""
     if processes > 1:
         return launch(*args, processes=processes, check=check)
     import train
@@ -330,7 +334,8 @@ SETUPS = {1: ["--batch_size", 8, "--accumulation", 2], 2: ["--batch_size", 8]}
 
 
 def common_args(tiny_data, processes):
-    """The runs that resume tests compare: 2 epochs, warmup, a checkpoint every 7 optimizer steps."""
+    """The runs that resume tests compare: 2 epochs, warmup, a checkpoint every 7 optimizer
+    steps."""
     return [
         *data_args(tiny_data),
         "--epochs",
@@ -368,7 +373,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_tokenizer():
-    """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from data/train.jsonl."""
+    """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from
+    data/train.jsonl."""
     import dataset
     from core import options
 

@@ -126,7 +126,8 @@ class Cluster:
         )
 
     def sbatch(self, script, *args, cwd, env=None, options=()):
-        """Submits `script` (its #SBATCH lines, then `options`) with train.py options `args`; the job id."""
+        """Submits `script` (its #SBATCH lines, then `options`) with train.py options `args`; the
+        job id."""
         result = subprocess.run(
             ["sbatch", "--parsable", "--chdir", str(cwd), *options, str(script), *map(str, args)],
             env={**self.env, **(env or {})},

@@ -72,7 +72,8 @@ def test_no_loss_says_which_keys_went_into_kwargs(tiny_data, tmp_path, monkeypat
     refused(
         [*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
         "returned no loss",
-        "input_ids, labels, attention_mask are not parameters of forward() and went into its **inputs",
+        "input_ids, labels, attention_mask are not parameters of forward() and went into its "
+        "**inputs",
     )
 
 
@@ -91,8 +92,9 @@ def test_a_hook_with_the_old_parameters_is_one_line(script, monkeypatch, tiny_da
     with pytest.raises(SystemExit) as exit_info:
         (train if script == "train" else predict).main([str(a) for a in argv])
     assert str(exit_info.value.code) == (
-        "error: modeling.py: predictions(config, batch, outputs) cannot take (model, tokenizer, batch, outputs), "
-        "what it is called with: give it those parameters (the list at the top of modeling.py says what each is)."
+        "error: modeling.py: predictions(config, batch, outputs) cannot take (model, tokenizer, "
+        "batch, outputs), what it is called with: give it those parameters (the list at the top "
+        "of modeling.py says what each is)."
     )
     assert not (tmp_path / "model").exists()
 
@@ -141,8 +143,8 @@ def test_max_len_beyond_the_models_positions_is_one_line_before_training(
         [*data_args(tiny_data), "--max_len", 129, "--outdir", tmp_path / "model", *extra]
     )
     assert message == (
-        "error: --max_len 129: the model of assets/tiny-bert has 128 positions, so a longer input would "
-        "fail mid-run. Pass --max_len 128 or less."
+        "error: --max_len 129: the model of assets/tiny-bert has 128 positions, so a longer input "
+        "would fail mid-run. Pass --max_len 128 or less."
     )
     assert not (tmp_path / "model").exists()
 
@@ -431,8 +433,8 @@ def test_both_example_pairs_pass_check_unchanged(name, tmp_path):
     assert "--check: every check passed" in result.stdout, result.stdout
     assert "FAIL" not in result.stdout
     assert (
-        "PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the same gradient"
-        in result.stdout
+        "PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the same "
+        "gradient" in result.stdout
     )
 
 
@@ -470,13 +472,17 @@ def test_labels_shifted_by_hand_in_a_causal_lm_fail_the_shift_check(shift, fragm
     )
 
 
-ENCODER_MASK = "        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,\n"
+ENCODER_MASK = (
+    "        return super().forward("
+    "input_ids=input_ids, attention_mask=attention_mask, labels=labels,\n"
+)
 
 
 @pytest.mark.slow
 def test_an_encoder_decoder_that_drops_the_encoders_mask_fails_the_padding_check(tmp_path):
     """examples/seq2seq passes --check (test_example_seq2seq.py); with the attention mask kept from
-    its encoder, the decoder's logits change by far more than the tolerance when a source is padded."""
+    its encoder, the decoder's logits change by far more than the tolerance when a source is
+    padded."""
     repo = tmp_path / "repo"
     copy_repository(repo)
     source = (repo / "examples" / "seq2seq" / "modeling.py").read_text()

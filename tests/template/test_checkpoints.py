@@ -68,7 +68,8 @@ def test_killed_during_or_after_a_save_then_resumed_is_bitwise_the_uninterrupted
 
 
 def test_a_run_that_died_between_the_two_renames_resumes_from_old_last(finished, tmp_path):
-    """What a crash between `last -> .old-last` and `.staging -> last` leaves: .old-last is taken back."""
+    """What a crash between `last -> .old-last` and `.staging -> last` leaves: .old-last is taken
+    back."""
     (finished / "last").rename(finished / ".old-last")
     run("--resume", finished / "last", "--epochs", 2)
     assert (
@@ -251,7 +252,8 @@ def test_a_damaged_checkpoint_file_is_refused_by_name(name, damage, reference, t
 
 
 def rewrite_manifest(folder):
-    """What an attacker does after changing a file: the manifest is an integrity check, not a signature."""
+    """What an attacker does after changing a file: the manifest is an integrity check, not a
+    signature."""
     files = {
         p.name: checkpoint.sha256(p) for p in sorted(folder.iterdir()) if p.name != "manifest.json"
     }

@@ -90,8 +90,8 @@ def test_bad_labels_and_bytes_are_one_line(rows, fragment, tmp_path):
 
 
 def test_csv_errors_count_lines_the_same_way(tiny_data, tmp_path):
-    """A CSV line with too many fields (the reader's error) and one with a missing label (ours): both
-    say the line an editor shows, header included."""
+    """A CSV line with too many fields (the reader's error) and one with a missing label (ours):
+    both say the line an editor shows, header included."""
     extra = tmp_path / "extra.csv"
     extra.write_text("text,label\nthe food was great,positive\nthe food,was,bad\n")
     # the reader's own message, which ends in a newline
@@ -206,8 +206,8 @@ def test_a_full_datasets_cache_is_one_line_and_leaves_no_partial_file(
 
 @pytest.mark.slow  # two runs at once
 def test_two_first_runs_at_once_on_a_new_data_file_both_succeed(tiny_data, tmp_path):
-    """Both read, cache and tokenize the same new file into one empty datasets cache at the same time
-    (the second run used to die reading a cache file the first replaced)."""
+    """Both read, cache and tokenize the same new file into one empty datasets cache at the same
+    time (the second run used to die reading a cache file the first replaced)."""
     data = tmp_path / "data"
     data.mkdir()
     for name in ("train.jsonl", "valid.jsonl"):  # bytes no cache has seen: one more row each
@@ -270,12 +270,12 @@ def test_training_from_scratch_learns_the_vocabulary_of_the_training_file(tmp_pa
         args.model_name_or_path, dataset.generate_dataset(str(train_file), "train", tokenizer, args)
     )
     assert model.config.encoder["vocab_size"] == len(tokenizer)
-    # Learnt again in another process (tokenizers seeds its hash maps per process), into an empty cache:
-    # the same file, byte for byte, so the same seed gives the same run on every machine.
+    # Learnt again in another process (tokenizers seeds its hash maps per process), into an empty
+    # cache: the same file, byte for byte, so the same seed gives the same run on every machine.
     learn = (
         f"import sys; sys.path.insert(0, {str(TREE)!r}); import dataset; from core import options; "
-        f"dataset.load_tokenizer({str(TREE / 'assets' / 'tiny-bert')!r}, options.parse_args(['--train_file', "
-        f"{str(train_file)!r}]))"
+        f"dataset.load_tokenizer({str(TREE / 'assets' / 'tiny-bert')!r}, "
+        f"options.parse_args(['--train_file', {str(train_file)!r}]))"
     )
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "another-cache")}
     subprocess.run([sys.executable, "-c", learn], env=env, check=True, capture_output=True)

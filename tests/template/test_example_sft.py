@@ -299,8 +299,8 @@ def fork_with_sft(folder):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2 epochs uninterrupted and stopped after step 53 then resumed, each with --accumulation 1 and 2
-    (two single-process runs at a time on two cores)."""
+    """2 epochs uninterrupted and stopped after step 53 then resumed, each with --accumulation 1 and
+    2 (two single-process runs at a time on two cores)."""
     repo, options = fork_with_sft(tmp_path_factory.mktemp("sft"))
 
     def run(*extra, cache):  # each its own datasets cache: two run at the same time
@@ -498,7 +498,8 @@ def test_two_processes_generate_on_every_process_and_gather(runs, sharded, tmp_p
         config=config,
         env={"HF_DATASETS_CACHE": str(repo / "cache-a")},
     )
-    # Samples too: under FSDP2 every process generates them (the main one prints), else the main one.
+    # Samples too: under FSDP2 every process generates them (the main one prints), else the main
+    # one.
     assert (
         result.stdout.count("--- samples at step ") == 1
         and result.stdout.count("  generated:") == 3

@@ -48,7 +48,8 @@ TAGS = [
 
 
 def load_module(path, name):
-    """An example's modeling.py or dataset.py, under a name that does not shadow the default pair."""
+    """An example's modeling.py or dataset.py, under a name that does not shadow the default
+    pair."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -72,8 +73,8 @@ def copy_repository(destination):
 
 
 def fork_with_example(name, folder):
-    """A copy of the repository with the example's pair over modeling.py / dataset.py and the first rows
-    of its data in train / valid files; returns it and the options that train on them."""
+    """A copy of the repository with the example's pair over modeling.py / dataset.py and the first
+    rows of its data in train / valid files; returns it and the options that train on them."""
     spec = EXAMPLES[name]
     repo = folder / "repo"
     copy_repository(repo)
@@ -131,7 +132,8 @@ def example(request, tmp_path_factory):
 
 def recompute(name, repo, checkpoint):
     """The example's metrics over the whole validation file, from a checkpoint, in this process and
-    in batches of 7 (not the runs' 16): what log.json holds must not depend on how it was gathered."""
+    in batches of 7 (not the runs' 16): what log.json holds must not depend on how it was
+    gathered."""
     modeling = load_module(repo / "modeling.py", f"{name}_modeling")
     dataset = load_module(repo / "dataset.py", f"{name}_dataset")
     model = modeling.Model.from_pretrained(checkpoint).eval()
@@ -306,7 +308,8 @@ def test_entities_and_f1_count_like_seqeval():
     assert entities("O", "O") == set() and entities() == set()
 
     # One sentence of 4 words, 3 of them split in sub-tokens (-100); gold PER(0-2) LOC(3), predicted
-    # PER(0-1) LOC(3): one entity right of two, one word wrong of four. Sub-token predictions do not count.
+    # PER(0-1) LOC(3): one entity right of two, one word wrong of four. Sub-token predictions do not
+    # count.
     labels = torch.tensor([[-100, ids["B-PER"], -100, ids["I-PER"], ids["O"], ids["B-LOC"], -100]])
     predicted = [
         ids["B-ORG"],

@@ -29,13 +29,16 @@ def metric_inputs(model, tokenizer, batch, outputs):  # the forker's: it runs th
     import os
     assert type(model) is Model and not model.training and not torch.is_grad_enabled()
     with open(os.environ["HOOK_LOG"], "a") as f:
-        f.write(f"{os.environ.get('RANK', '0')} {len(batch['labels'])} {type(tokenizer).__name__}\\n")
+        rank, name = os.environ.get("RANK", "0"), type(tokenizer).__name__
+        f.write(f"{rank} {len(batch['labels'])} {name}\\n")
     return {"predictions": model(**batch).logits.argmax(-1), "labels": batch["labels"]}
 
 
 def predictions(model, tokenizer, batch, outputs):
-    return [{"text": tokenizer.decode(ids, skip_special_tokens=True), "label": model.config.id2label[i]}
-            for ids, i in zip(batch["input_ids"].tolist(), outputs.logits.argmax(-1).tolist())]
+    return [
+        {"text": tokenizer.decode(ids, skip_special_tokens=True), "label": model.config.id2label[i]}
+        for ids, i in zip(batch["input_ids"].tolist(), outputs.logits.argmax(-1).tolist())
+    ]
 """
 
 

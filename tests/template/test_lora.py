@@ -68,7 +68,8 @@ def test_freeze_backbone_trains_the_head_only_and_resumes(tiny_data, pretrained,
     ]
     run(*args, "--outdir", tmp_path / "whole")
     stopped_and_resumed(args, tmp_path / "model", STEPS_PER_EPOCH + 5)
-    # Bitwise, with a pretrained encoder too (from_pretrained() leaves it in eval mode: train.py sets train mode).
+    # Bitwise, with a pretrained encoder too (from_pretrained() leaves it in eval mode: train.py
+    # sets train mode).
     assert_bitwise_equal(tmp_path / "whole" / "last", tmp_path / "model" / "last")
     assert backbone_is_untouched(tmp_path / "model" / "last", pretrained)
     optimizer = load_tensors(tmp_path / "model" / "last" / "optimizer.pt")
@@ -106,7 +107,8 @@ def test_lora_adapters_train_resume_bitwise_and_load_back(tiny_data, pretrained,
     optimizer = load_tensors(whole / "optimizer.pt")
     assert len(optimizer["state"]) == len(adapters) + 2  # the adapters and the head
 
-    # from_pretrained() finds adapter_config.json and loads the adapters too: the valid loss logged for best/.
+    # from_pretrained() finds adapter_config.json and loads the adapters too: the valid loss logged
+    # for best/.
     best = tmp_path / "whole" / "best"
     model = Model.from_pretrained(best).eval()
     assert model.active_adapters() == ["default"]
@@ -120,7 +122,10 @@ def test_lora_adapters_train_resume_bitwise_and_load_back(tiny_data, pretrained,
     batches = [
         valid.collate([valid[i] for i in range(k, k + 16)]) for k in range(0, len(valid), 16)
     ]
-    loss = lambda: sum(model(**batch).loss.item() for batch in batches) / len(batches)
+
+    def loss():
+        return sum(model(**batch).loss.item() for batch in batches) / len(batches)
+
     with torch.no_grad():
         with_adapters = loss()
         model.disable_adapters()

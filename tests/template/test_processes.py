@@ -48,7 +48,8 @@ def wait_for_checkpoint(outdir, step, process, timeout=120):
 
 
 def start(tiny_data, outdir, processes, *extra):
-    """Starts the CLI like launch() does, in a session of its own so that the test can signal all of it."""
+    """Starts the CLI like launch() does, in a session of its own so that the test can signal all of
+    it."""
     command = [
         sys.executable,
         "-m",
@@ -133,7 +134,8 @@ def test_sigterm_to_the_launcher_alone_saves_and_stops_the_training_processes(
     processes, tiny_data, tmp_path
 ):
     """Schedulers and `kill PID` often signal only `accelerate launch`: its train.py processes must
-    not train on orphaned, but save last/ and stop, printing a resume command that works as printed."""
+    not train on orphaned, but save last/ and stop, printing a resume command that works as
+    printed."""
     outdir = tmp_path / "model"
     process = start(tiny_data, outdir, processes, "--save_steps", 3, "--log_every", 1)
     wait_for_checkpoint(outdir, 3, process)
@@ -281,8 +283,8 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_ends_bitwise(
     if processes == 2:  # the survivor: one line, not gloo's traceback
         first_run = result.stderr.split("--resume auto: continuing")[0]
         assert (
-            f"error: another process of this run stopped (process 0 saw its connection close mid-step); "
-            f"{outdir / 'last'} is the last whole checkpoint (step 7). Continue with: "
+            "error: another process of this run stopped (process 0 saw its connection close "
+            f"mid-step); {outdir / 'last'} is the last whole checkpoint (step 7). Continue with: "
         ) in first_run, first_run
         assert "Traceback" not in first_run, first_run
     assert_bitwise_equal(reference(processes) / "last", outdir / "last")
@@ -296,7 +298,8 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_ends_bitwise(
 @pytest.mark.slow
 @pytest.mark.parametrize("processes, chosen", [(1, None), (2, None), (1, "1")])
 def test_every_core_under_accelerate_launch_unless_the_user_chose(processes, chosen, tmp_path):
-    """accelerate launch gives each process one thread; train.py takes physical cores / processes."""
+    """accelerate launch gives each process one thread; train.py takes physical cores /
+    processes."""
     import psutil
 
     env = {

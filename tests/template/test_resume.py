@@ -116,7 +116,8 @@ def test_best_is_not_replaced_by_a_worse_model_after_resume(tiny_data, tmp_path)
     outdir = tmp_path / "model"
     run(*data_args(tiny_data), "--outdir", outdir, "--epochs", 2, "--lr", 3e-3, "--batch_size", 16)
     best_before = {p.name: p.read_bytes() for p in (outdir / "best").iterdir()}
-    # Validate the resumed epoch with every label moved to another class: its loss is certainly worse.
+    # Validate the resumed epoch with every label moved to another class: its loss is certainly
+    # worse.
     rotate = {"negative": "neutral", "neutral": "positive", "positive": "negative"}
     rows = [json.loads(line) for line in (tiny_data / "valid.jsonl").read_text().splitlines()]
     flipped = tmp_path / "flipped.jsonl"
@@ -191,9 +192,10 @@ def relative_difference(a, b):
 def test_resume_on_another_number_of_processes_takes_the_same_examples_per_step(
     before, after, tiny_data, tmp_path
 ):
-    """Elastic resume: 1 process x accumulation 2 <-> 2 processes x 1. From the stop on, every optimizer
-    step takes exactly the examples the uninterrupted run's step took; the weights differ only by
-    float sums and dropout draws (process 1 has no RNG state to restore when it was not there)."""
+    """Elastic resume: 1 process x accumulation 2 <-> 2 processes x 1. From the stop on, every
+    optimizer step takes exactly the examples the uninterrupted run's step took; the weights differ
+    only by float sums and dropout draws (process 1 has no RNG state to restore when it was not
+    there)."""
     args = [*data_args(tiny_data), "--epochs", 2, "--num_warmup_steps", 5, "--batch_size", 8]
     for processes in (before, after):  # both uninterrupted runs: the same examples at every step
         launch(
@@ -230,8 +232,8 @@ def test_resume_on_another_number_of_processes_takes_the_same_examples_per_step(
         env={"RECORD": str(tmp_path / "resumed")},
     )
     assert (
-        f"resuming on {after} process(es) instead of {before}: --accumulation {3 - before} -> {3 - after}"
-        in result.stderr
+        f"resuming on {after} process(es) instead of {before}: --accumulation {3 - before} -> "
+        f"{3 - after}" in result.stderr
     )
     assert recorded(tmp_path / "resumed", after) == whole[13:]
     state = read_json(outdir / "last" / "trainer_state.json")
@@ -241,16 +243,17 @@ def test_resume_on_another_number_of_processes_takes_the_same_examples_per_step(
     assert lrs == pytest.approx(
         [1e-3 * 20 / 35, 0.0], rel=1e-9
     )  # the schedule went on where it was
-    # The tolerance: how far the two uninterrupted runs (1 and 2 processes, the same examples at every
-    # step, other dropout draws) end apart. The resumed run must end no farther from either.
+    # The tolerance: how far the two uninterrupted runs (1 and 2 processes, the same examples at
+    # every step, other dropout draws) end apart. The resumed run must end no farther from either.
     runs_apart = relative_difference(tmp_path / "whole1" / "last", tmp_path / "whole2" / "last")
     resumed = [
         relative_difference(outdir / "last", tmp_path / f"whole{p}" / "last")
         for p in (before, after)
     ]
     print(
-        f"relative weight difference: 1 vs 2 processes uninterrupted {runs_apart:.2e}; resumed {before}->{after} "
-        f"vs uninterrupted on {before}: {resumed[0]:.2e}, on {after}: {resumed[1]:.2e}"
+        f"relative weight difference: 1 vs 2 processes uninterrupted {runs_apart:.2e}; resumed "
+        f"{before}->{after} vs uninterrupted on {before}: {resumed[0]:.2e}, on {after}: "
+        f"{resumed[1]:.2e}"
     )
     assert max(resumed) <= 1.5 * runs_apart
 
@@ -365,7 +368,8 @@ def test_resume_on_changed_training_data_is_refused(tiny_data, tmp_path):
 
 def test_overwrite_deletes_nothing_until_the_new_run_has_saved(finished, tiny_data):
     before = snapshot(finished)
-    # Refused before training, and a run that stops on NaN before its first save: the old run stays whole.
+    # Refused before training, and a run that stops on NaN before its first save: the old run stays
+    # whole.
     refused(
         [
             *data_args(tiny_data),
@@ -497,7 +501,8 @@ def test_an_outdir_path_too_long_is_one_line_before_any_work(tiny_data, tmp_path
 
 @pytest.fixture
 def read_only(tmp_path):
-    """A folder on a read-only bind mount of itself (root can make one; else the test is skipped)."""
+    """A folder on a read-only bind mount of itself (root can make one; else the test is
+    skipped)."""
     folder = tmp_path / "read-only"
     folder.mkdir()
     mounted = (

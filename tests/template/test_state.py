@@ -96,7 +96,9 @@ def validation_loss(model, tiny_data, best):
     """The mean validation loss over examples, as train.py reports it, computed here."""
     import dataset
 
-    args = options.parse_args(["--resume", str(best), "--valid_file", str(tiny_data / "valid.jsonl")])
+    args = options.parse_args(
+        ["--resume", str(best), "--valid_file", str(tiny_data / "valid.jsonl")]
+    )
     tokenizer = dataset.load_tokenizer(best, args)
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     valid = dataset.generate_dataset(args.valid_file, "validation", tokenizer, args, labels)

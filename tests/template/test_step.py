@@ -62,7 +62,8 @@ def without_dropout(source, destination, keys):
 
 
 def lm_data(folder, rows):
-    """The causal LM example's tiny GPT-2 without dropout, and the first `rows` lines of its data."""
+    """The causal LM example's tiny GPT-2 without dropout, and the first `rows` lines of its
+    data."""
     without_dropout(
         EXAMPLE / "tiny-gpt2", folder / "tiny-gpt2", ["resid_pdrop", "embd_pdrop", "attn_pdrop"]
     )
@@ -167,8 +168,9 @@ def test_check_warns_of_an_uncounted_token_mean_and_passes_a_counted_one(
 
 
 def test_a_mean_over_examples_needs_no_count(tiny_data, tmp_path, monkeypatch):
-    """The default classification task says nothing (its loss is a mean over examples, and micro-batches
-    of one size weigh alike): --batch_size 16 and 8 x 2 give the same update to float noise."""
+    """The default classification task says nothing (its loss is a mean over examples, and
+    micro-batches of one size weigh alike): --batch_size 16 and 8 x 2 give the same update to float
+    noise."""
     model = without_dropout(
         TREE / "assets" / "tiny-bert",
         tmp_path / "tiny-bert",
@@ -205,7 +207,8 @@ def lm_fork(folder):
 @pytest.mark.slow
 def test_two_processes_give_the_update_of_one_and_an_elastic_resume_keeps_it(tmp_path):
     # 320 rows, 20 whole steps: a last batch shorter than the others would be filled up on one
-    # process with examples from the start (accelerate's even_batches), which one process never sees.
+    # process with examples from the start (accelerate's even_batches), which one process never
+    # sees.
     lm_files, fork = lm_data(tmp_path / "data", 320), lm_fork(tmp_path)
     launch(*lm_args(lm_files), *SPLITS["16"], "--outdir", tmp_path / "16", cwd=fork)
     launch(
@@ -245,7 +248,8 @@ BATCH_16 = ["--batch_size", 16]  # 20 optimizer steps per epoch on the tiny data
 def test_a_tiny_max_grad_norm_clips_the_gradients_the_optimizer_uses(
     tiny_data, tmp_path, monkeypatch
 ):
-    """The clipped parameters are the prepared model's (FSDP2 swaps them for sharded ones in prepare())."""
+    """The clipped parameters are the prepared model's (FSDP2 swaps them for sharded ones in
+    prepare())."""
     from accelerate import Accelerator
 
     norms, clip = [], Accelerator.clip_grad_norm_
@@ -314,7 +318,8 @@ def test_every_scheduler_spans_the_whole_run(kind, final_lr, tiny_data, tmp_path
 
 @pytest.mark.slow
 def test_schedule_is_the_same_for_1_and_2_processes_and_accumulation(reference):
-    """Same global batch three ways (1 process x accumulation 2, 2 processes): the same lr per epoch."""
+    """Same global batch three ways (1 process x accumulation 2, 2 processes): the same lr per
+    epoch."""
     logs = [read_json(reference(p) / "log.json") for p in (1, 2)]
     lrs = [[entry["train_log"]["lr"] for entry in log.values()] for log in logs]
     assert lrs[0] == pytest.approx([1e-3 * 20 / 35, 0.0], rel=1e-9)

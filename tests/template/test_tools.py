@@ -95,7 +95,7 @@ def test_plot_not_a_log(tmp_path):
 @pytest.mark.slow
 def test_cpu_config_runs_two_processes(tiny_data, tmp_path):
     outdir = tmp_path / "model"
-    # ACCELERATE_USE_CPU=1 as cpu.yaml says: without it, a machine with no GPU starts 2 separate runs.
+    # ACCELERATE_USE_CPU=1, as cpu.yaml says: else a machine with no GPU starts 2 separate runs.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
     command = [
         sys.executable,

@@ -155,8 +155,14 @@ def test_checkpoint_loads_with_from_pretrained_alone(launched, tiny_data, checkp
 def test_progress_bars_have_the_template_format(launched):
     _, result = launched
     lines = re.split(r"[\r\n]+", result.stderr)
-    train = r"\[Epoch 1\] \[TRAIN\]: 100%\|██████████\| 20/20 \[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, lr=0\]"
-    valid = r"\[Epoch 0\] \[VALID\]: 100%\|██████████\| 4/4 \[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, accuracy=[\d.]+, macro_f1=[\d.]+\]"
+    train = (
+        r"\[Epoch 1\] \[TRAIN\]: 100%\|██████████\| 20/20 "
+        r"\[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, lr=0\]"
+    )
+    valid = (
+        r"\[Epoch 0\] \[VALID\]: 100%\|██████████\| 4/4 "
+        r"\[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, accuracy=[\d.]+, macro_f1=[\d.]+\]"
+    )
     assert any(re.fullmatch(train, line.strip()) for line in lines), (
         "no final TRAIN bar of the expected form"
     )
@@ -249,7 +255,8 @@ def test_the_direction_of_a_metric_follows_its_name(
 
 
 def test_mse_keeps_the_lowest_epoch_in_best(tiny_data, tmp_path, monkeypatch, capfd):
-    """A made-up 'mse' that rises every epoch: best/ must stay at epoch 0 (it used to keep the worst)."""
+    """A made-up 'mse' that rises every epoch: best/ must stay at epoch 0 (it used to keep the
+    worst)."""
     values = iter([0.1, 0.5, 0.9, 0.2, 0.3])
     monkeypatch.setattr(train.modeling, "compute_metrics", lambda gathered: {"mse": next(values)})
     outdir = quick_run(tiny_data, tmp_path, "--metric_for_best", "mse", "--epochs", 3)
@@ -358,7 +365,8 @@ def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(monkeypa
 
 
 def test_gradient_checkpointing_is_bitwise_the_same_run(tiny_data, tmp_path):
-    """Recomputing activations in backward (with the dropout masks of the forward pass) changes memory, not results."""
+    """Recomputing activations in backward (with the dropout masks of the forward pass) changes
+    memory, not results."""
     args = [*data_args(tiny_data), *BATCH_16, "--epochs", 1]
     run(*args, "--outdir", tmp_path / "plain")
     run(*args, "--outdir", tmp_path / "checkpointed", "--gradient_checkpointing")
@@ -377,8 +385,8 @@ def test_torch_compile_trains_the_same_model(tiny_data, tmp_path):
     eager, compiled = weights(tmp_path / "eager" / "last"), weights(tmp_path / "compiled" / "last")
     assert eager.keys() == compiled.keys()  # saved without the compiled wrapper's _orig_mod. prefix
     assert all(eager[k].shape == compiled[k].shape for k in eager)
-    # Inductor draws its own dropout masks (torch._inductor.config.fallback_random is off), so the two runs
-    # are not the same run; they must still learn the same task about as well.
+    # Inductor draws its own dropout masks (torch._inductor.config.fallback_random is off), so the
+    # two runs are not the same run; they must still learn the same task about as well.
     valid = [
         read_json(tmp_path / run / "log.json")["Epoch 0"]["valid_log"]["loss"]
         for run in ("eager", "compiled")

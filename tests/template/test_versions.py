@@ -73,6 +73,6 @@ def test_peft_is_new_enough_for_this_transformers():
 
     minimum = Version(integration.MIN_PEFT_VERSION)
     assert Version(metadata.version("peft")) >= minimum, (
-        f"transformers {metadata.version('transformers')} needs peft >= {minimum} for --lora_r, installed "
-        f"{metadata.version('peft')}: install the tested versions with -c constraints.txt"
+        f"transformers {metadata.version('transformers')} needs peft >= {minimum} for --lora_r, "
+        f"installed {metadata.version('peft')}: install the tested versions with -c constraints.txt"
     )
