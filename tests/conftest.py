@@ -70,7 +70,8 @@ def half(path):
 
 
 def home(which=None):
-    """The folder the active half runs in: TREE for tests/template, the repository for tests/task."""
+    """The folder the active half runs in: TREE for tests/template, the repository for
+    tests/task."""
     return TREE if (which or ACTIVE[0]) == "template" else ROOT
 
 
@@ -82,9 +83,9 @@ FOLDERS = {
 
 
 def activate(which):
-    """Makes `import modeling, dataset, train, predict` give the pair of `which` (FOLDERS: the pinned
-    copy for "template", the root files for "task", an example's); train.py and predict.py import
-    whichever is active."""
+    """Makes `import modeling, dataset, train, predict` give the pair of `which` (FOLDERS: the
+    pinned copy for "template", the root files for "task", an example's); train.py and predict.py
+    import whichever is active."""
     ACTIVE[0] = which
     if which not in PAIRS:
         for name in ("modeling", "dataset", "train", "predict"):
@@ -143,8 +144,14 @@ def free_port():
 
 def fork(folder, edits=None):
     """A copy of the template (train.py, predict.py, core/, utils.py and the pinned pair) in
-    folder/fork, edited the way a forker would: {file name: {old text: new text}}, each old text
-    matching exactly once (an empty old text appends the new one)."""
+    folder/fork, with the user files edited the way a forker would: {"modeling.py" or "dataset.py":
+    {old text: new text}}, each old text matching exactly once (an empty old text appends the new
+    one). train.py and core/ are never edited by their text: a test wraps a function of train.py
+    from a small script instead (test_state.py's SCALED), or passes an option."""
+    assert set(edits or {}) <= {"modeling.py", "dataset.py"}, (
+        "fork() edits the user files only, not "
+        f"{sorted(set(edits) - {'modeling.py', 'dataset.py'})}"
+    )
     tree = Path(folder) / "fork"
     tree.mkdir()
     for name in ("train.py", "predict.py", "utils.py", "modeling.py", "dataset.py"):
@@ -206,13 +213,15 @@ def launch(*args, processes=1, check=True, cwd=None, env=None, script="train.py"
     )  # a hung run fails the test instead of the whole CI job
     if check and result.returncode != 0:
         raise AssertionError(
-            f"train.py exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+            f"train.py exited {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         )
     return result
 
 
 def run(*args, processes=1, check=True):
-    """train.main(args) in this process when processes == 1, else launch(): a result like launch()'s."""
+    """train.main(args) in this process when processes == 1, else launch(): a result like
+    launch()'s."""
     if processes > 1:
         return launch(*args, processes=processes, check=check)
     import train
@@ -230,6 +239,73 @@ def run(*args, processes=1, check=True):
             f"train.main exited {status}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         )
     return result
+
+
+FAST = ["--batch_size", "32", "--epochs", "1"]  # 10 optimizer steps on the tiny data
+
+
+def refused(argv, *fragments, main=None, one_line=True):
+    """main(argv) (train.main unless given) stops with one line, "error: ...", that holds every
+    fragment (one_line=False: a message that holds them, whatever its form); returns it."""
+    if main is None:
+        import train
+
+        main = train.main
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    message = str(exit_info.value.code)
+    assert not one_line or (message.startswith("error: ") and "\n" not in message), message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def quick_run(tiny_data, tmp_path, *extra):
+    """train.main() on the tiny data with FAST and EXTRA into tmp_path/model, in this process and
+    with its output left to pytest's capture (capfd reads it); returns the outdir."""
+    import train
+
+    outdir = tmp_path / "model"
+    train.main([*map(str, data_args(tiny_data)), *FAST, "--outdir", str(outdir), *map(str, extra)])
+    return outdir
+
+
+def stopped_and_resumed(args, outdir, stop, processes=1):
+    """A run of ARGS stopped after STOP optimizer steps, then resumed: the resumed run's result."""
+    run(*args, "--outdir", outdir, "--stop_after_steps", stop, processes=processes)
+    return run("--resume", outdir / "last", processes=processes)
+
+
+def python_train(*args, check=True):
+    """`python train.py ARGS` in TREE, one torch thread (no accelerate launch)."""
+    result = subprocess.run(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=TREE,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
+    assert not check or result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def snapshot(folder):
+    """Every file's bytes, but .lock: each run that takes the lock writes its pid and start time
+    there."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+@pytest.fixture
+def finished(tiny_data, tmp_path):
+    """A finished 1-epoch run in tmp_path/model."""
+    outdir = tmp_path / "model"
+    run(*data_args(tiny_data), *FAST, "--outdir", outdir)
+    return outdir
 
 
 def data_args(data):
@@ -258,7 +334,8 @@ SETUPS = {1: ["--batch_size", 8, "--accumulation", 2], 2: ["--batch_size", 8]}
 
 
 def common_args(tiny_data, processes):
-    """The runs that resume tests compare: 2 epochs, warmup, a checkpoint every 7 optimizer steps."""
+    """The runs that resume tests compare: 2 epochs, warmup, a checkpoint every 7 optimizer
+    steps."""
     return [
         *data_args(tiny_data),
         "--epochs",
@@ -296,7 +373,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_tokenizer():
-    """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from data/train.jsonl."""
+    """What dataset.py gives for assets/tiny-bert (a config only): a vocabulary learnt from
+    data/train.jsonl."""
     import dataset
     from core import options
 

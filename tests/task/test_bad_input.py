@@ -22,7 +22,8 @@ def outdir(tmp_path):
 
 
 def fails(argv, *fragments):
-    """Runs train.main(argv), expects it to exit with a message holding every fragment; returns the message."""
+    """Runs train.main(argv), expects it to exit with a message holding every fragment; returns the
+    message."""
     with pytest.raises(SystemExit) as exit_info:
         train.main([str(a) for a in argv])
     message = str(exit_info.value.code)
@@ -119,7 +120,8 @@ def test_unknown_label_in_valid_file(tiny_data, outdir, tmp_path):
     )
     fails(
         ["--train_file", tiny_data / "train.jsonl", "--valid_file", valid, "--outdir", outdir],
-        "valid.jsonl, line 2: label 'angry' is not among the training labels (negative, neutral, positive)",
+        "valid.jsonl, line 2: label 'angry' is not among the training labels (negative, neutral, "
+        "positive)",
     )
 
 
@@ -218,12 +220,14 @@ def test_the_user_sees_one_line_and_no_traceback(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'missing.jsonl'}: no such data file. Check --train_file / --valid_file."
+        f"error: {tmp_path / 'missing.jsonl'}: no such data file. Check --train_file / "
+        "--valid_file."
     ]
 
 
 def test_under_accelerate_launch_the_message_comes_from_train_py_without_its_traceback(tmp_path):
-    """accelerate's launcher adds a traceback of its own (CalledProcessError); train.py adds none."""
+    """accelerate's launcher adds a traceback of its own (CalledProcessError); train.py adds
+    none."""
     result = launch(
         "--train_file", tmp_path / "missing.jsonl", "--outdir", tmp_path / "model", check=False
     )

@@ -1,5 +1,5 @@
-"""The data path: every file type, hub-style dataset folders, ClassLabel ids, the tokenization cache,
-and the length-grouped sampler.
+"""The data path: every file type, hub-style dataset folders, ClassLabel ids, the tokenization
+cache, and the length-grouped sampler.
 
     pytest tests/task/test_data.py
 """
@@ -40,13 +40,13 @@ ROWS = [
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    path.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows))
     return path
 
 
 def test_parquet_gives_the_same_dataset_as_jsonl(tmp_path):
     datasets.Dataset.from_dict(
-        {"text": [t for t, _ in ROWS], "label": [l for _, l in ROWS]}
+        {"text": [t for t, _ in ROWS], "label": [label for _, label in ROWS]}
     ).to_parquet(tmp_path / "a.parquet")
     parquet, jsonl = load(tmp_path / "a.parquet"), load(write_jsonl(tmp_path / "a.jsonl", ROWS))
     assert parquet.labels == jsonl.labels == ["negative", "neutral", "positive"]
@@ -86,7 +86,7 @@ def test_a_hub_style_dataset_folder_with_splits_and_class_label_ids(tmp_path):
         ("validation", [("fine", 1)]),
     ]:
         datasets.Dataset.from_dict(
-            {"text": [t for t, _ in rows], "label": [l for _, l in rows]}, features=features
+            {"text": [t for t, _ in rows], "label": [label for _, label in rows]}, features=features
         ).to_parquet(folder / f"{split}.parquet")
     args = options.parse_args([])
     train_set = generate_dataset(str(folder), "train", TOKENIZER, args)
@@ -176,9 +176,10 @@ def test_length_grouped_sampler_is_a_function_of_seed_and_epoch():
 
     assert order(1, 0) == order(1, 0) and sorted(order(1, 0)) == list(range(500))
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
-    padded = lambda order: sum(
-        8 * max(lengths[i] for i in order[k : k + 8]) for k in range(0, 500, 8)
-    )
+
+    def padded(order):
+        return sum(8 * max(lengths[i] for i in order[k : k + 8]) for k in range(0, 500, 8))
+
     shuffled = torch.randperm(500, generator=torch.Generator().manual_seed(1)).tolist()
     assert padded(order(1, 0)) < 0.7 * padded(shuffled)  # 27048 vs 44392 padded tokens
 
@@ -205,7 +206,8 @@ def test_length_grouped_order_is_transformers_own(n, batch_size, seed):
 
 
 def test_length_grouped_sampler_takes_the_datasets_own_lengths_quietly():
-    """Dataset.lengths comes from arrow, read-only: torch warns when a tensor is made over it without a copy."""
+    """Dataset.lengths comes from arrow, read-only: torch warns when a tensor is made over it
+    without a copy."""
     data = load(ROOT / "data" / "valid.jsonl")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -242,16 +244,18 @@ def test_jsonl_csv_and_tsv_give_the_same_dataset(tmp_path):
     ]
     (tmp_path / "a.jsonl").write_text(
         "".join(
-            f'{{"text": "{t.replace(chr(34), chr(92) + chr(34))}", "label": "{l}"}}\n'
-            for t, l in rows
+            f'{{"text": "{t.replace(chr(34), chr(92) + chr(34))}", "label": "{label}"}}\n'
+            for t, label in rows
         )
     )
     (tmp_path / "a.csv").write_text(
-        "text,label\n" + "".join(f'"{t.replace(chr(34), 2 * chr(34))}",{l}\n' for t, l in rows)
+        "text,label\n"
+        + "".join(f'"{t.replace(chr(34), 2 * chr(34))}",{label}\n' for t, label in rows)
     )
     # GLUE-style TSV: a UTF-8 BOM, an unbalanced quote, an extra column
     (tmp_path / "a.tsv").write_text(
-        "\ufeffid\ttext\tlabel\n" + "".join(f"{i}\t{t}\t{l}\n" for i, (t, l) in enumerate(rows)),
+        "\ufeffid\ttext\tlabel\n"
+        + "".join(f"{i}\t{t}\t{label}\n" for i, (t, label) in enumerate(rows)),
         encoding="utf-8",
     )
     datasets = [load(tmp_path / f"a.{ext}", 32) for ext in ("jsonl", "csv", "tsv")]
@@ -274,7 +278,8 @@ def test_collate_pads_per_batch_not_to_max_len():
 
 def test_the_shuffled_sampler_is_a_function_of_seed_and_epoch_through_accelerate():
     """train.py's default order: every example once per epoch, another order each epoch, the same
-    order for the same (seed, epoch) after a restart, and set_epoch reaching it through prepare()."""
+    order for the same (seed, epoch) after a restart, and set_epoch reaching it through
+    prepare()."""
     from accelerate import Accelerator
 
     accelerator = Accelerator()

@@ -29,7 +29,8 @@ def test_model_contract_and_save_load_round_trip(tmp_path):
 
 
 def test_a_pretrained_encoder_directory_is_fine_tuned_with_its_weights(tmp_path):
-    """--model_name_or_path DIR with weights: the encoder starts from them (a hub id goes the same way)."""
+    """--model_name_or_path DIR with weights: the encoder starts from them (a hub id goes the same
+    way)."""
     torch.manual_seed(1)
     encoder = BertModel(
         BertConfig(
@@ -77,8 +78,8 @@ def test_another_encoder_architecture_trains_end_to_end(tiny_data, tmp_path):
 def test_a_modeling_py_with_only_model_and_build_model_trains_resumes_and_predicts(
     tiny_data, tmp_path, monkeypatch, capfd
 ):
-    """The optional hooks gone (metrics, samples, predictions): validation reports the loss only, and
-    predict.py writes the model's raw outputs."""
+    """The optional hooks gone (metrics, samples, predictions): validation reports the loss only,
+    and predict.py writes the model's raw outputs."""
     import json
 
     import dataset

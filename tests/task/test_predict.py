@@ -27,7 +27,8 @@ def read_lines(path):
 @pytest.fixture(scope="module")
 def outdir(tiny_data, tmp_path_factory):
     outdir = tmp_path_factory.mktemp("predict") / "model"
-    # Batch 4: 80 steps, enough for the model to learn something (accuracy well above a constant guess).
+    # Batch 4: 80 steps, enough for the model to learn something (accuracy well above a constant
+    # guess).
     run(*data_args(tiny_data), "--outdir", outdir, "--epochs", 1, "--batch_size", 4)
     return outdir
 
@@ -97,7 +98,8 @@ def test_labels_and_scores_are_the_models(predicted, gold, outdir):
 
 
 def test_accuracy_matches_training_validation(predicted, gold, outdir):
-    # One epoch: best/ is that epoch's model, and log.json holds its validation accuracy on the same file.
+    # One epoch: best/ is that epoch's model, and log.json holds its validation accuracy on the same
+    # file.
     accuracy = sum(p["label"] == g["label"] for p, g in zip(predicted, gold)) / len(gold)
     expected = read_json(outdir / "log.json")["Epoch 0"]["valid_log"]["accuracy"]
     assert accuracy == pytest.approx(expected, abs=1e-6)
@@ -138,8 +140,8 @@ def test_missing_checkpoint_is_one_line(tmp_path, tiny_data):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: --checkpoint {tmp_path / 'nope'}: no such directory. Give a checkpoint that train.py wrote, "
-        f"e.g. model/best."
+        f"error: --checkpoint {tmp_path / 'nope'}: no such directory. Give a checkpoint that "
+        "train.py wrote, e.g. model/best."
     ]
 
 
@@ -200,7 +202,8 @@ def test_bad_options_are_one_line(outdir, tiny_data, tmp_path):
 
 
 def test_a_checkpoint_of_another_task_is_refused(tmp_path, tiny_data):
-    """A checkpoint whose config.json names another model_type than modeling.py builds (here: GPT-2)."""
+    """A checkpoint whose config.json names another model_type than modeling.py builds (here:
+    GPT-2)."""
     checkpoint = tmp_path / "gpt2"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))

@@ -228,7 +228,8 @@ def test_readme_blocks_run(tmp_path):
         )
         output = result.stdout + result.stderr
         print(
-            f"--- README.md line {line} ({language}, {time.monotonic() - started:.1f} s):\n{code}{output[-3000:]}"
+            f"--- README.md line {line} ({language}, {time.monotonic() - started:.1f} s):\n"
+            f"{code}{output[-3000:]}"
         )
         assert result.returncode == 0, (
             f"README.md line {line}: the block exited {result.returncode}:\n{code}\n"

@@ -1,6 +1,6 @@
 """Runs train.py and kills the process right after the N-th rename onto a path named NAME.
 
-    accelerate launch tests/template/crash.py NAME N [train.py options ...]   # in the repository's folder
+    accelerate launch tests/template/crash.py NAME N [train.py options ...]   # in the repository
 
 Every step of a checkpoint save that matters ends in an os.replace (a JSON file written via a
 temporary, a staging folder published, the previous checkpoint moved aside), so "right after the

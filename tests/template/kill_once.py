@@ -1,7 +1,8 @@
 """Runs train.py and kills its own process with SIGKILL after optimizer step N of this process's
 run, once: the file KILL_ONCE says it was done, so the run started again (the same command) goes on.
 
-    KILL_ONCE=/tmp/killed KILL_AT=10 KILL_RANK=1 accelerate launch --max_restarts 2 ... tests/template/kill_once.py [train.py options]
+    export KILL_ONCE=/tmp/killed KILL_AT=10 KILL_RANK=1
+    accelerate launch --max_restarts 2 ... tests/template/kill_once.py [train.py options]
 
 No hook of this kind ships in train.py; the kill is a real one (kill -9 of one worker).
 """

@@ -1,6 +1,7 @@
 """Runs train.py and records which training examples each optimizer step took on this process.
 
-    RECORD=/tmp/run accelerate launch tests/template/record.py [train.py options ...]   # writes /tmp/run.<rank>.json
+    # writes /tmp/run.<rank>.json
+    RECORD=/tmp/run accelerate launch tests/template/record.py [train.py options ...]
 
 An example is named by its token ids (padding left out), so records of runs with other numbers of
 processes, batch splits and padding compare. No hook of this kind ships in train.py.

@@ -1,6 +1,6 @@
 """A real one-node Slurm on this machine for the tests: munged, slurmctld and slurmd started from
-Debian's packages (apt-get install slurmctld slurmd slurm-client munge; .ci/run installs them) with a
-configuration of their own in a temporary folder, and stopped by their pids.
+Debian's packages (apt-get install slurmctld slurmd slurm-client munge; .ci/run installs them) with
+a configuration of their own in a temporary folder, and stopped by their pids.
 
     with Cluster(folder) as cluster:
         job = cluster.sbatch("configs/slurm/cpu.sbatch", "--epochs", 3, cwd=repo)
@@ -126,7 +126,8 @@ class Cluster:
         )
 
     def sbatch(self, script, *args, cwd, env=None, options=()):
-        """Submits `script` (its #SBATCH lines, then `options`) with train.py options `args`; the job id."""
+        """Submits `script` (its #SBATCH lines, then `options`) with train.py options `args`; the
+        job id."""
         result = subprocess.run(
             ["sbatch", "--parsable", "--chdir", str(cwd), *options, str(script), *map(str, args)],
             env={**self.env, **(env or {})},

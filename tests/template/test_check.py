@@ -1,20 +1,229 @@
-"""`train.py --check`: the default pair passes; each planted wiring bug fails the check meant to catch it.
+"""The checks before step 1: what every run refuses before training, and `train.py --check`.
 
-pytest tests/template/test_check.py               # in this process
-pytest -m slow tests/template/test_check.py       # 2 processes, and both example pairs, under accelerate launch
+Every run refuses a plain nn.Module, a forward() without a scalar loss, a hook with the old
+parameters, a tokenizer without a pad token, --max_len beyond the model's positions and an unknown
+--metric_for_best. `--check`: the default pair passes; each planted wiring bug fails the check
+meant to catch it.
+
+    python -m pytest -q tests/template/test_check.py
+    python -m pytest -q -m slow tests/template/test_check.py    # 2 processes, the example pairs
 """
 
+import json
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_examples import EXAMPLES, copy_repository, fork_with_example
+from test_hooks import RegressionOutput, TableConfig, TableModel
 from torch import nn
+from transformers.utils import ModelOutput
 
+import dataset
 import modeling
 import train
-from conftest import data_args, launch, run, weights
+from conftest import FAST, data_args, launch, refused, run, weights
+from core import check as core_check
+
+# ------------------------------------------------------ refused before the first step, by every run
+
+
+def test_a_plain_nn_module_is_refused_before_the_first_step(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda name, train_set: nn.Linear(2, 2))
+    refused(
+        [*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
+        "build_model() in modeling.py returned a Linear, not a transformers PreTrainedModel",
+        "Subclass PreTrainedModel",
+    )
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_loss_that_is_not_a_scalar_is_one_line(tiny_data, tmp_path, monkeypatch):
+    build = train.build_model
+
+    def per_example_loss(name, train_set):
+        model = build(name, train_set)
+        forward = model.forward
+        model.forward = lambda **batch: RegressionOutput(
+            loss=nn.functional.cross_entropy(
+                forward(**batch).logits, batch["labels"], reduction="none"
+            )
+        )
+        return model
+
+    monkeypatch.setattr(train, "build_model", per_example_loss)
+    refused(
+        [*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
+        "Model.forward() returned a loss of shape (3,): it must be a scalar tensor",
+    )
+
+
+def test_no_loss_says_which_keys_went_into_kwargs(tiny_data, tmp_path, monkeypatch):
+    class Swallowing(nn.Module):
+        def forward(self, target=None, **inputs):  # the batch has `labels`, so target stays None
+            return ModelOutput(logits=torch.zeros(2, 3))
+
+    class Model(TableModel):
+        forward = Swallowing.forward
+
+    monkeypatch.setattr(train, "build_model", lambda name, train_set: Model(TableConfig()))
+    refused(
+        [*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
+        "returned no loss",
+        "input_ids, labels, attention_mask are not parameters of forward() and went into its "
+        "**inputs",
+    )
+
+
+@pytest.mark.parametrize("script", ["train", "predict"])
+def test_a_hook_with_the_old_parameters_is_one_line(script, monkeypatch, tiny_data, tmp_path):
+    import predict
+
+    monkeypatch.setattr(
+        train.modeling, "predictions", lambda config, batch, outputs: []
+    )  # before the change
+    argv = (
+        [*data_args(tiny_data), "--outdir", tmp_path / "model"]
+        if script == "train"
+        else ["--checkpoint", tmp_path / "none", "--input_file", tiny_data / "valid.jsonl"]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        (train if script == "train" else predict).main([str(a) for a in argv])
+    assert str(exit_info.value.code) == (
+        "error: modeling.py: predictions(config, batch, outputs) cannot take (model, tokenizer, "
+        "batch, outputs), what it is called with: give it those parameters (the list at the top "
+        "of modeling.py says what each is)."
+    )
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_tokenizer_without_a_pad_token_is_one_line_before_training(
+    monkeypatch, tiny_data, tmp_path
+):
+    load_tokenizer = dataset.load_tokenizer
+
+    def without_pad_token(source, args):
+        tokenizer = load_tokenizer(source, args)
+        tokenizer.pad_token = None  # as in a tokenizer.json made without one
+        return tokenizer
+
+    monkeypatch.setattr(train.dataset, "load_tokenizer", without_pad_token)
+    for extra in ([], ["--check"]):
+        message = refused(
+            [*data_args(tiny_data), "--outdir", tmp_path / "model", *extra],
+            "the tokenizer of assets/tiny-bert has no pad token, which Dataset.collate() needs",
+            "tokenizer.pad_token = tokenizer.eos_token",
+        )
+        assert "\n" not in message and not (tmp_path / "model").exists()
+
+
+def test_an_unknown_metric_for_best_is_refused_before_the_first_step(
+    tiny_data, tmp_path, monkeypatch
+):
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: steps.append(1))
+    refused(
+        [*data_args(tiny_data), *FAST, "--metric_for_best", "f1", "--outdir", tmp_path / "model"],
+        "--metric_for_best f1: not among the validation metrics (loss, accuracy, macro_f1)",
+    )
+    assert not (tmp_path / "model").exists() and not steps  # nothing trained, nothing written
+
+
+# ---------------------------------------------------------- --max_len against the model's positions
+
+
+@pytest.mark.parametrize("extra", [[], ["--check"]])
+def test_max_len_beyond_the_models_positions_is_one_line_before_training(
+    extra, tiny_data, tmp_path
+):
+    """The pinned pair wraps a BERT of 128 positions inside its own model: found there."""
+    message = refused(
+        [*data_args(tiny_data), "--max_len", 129, "--outdir", tmp_path / "model", *extra]
+    )
+    assert message == (
+        "error: --max_len 129: the model of assets/tiny-bert has 128 positions, so a longer input "
+        "would fail mid-run. Pass --max_len 128 or less."
+    )
+    assert not (tmp_path / "model").exists()
+
+
+def test_max_len_beyond_the_models_positions_is_refused_before_training(tmp_path):
+    long_text = " ".join(["the food was great"] * 60)  # ~240 tokens; tiny-bert has 128 positions
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(
+        json.dumps({"text": long_text, "label": "positive"})
+        + "\n"
+        + json.dumps({"text": "awful", "label": "negative"})
+        + "\n"
+    )
+    refused(
+        [
+            "--train_file",
+            train_file,
+            "--valid_file",
+            train_file,
+            "--max_len",
+            512,
+            "--outdir",
+            tmp_path / "model",
+        ],
+        "--max_len 512: the model of assets/tiny-bert has 128 positions",
+        "Pass --max_len 128 or less",
+    )
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "config, limit",
+    [
+        ({"model_type": "gpt2", "n_positions": 128}, 128),
+        (
+            {"model_type": "roberta", "max_position_embeddings": 514},
+            512,
+        ),  # 2 rows before the first position
+        (
+            {"model_type": "bart", "max_position_embeddings": 64},
+            64,
+        ),  # its table holds 66: an offset of 2
+        ({"model_type": "t5", "n_positions": 512}, None),  # relative positions: any length runs
+    ],
+)
+def test_the_positions_are_read_from_the_models_position_table(config, limit):
+    from transformers import AutoConfig, AutoModel
+
+    sizes = {
+        "gpt2": dict(n_embd=16, n_layer=1, n_head=2),
+        "roberta": dict(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+        ),
+        "t5": dict(d_model=16, num_layers=1, num_heads=2, d_ff=16, d_kv=8),
+        "bart": dict(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=16,
+            decoder_ffn_dim=16,
+        ),
+    }[config["model_type"]]
+    model = AutoModel.from_config(AutoConfig.for_model(**config, **sizes))
+    assert core_check.positions(model) == limit
+    core_check.check_positions(
+        model, SimpleNamespace(max_len=limit or 4096, model_name_or_path="m")
+    )
+    if limit:
+        with pytest.raises(
+            SystemExit, match=f"--max_len {limit + 1}: the model of m has {limit} positions"
+        ):
+            core_check.check_positions(
+                model, SimpleNamespace(max_len=limit + 1, model_name_or_path="m")
+            )
+
+
+# ---------------------------------------------------------------- --check
 
 
 def check(tiny_data, tmp_path, *extra):
@@ -213,6 +422,9 @@ def test_two_processes_see_different_batches_and_keep_equal_weights(tiny_data, t
     assert "--check: every check passed" in result.stdout and not (tmp_path / "model").exists()
 
 
+# ---------------------------------------------------------------- --check on the example pairs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_both_example_pairs_pass_check_unchanged(name, tmp_path):
@@ -221,14 +433,16 @@ def test_both_example_pairs_pass_check_unchanged(name, tmp_path):
     assert "--check: every check passed" in result.stdout, result.stdout
     assert "FAIL" not in result.stdout
     assert (
-        "PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the same gradient"
-        in result.stdout
+        "PASS  split      one step at --batch_size 16 and at 8 x --accumulation 2 give the same "
+        "gradient" in result.stdout
     )
 
 
 LABELS = (
     '        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)\n'
 )
+
+
 SHIFTED = {  # the causal LM example's labels, shifted by hand before the model shifts them again
     "twice": LABELS + '        batch["labels"] = torch.cat([batch["labels"][:, 1:], '
     'torch.full_like(batch["labels"][:, :1], -100)], 1)\n',
@@ -258,13 +472,17 @@ def test_labels_shifted_by_hand_in_a_causal_lm_fail_the_shift_check(shift, fragm
     )
 
 
-ENCODER_MASK = "        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,\n"
+ENCODER_MASK = (
+    "        return super().forward("
+    "input_ids=input_ids, attention_mask=attention_mask, labels=labels,\n"
+)
 
 
 @pytest.mark.slow
 def test_an_encoder_decoder_that_drops_the_encoders_mask_fails_the_padding_check(tmp_path):
     """examples/seq2seq passes --check (test_example_seq2seq.py); with the attention mask kept from
-    its encoder, the decoder's logits change by far more than the tolerance when a source is padded."""
+    its encoder, the decoder's logits change by far more than the tolerance when a source is
+    padded."""
     repo = tmp_path / "repo"
     copy_repository(repo)
     source = (repo / "examples" / "seq2seq" / "modeling.py").read_text()

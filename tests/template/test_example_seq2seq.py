@@ -1,10 +1,11 @@
-"""examples/seq2seq (numbers to English words with a tiny T5): its metrics and data checks in this
-process, and end to end in a copy of the repository with the pair copied over modeling.py and
-dataset.py: bitwise resume, metrics of generated text that improve and that best/ reproduces, two
-processes, predict.py, --check and --sample_every.
+"""examples/seq2seq (numbers to English words with a tiny T5): metrics, data, end to end.
 
-    pytest tests/template/test_example_seq2seq.py            # metrics and data (a few seconds)
-    pytest tests/template/test_example_seq2seq.py -m slow    # end to end (~1-2 min on 2 cores)
+Its metrics and data checks in this process, and end to end in a copy of the repository with the
+pair copied over modeling.py and dataset.py: bitwise resume, metrics of generated text that improve
+and that best/ reproduces, two processes, predict.py, --check and --sample_every.
+
+    python -m pytest -q tests/template/test_example_seq2seq.py            # metrics and data
+    python -m pytest -q -m slow tests/template/test_example_seq2seq.py    # end to end (~1-2 min)
 """
 
 import json
@@ -26,7 +27,8 @@ EXAMPLE = ROOT / "examples" / "seq2seq"
 MODEL = "examples/seq2seq/tiny-t5"
 modeling = load_module(EXAMPLE / "modeling.py", "seq2seq_modeling")
 dataset = load_module(EXAMPLE / "dataset.py", "seq2seq_dataset")
-# 100 optimizer steps per epoch: enough for the first exact matches by the last epoch (untrained: none).
+# 100 optimizer steps per epoch: enough for the first exact matches by the last epoch (untrained:
+# none).
 TRAIN_ROWS, VALID_ROWS, BATCH_SIZE, EPOCHS = 1600, 40, 16, 5
 STOP_AFTER = 150  # in the middle of the second epoch
 
@@ -68,7 +70,8 @@ def test_chrf_of_one_pair_is_sacrebleus(hypothesis, reference, expected):
 
 def test_corpus_chrf_sums_the_statistics_and_exact_match_counts_whole_texts():
     """Two examples: corpus chrF from summed n-gram counts (1-grams 4/4 of 5, 2-grams 2/2 of 3: P 1,
-    R 11/15, F2 = 5500/71, sacrebleu's corpus_score), not the mean of 63.6 and 100; one exact match."""
+    R 11/15, F2 = 5500/71, sacrebleu's corpus_score), not the mean of 63.6 and 100; one exact
+    match."""
     tokenizer = tiny_tokenizer()
     generated, targets = ["one two", "nine"], ["one two three", "nine"]
     labels = tokenizer(targets, padding=True, return_tensors="pt").input_ids
@@ -116,7 +119,8 @@ def test_corpus_chrf_by_hand():
 
 
 def test_forward_without_target_gives_outputs_for_predict():
-    """predict.py calls model(**batch) before predictions(): rows without a target have no decoder input."""
+    """predict.py calls model(**batch) before predictions(): rows without a target have no decoder
+    input."""
     model = modeling.Model(modeling.AutoConfig.from_pretrained(ROOT / MODEL)).eval()
     encoded = tiny_tokenizer()(["4213", "7"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -208,8 +212,9 @@ def test_numbers_read_as_texts_a_missing_column_and_a_tokenizer_without_pad(tmp_
 
 
 def fork(folder, train_rows=TRAIN_ROWS):
-    """A copy of the repository with the pair over modeling.py / dataset.py and the first rows of the
-    example's data in train.jsonl / valid.jsonl; returns it and the options that train on them."""
+    """A copy of the repository with the pair over modeling.py / dataset.py and the first rows of
+    the example's data in train.jsonl / valid.jsonl; returns it and the options that train on
+    them."""
     repo = folder / "repo"
     copy_repository(repo)
     for user_file in ("modeling.py", "dataset.py"):
@@ -264,8 +269,9 @@ def runs(tmp_path_factory):
 
 
 def recompute(repo, checkpoint):
-    """Exact match and chrF over the whole validation file from a checkpoint, with no train.py: loaded
-    by Model.from_pretrained, generated in this process in batches of 7 (not the runs' 16)."""
+    """Exact match and chrF over the whole validation file from a checkpoint, with no train.py:
+    loaded by Model.from_pretrained, generated in this process in batches of 7 (not the runs'
+    16)."""
     model = modeling.Model.from_pretrained(checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     valid_set = dataset.generate_dataset(str(repo / "valid.jsonl"), "validation", tokenizer, args())
@@ -381,7 +387,8 @@ def test_predict_writes_one_generated_text_per_row(runs):
 @pytest.mark.slow
 def test_two_processes_gather_the_whole_validation_set(tmp_path):
     """40 validation rows at 16 per process: the last batch is padded across the processes, and
-    gather_for_metrics must drop exactly the padding for the metrics to match a one-process count."""
+    gather_for_metrics must drop exactly the padding for the metrics to match a one-process
+    count."""
     repo, options = fork(tmp_path, train_rows=320)
     launch(*options, "--epochs", 1, "--outdir", "model", cwd=repo, processes=2)
     assert read_json(repo / "model" / "last" / "trainer_state.json")["num_processes"] == 2

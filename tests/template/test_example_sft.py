@@ -1,9 +1,11 @@
-"""examples/sft (instruction tuning): its data and metric functions in this process, and the pair
-copied over modeling.py / dataset.py in a copy of the repository, trained end to end by the
-unchanged train.py: bitwise resume, metrics, predict.py, LoRA on a trained checkpoint, --check.
+"""examples/sft (instruction tuning): its data and metric functions, and end to end.
 
-    pytest tests/template/test_example_sft.py               # the example's own functions (seconds)
-    pytest tests/template/test_example_sft.py -m slow       # end to end (~1-2 min on 2 cores)
+Its data and metric functions in this process, and the pair copied over modeling.py / dataset.py in
+a copy of the repository, trained end to end by the unchanged train.py: bitwise resume, metrics,
+predict.py, LoRA on a trained checkpoint, --check.
+
+    python -m pytest -q tests/template/test_example_sft.py            # the example's own functions
+    python -m pytest -q -m slow tests/template/test_example_sft.py    # end to end (~1-2 min)
 """
 
 import json
@@ -297,8 +299,8 @@ def fork_with_sft(folder):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2 epochs uninterrupted and stopped after step 53 then resumed, each with --accumulation 1 and 2
-    (two single-process runs at a time on two cores)."""
+    """2 epochs uninterrupted and stopped after step 53 then resumed, each with --accumulation 1 and
+    2 (two single-process runs at a time on two cores)."""
     repo, options = fork_with_sft(tmp_path_factory.mktemp("sft"))
 
     def run(*extra, cache):  # each its own datasets cache: two run at the same time
@@ -496,7 +498,8 @@ def test_two_processes_generate_on_every_process_and_gather(runs, sharded, tmp_p
         config=config,
         env={"HF_DATASETS_CACHE": str(repo / "cache-a")},
     )
-    # Samples too: under FSDP2 every process generates them (the main one prints), else the main one.
+    # Samples too: under FSDP2 every process generates them (the main one prints), else the main
+    # one.
     assert (
         result.stdout.count("--- samples at step ") == 1
         and result.stdout.count("  generated:") == 3

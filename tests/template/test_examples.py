@@ -1,8 +1,10 @@
-"""The task pairs of examples/, copied over modeling.py and dataset.py in a copy of the repository and
+"""The example pairs (causal LM, token classification), trained end to end by train.py.
+
+The task pairs of examples/, copied over modeling.py and dataset.py in a copy of the repository and
 trained end to end by the unchanged train.py: outputs, metrics, learning, samples, bitwise resume.
 
-    pytest tests/template/test_examples.py               # the examples' own functions, in this process
-    pytest tests/template/test_examples.py -m slow       # end to end (~40 s on 2 cores), 2 processes included
+    python -m pytest -q tests/template/test_examples.py            # the examples' own functions
+    python -m pytest -q -m slow tests/template/test_examples.py    # end to end, 2 processes (~40 s)
 """
 
 import importlib.util
@@ -46,7 +48,8 @@ TAGS = [
 
 
 def load_module(path, name):
-    """An example's modeling.py or dataset.py, under a name that does not shadow the default pair."""
+    """An example's modeling.py or dataset.py, under a name that does not shadow the default
+    pair."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -70,8 +73,8 @@ def copy_repository(destination):
 
 
 def fork_with_example(name, folder):
-    """A copy of the repository with the example's pair over modeling.py / dataset.py and the first rows
-    of its data in train / valid files; returns it and the options that train on them."""
+    """A copy of the repository with the example's pair over modeling.py / dataset.py and the first
+    rows of its data in train / valid files; returns it and the options that train on them."""
     spec = EXAMPLES[name]
     repo = folder / "repo"
     copy_repository(repo)
@@ -129,7 +132,8 @@ def example(request, tmp_path_factory):
 
 def recompute(name, repo, checkpoint):
     """The example's metrics over the whole validation file, from a checkpoint, in this process and
-    in batches of 7 (not the runs' 16): what log.json holds must not depend on how it was gathered."""
+    in batches of 7 (not the runs' 16): what log.json holds must not depend on how it was
+    gathered."""
     modeling = load_module(repo / "modeling.py", f"{name}_modeling")
     dataset = load_module(repo / "dataset.py", f"{name}_dataset")
     model = modeling.Model.from_pretrained(checkpoint).eval()
@@ -304,7 +308,8 @@ def test_entities_and_f1_count_like_seqeval():
     assert entities("O", "O") == set() and entities() == set()
 
     # One sentence of 4 words, 3 of them split in sub-tokens (-100); gold PER(0-2) LOC(3), predicted
-    # PER(0-1) LOC(3): one entity right of two, one word wrong of four. Sub-token predictions do not count.
+    # PER(0-1) LOC(3): one entity right of two, one word wrong of four. Sub-token predictions do not
+    # count.
     labels = torch.tensor([[-100, ids["B-PER"], -100, ids["I-PER"], ids["O"], ids["B-LOC"], -100]])
     predicted = [
         ids["B-ORG"],

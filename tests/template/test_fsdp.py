@@ -1,8 +1,10 @@
-"""FSDP2, sharded for real on 2 CPU processes over gloo (configs/accelerate/fsdp_cpu.yaml): training,
-clipping and non-finite detection on the sharded gradients, full weights in best/ and last/, exact
-resume, a kill inside a save, and resuming on another number of processes or without sharding.
+"""FSDP2, sharded for real on 2 CPU processes over gloo (configs/accelerate/fsdp_cpu.yaml).
 
-    pytest -m slow tests/template/test_fsdp.py
+Training, clipping and non-finite detection on the sharded gradients, full weights in best/ and
+last/, exact resume, a kill inside a save, and resuming on another number of processes or without
+sharding.
+
+    python -m pytest -q -m slow tests/template/test_fsdp.py
 """
 
 import pytest
@@ -140,7 +142,8 @@ def test_an_fsdp2_checkpoint_resumes_on_one_process_without_sharding(whole, tiny
         env={"RECORD": str(tmp_path / "resumed")},
     )
     assert "resuming on 1 process(es) instead of 2: --accumulation 1 -> 2" in result.stderr
-    # From the stop on, each optimizer step takes the examples the uninterrupted FSDP2 run's step took.
+    # From the stop on, each optimizer step takes the examples the uninterrupted FSDP2 run's step
+    # took.
     assert recorded(tmp_path / "resumed", 1) == recorded(whole.parent / "whole", 2)[13:]
     state = read_json(outdir / "last" / "trainer_state.json")
     assert (state["distributed_type"], state["global_step"]) == ("NO", 2 * STEPS_PER_EPOCH)
@@ -151,7 +154,8 @@ def test_an_fsdp2_checkpoint_resumes_on_one_process_without_sharding(whole, tiny
         .item()
     )
     print(
-        f"relative weight difference, FSDP2 2 processes -> 1 process vs uninterrupted FSDP2: {difference:.2e}"
+        "relative weight difference, FSDP2 2 processes -> 1 process vs uninterrupted FSDP2: "
+        f"{difference:.2e}"
     )
     assert difference < 0.2
 

@@ -1,10 +1,27 @@
-"""The optional hooks of modeling.py get what a generative task needs: the unwrapped model (in eval
-mode, without gradients: it may generate) and the tokenizer, on every process, gathered. The fork
-here replaces the pinned pair's metric_inputs() and predictions() by ones that use both."""
+"""The optional hooks of the user files: what they get, and a task that has none.
+
+metric_inputs() and predictions() get the unwrapped model (in eval mode, without gradients: it may
+generate) and the tokenizer, on every process, gathered: the fork here replaces the pinned pair's
+by ones that use both. A task without a tokenizer or metrics trains, saves and resumes.
+
+    python -m pytest -q tests/template/test_hooks.py
+"""
 
 import json
+from dataclasses import dataclass
 
+import pytest
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+import dataset
+import train
 from conftest import TREE, data_args, fork, launch, read_json
+
+# -------------------------------------------------------- the hooks get the model and the tokenizer
+
 
 HOOKS = """
 
@@ -12,13 +29,16 @@ def metric_inputs(model, tokenizer, batch, outputs):  # the forker's: it runs th
     import os
     assert type(model) is Model and not model.training and not torch.is_grad_enabled()
     with open(os.environ["HOOK_LOG"], "a") as f:
-        f.write(f"{os.environ.get('RANK', '0')} {len(batch['labels'])} {type(tokenizer).__name__}\\n")
+        rank, name = os.environ.get("RANK", "0"), type(tokenizer).__name__
+        f.write(f"{rank} {len(batch['labels'])} {name}\\n")
     return {"predictions": model(**batch).logits.argmax(-1), "labels": batch["labels"]}
 
 
 def predictions(model, tokenizer, batch, outputs):
-    return [{"text": tokenizer.decode(ids, skip_special_tokens=True), "label": model.config.id2label[i]}
-            for ids, i in zip(batch["input_ids"].tolist(), outputs.logits.argmax(-1).tolist())]
+    return [
+        {"text": tokenizer.decode(ids, skip_special_tokens=True), "label": model.config.id2label[i]}
+        for ids, i in zip(batch["input_ids"].tolist(), outputs.logits.argmax(-1).tolist())
+    ]
 """
 
 
@@ -73,3 +93,98 @@ def test_metric_inputs_and_predictions_get_the_model_and_the_tokenizer_on_every_
     ]
     assert [row["text"] for row in rows] == texts  # decoded with the checkpoint's tokenizer
     assert {row["label"] for row in rows} <= {"negative", "neutral", "positive"}
+
+
+# ------------------------------------------------------ a task without a tokenizer, without metrics
+
+
+class TableConfig(PretrainedConfig):
+    model_type = "test-table-regressor"
+
+    def __init__(self, features=3, **kwargs):
+        self.features = features
+        super().__init__(**kwargs)
+
+
+@dataclass
+class RegressionOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    prediction: torch.Tensor | None = None
+
+
+class TableModel(PreTrainedModel):
+    config_class = TableConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layer = nn.Linear(config.features, 1)
+        self.post_init()
+
+    def forward(self, x, y=None):
+        prediction = self.layer(x).squeeze(-1)
+        return RegressionOutput(
+            loss=nn.functional.mse_loss(prediction, y) if y is not None else None,
+            prediction=prediction,
+        )
+
+
+class TableDataset(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, generator=generator)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+        self.labels = None
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+    def collate(self, samples):
+        return {
+            "x": torch.stack([s["x"] for s in samples]),
+            "y": torch.stack([s["y"] for s in samples]),
+        }
+
+
+@pytest.fixture
+def table_task(monkeypatch):
+    """A tabular regression pair as a user would write it: no tokenizer anywhere."""
+    monkeypatch.delattr(dataset, "load_tokenizer")
+    monkeypatch.setattr(
+        train,
+        "generate_dataset",
+        lambda path, split, tokenizer, args, labels=None: TableDataset(
+            256 if split == "train" else 64, seed=0 if split == "train" else 1
+        ),
+    )
+    monkeypatch.setattr(train, "build_model", lambda name, train_set: TableModel(TableConfig()))
+    monkeypatch.delattr(
+        train.modeling, "metric_inputs"
+    )  # optional: validation reports the loss only
+    monkeypatch.delattr(train.modeling, "compute_metrics")
+
+
+def test_a_task_without_a_tokenizer_trains_saves_and_resumes(table_task, tmp_path):
+    outdir = tmp_path / "model"
+    # The model folder is not even read by this task: a tokenizer is no longer loaded from it.
+    args = [
+        "--model_name_or_path",
+        tmp_path / "nothing-here",
+        "--batch_size",
+        32,
+        "--epochs",
+        2,
+        "--lr",
+        0.05,
+        "--outdir",
+        outdir,
+    ]
+    train.main([*map(str, args), "--stop_after_steps", "12"])
+    train.main(["--resume", str(outdir / "last")])
+    files = {p.name for p in (outdir / "last").iterdir()}
+    assert not any(name.startswith(("tokenizer", "vocab", "special_tokens")) for name in files)
+    log = read_json(outdir / "log.json")
+    assert log["Epoch 1"]["valid_log"]["loss"] < log["Epoch 0"]["valid_log"]["loss"]
+    assert TableModel.from_pretrained(outdir / "best").layer.weight.shape == (1, 3)

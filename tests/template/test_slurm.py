@@ -1,9 +1,10 @@
-"""The same command continues under a real Slurm: configs/slurm/cpu.sbatch submitted to a one-node
-cluster started here (tests/template/slurm.py), requeued mid-run with `scontrol requeue` and once
-stopped by its own --signal before a short time limit, ends with last/, best/ and log.json bitwise
-equal to the same training never interrupted.
+"""The same command continues under a real Slurm: requeued, or stopped by its --signal.
 
-    pytest -m slow tests/template/test_slurm.py       # root and Slurm's packages, else skipped
+configs/slurm/cpu.sbatch submitted to a one-node cluster started here (tests/template/slurm.py),
+requeued mid-run with `scontrol requeue` and once stopped by its own --signal before a short time
+limit, ends with last/, best/ and log.json bitwise equal to the same training never interrupted.
+
+    python -m pytest -q -m slow tests/template/test_slurm.py    # as root with Slurm's packages
 """
 
 import os
@@ -17,7 +18,8 @@ import slurm
 from conftest import TREE, assert_bitwise_equal, launch, read_json
 
 pytestmark = pytest.mark.slow  # ~2.5 min: Slurm's daemons, three runs of ~35 s
-# 7500 steps (375 an epoch): longer than Slurm takes to send a --signal (its checks are ~30 s apart).
+# 7500 steps (375 an epoch): longer than Slurm takes to send a --signal (its checks are ~30 s
+# apart).
 OPTIONS = ["--epochs", 20, "--batch_size", 8, "--save_steps", 50, "--lr", 1e-3]
 
 
@@ -86,8 +88,8 @@ def test_a_job_requeued_mid_run_continues_bitwise(cluster, files, tmp_path):
 
 
 def start_again(cluster, job):
-    """A requeued job waits out Slurm's requeue delay (~2 min); the test starts it again sooner, once
-    the old incarnation is gone (sooner, Slurm kills it: "Job credential revoked")."""
+    """A requeued job waits out Slurm's requeue delay (~2 min); the test starts it again sooner,
+    once the old incarnation is gone (sooner, Slurm kills it: "Job credential revoked")."""
     cluster.wait(job, ("PENDING",), timeout=120)
     time.sleep(5)
     for _ in range(
@@ -98,15 +100,17 @@ def start_again(cluster, job):
             return
         time.sleep(1)
     print(
-        f"scontrol update {job} StartTime=now refused ({update.stderr.strip()}): Slurm starts it after its delay"
+        f"scontrol update {job} StartTime=now refused ({update.stderr.strip()}): Slurm starts it "
+        "after its delay"
     )
 
 
 def test_a_job_stopped_by_its_signal_before_its_time_limit_requeues_itself_and_continues_bitwise(
     cluster, files, tmp_path
 ):
-    """--time 1 minute, --signal B:USR1@59: Slurm sends USR1 to the script well before the limit; the
-    script passes it to train.py, which saves last/ and exits, and requeues the job, which continues."""
+    """--time 1 minute, --signal B:USR1@59: Slurm sends USR1 to the script well before the limit;
+    the script passes it to train.py, which saves last/ and exits, and requeues the job, which
+    continues."""
     data, whole = files
     outdir = tmp_path / "model"
     job = cluster.sbatch(

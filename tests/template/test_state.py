@@ -1,7 +1,12 @@
-"""State besides the weights: train.py's `objects` (optimizer, scheduler, fp16's loss scaler, an EMA
-of the weights, a second optimizer) saved and restored whole, stepped by the loop, and an EMA that
-validation runs and best/ is chosen by. A forker's object is added the way a fork would, through a
-function of train.py (setup()), never by matching its lines."""
+"""State besides the weights: the `objects` saved and restored whole, and an EMA.
+
+train.py's `objects` (optimizer, scheduler, fp16's loss scaler, an EMA of the weights, a second
+optimizer) saved and restored whole, stepped by the loop, and an EMA that validation runs and best/
+is chosen by. A forker's object is added the way a fork would, through a function of train.py
+(setup()), never by matching its lines.
+
+    python -m pytest -q tests/template/test_state.py
+"""
 
 import os
 import shutil
@@ -91,7 +96,9 @@ def validation_loss(model, tiny_data, best):
     """The mean validation loss over examples, as train.py reports it, computed here."""
     import dataset
 
-    args = options.parse_args(["--resume", str(best), "--valid_file", str(tiny_data / "valid.jsonl")])
+    args = options.parse_args(
+        ["--resume", str(best), "--valid_file", str(tiny_data / "valid.jsonl")]
+    )
     tokenizer = dataset.load_tokenizer(best, args)
     labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
     valid = dataset.generate_dataset(args.valid_file, "validation", tokenizer, args, labels)

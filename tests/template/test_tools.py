@@ -1,6 +1,11 @@
 """tools/plot.py and the Accelerate configs in configs/accelerate/.
 
-pytest tests/template/test_tools.py
+tools/plot.py turns a log.json into a PNG or says in one line why not; tools/gpu_check.py skips
+without CUDA; every config in configs/accelerate/ loads and says how to launch with it, and cpu.yaml
+runs 2 processes.
+
+    python -m pytest -q tests/template/test_tools.py
+    python -m pytest -q -m slow tests/template/test_tools.py    # cpu.yaml: 2 processes
 """
 
 import json
@@ -90,7 +95,7 @@ def test_plot_not_a_log(tmp_path):
 @pytest.mark.slow
 def test_cpu_config_runs_two_processes(tiny_data, tmp_path):
     outdir = tmp_path / "model"
-    # ACCELERATE_USE_CPU=1 as cpu.yaml says: without it, a machine with no GPU starts 2 separate runs.
+    # ACCELERATE_USE_CPU=1, as cpu.yaml says: else a machine with no GPU starts 2 separate runs.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
     command = [
         sys.executable,

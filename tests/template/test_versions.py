@@ -1,6 +1,6 @@
 """The installed packages are the ones the template was tested with (constraints.txt).
 
-    pytest tests/template/test_versions.py
+    python -m pytest -q tests/template/test_versions.py
 
 A fresh `pip install -r requirements.txt` resolves to the newest release in each range, which the
 tests may never have seen (transformers 5.24 broke --lora_r with the newest peft). This test names
@@ -73,6 +73,6 @@ def test_peft_is_new_enough_for_this_transformers():
 
     minimum = Version(integration.MIN_PEFT_VERSION)
     assert Version(metadata.version("peft")) >= minimum, (
-        f"transformers {metadata.version('transformers')} needs peft >= {minimum} for --lora_r, installed "
-        f"{metadata.version('peft')}: install the tested versions with -c constraints.txt"
+        f"transformers {metadata.version('transformers')} needs peft >= {minimum} for --lora_r, "
+        f"installed {metadata.version('peft')}: install the tested versions with -c constraints.txt"
     )

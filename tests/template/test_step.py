@@ -1,12 +1,14 @@
-"""The same update however the batch is split. A loss that is a mean over tokens (the causal LM
-example: modeling.loss_items counts them) weighs every token of an optimizer step alike, over the
-accumulation window and the processes: --batch_size 16, 8 x --accumulation 2, 4 x 4 and 2 processes
-x 8 end 21 steps (the last one shorter) at the same weights to float noise, with and without
---group_by_length, and so does a resume from 2 processes onto 1. Dropout is off in these models: it
-draws other masks for other splits.
+"""One optimizer step: the same update however the batch is split, clipping, the LR schedule.
 
-    pytest tests/template/test_loss_weights.py            # 1 process, in this process
-    pytest -m slow tests/template/test_loss_weights.py    # 2 processes, elastic resume
+A loss that is a mean over tokens (the causal LM example: modeling.loss_items counts them) weighs
+every token of an optimizer step alike, over the accumulation window and the processes:
+--batch_size 16, 8 x --accumulation 2, 4 x 4 and 2 processes x 8 end 21 steps (the last one
+shorter) at the same weights to float noise, with and without --group_by_length, and so does a
+resume from 2 processes onto 1. Dropout is off in these models: it draws other masks for other
+splits. Then clipping, and every --lr_scheduler_type over the whole run.
+
+    python -m pytest -q tests/template/test_step.py
+    python -m pytest -q -m slow tests/template/test_step.py    # 2 processes, elastic resume
 """
 
 import json
@@ -16,15 +18,25 @@ import pytest
 import torch
 
 import conftest
-from conftest import ROOT, TREE, data_args, launch, read_json, run, weights
+import train
+from conftest import ROOT, STEPS_PER_EPOCH, TREE, data_args, launch, read_json, run, weights
+
+# ------------------------------------------------------- the same update however the batch is split
+
 
 EXAMPLE = ROOT / "examples" / "causal_lm"
+
+
 ROWS = 330  # 20 steps of 16 and a last, shorter one of 10
+
+
 SPLITS = {
     "16": ["--batch_size", 16],
     "8x2": ["--batch_size", 8, "--accumulation", 2],
     "4x4": ["--batch_size", 4, "--accumulation", 4],
 }
+
+
 FLOAT_NOISE = 1e-5  # relative L2 distance of all weights after 21 steps; the issue's bar
 
 
@@ -50,7 +62,8 @@ def without_dropout(source, destination, keys):
 
 
 def lm_data(folder, rows):
-    """The causal LM example's tiny GPT-2 without dropout, and the first `rows` lines of its data."""
+    """The causal LM example's tiny GPT-2 without dropout, and the first `rows` lines of its
+    data."""
     without_dropout(
         EXAMPLE / "tiny-gpt2", folder / "tiny-gpt2", ["resid_pdrop", "embd_pdrop", "attn_pdrop"]
     )
@@ -155,8 +168,9 @@ def test_check_warns_of_an_uncounted_token_mean_and_passes_a_counted_one(
 
 
 def test_a_mean_over_examples_needs_no_count(tiny_data, tmp_path, monkeypatch):
-    """The default classification task says nothing (its loss is a mean over examples, and micro-batches
-    of one size weigh alike): --batch_size 16 and 8 x 2 give the same update to float noise."""
+    """The default classification task says nothing (its loss is a mean over examples, and
+    micro-batches of one size weigh alike): --batch_size 16 and 8 x 2 give the same update to float
+    noise."""
     model = without_dropout(
         TREE / "assets" / "tiny-bert",
         tmp_path / "tiny-bert",
@@ -193,7 +207,8 @@ def lm_fork(folder):
 @pytest.mark.slow
 def test_two_processes_give_the_update_of_one_and_an_elastic_resume_keeps_it(tmp_path):
     # 320 rows, 20 whole steps: a last batch shorter than the others would be filled up on one
-    # process with examples from the start (accelerate's even_batches), which one process never sees.
+    # process with examples from the start (accelerate's even_batches), which one process never
+    # sees.
     lm_files, fork = lm_data(tmp_path / "data", 320), lm_fork(tmp_path)
     launch(*lm_args(lm_files), *SPLITS["16"], "--outdir", tmp_path / "16", cwd=fork)
     launch(
@@ -222,3 +237,90 @@ def test_two_processes_give_the_update_of_one_and_an_elastic_resume_keeps_it(tmp
     apart = distance(outdir / "last", tmp_path / "16" / "last")
     print(f"elastic 2 -> 1 against --batch_size 16 on 1 process: {apart:.2e}")
     assert apart <= FLOAT_NOISE
+
+
+# ---------------------------------------------------------------- gradient clipping
+
+
+BATCH_16 = ["--batch_size", 16]  # 20 optimizer steps per epoch on the tiny data
+
+
+def test_a_tiny_max_grad_norm_clips_the_gradients_the_optimizer_uses(
+    tiny_data, tmp_path, monkeypatch
+):
+    """The clipped parameters are the prepared model's (FSDP2 swaps them for sharded ones in
+    prepare())."""
+    from accelerate import Accelerator
+
+    norms, clip = [], Accelerator.clip_grad_norm_
+
+    def recording(self, parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        total = clip(self, parameters, max_norm, norm_type)
+        norms.append(
+            torch.stack([p.grad.norm() for p in parameters]).norm().item()
+        )  # after clipping
+        assert all(p.grad is not None for p in parameters)  # the parameters that got the gradients
+        return total
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording)
+    run(
+        *data_args(tiny_data),
+        *BATCH_16,
+        "--epochs",
+        1,
+        "--max_grad_norm",
+        1e-3,
+        "--outdir",
+        tmp_path / "model",
+    )
+    assert len(norms) == STEPS_PER_EPOCH and max(norms) == pytest.approx(1e-3, rel=1e-3)
+
+
+# ---------------------------------------------------------------- the LR schedule
+
+
+@pytest.mark.parametrize(
+    "kind, final_lr",
+    [
+        ("linear", 0.0),
+        ("cosine", 0.0),
+        ("cosine_with_restarts", 0.0),
+        ("polynomial", 1e-7),
+        ("constant", 1e-3),
+        ("constant_with_warmup", 1e-3),
+    ],
+)
+def test_every_scheduler_spans_the_whole_run(kind, final_lr, tiny_data, tmp_path):
+    train.main(
+        [
+            *map(str, data_args(tiny_data)),
+            "--lr_scheduler_type",
+            kind,
+            "--num_warmup_steps",
+            "5",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "32",
+            "--outdir",
+            str(tmp_path),
+        ]
+    )
+    lrs = [entry["train_log"]["lr"] for entry in read_json(tmp_path / "log.json").values()]
+    assert lrs[-1] == pytest.approx(final_lr, abs=1e-12)
+    if kind in (
+        "linear",
+        "constant_with_warmup",
+    ):  # 10 steps per epoch: halfway through, warmup is over
+        assert lrs[0] == pytest.approx(1e-3 * (10 / 15 if kind == "linear" else 1), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_schedule_is_the_same_for_1_and_2_processes_and_accumulation(reference):
+    """Same global batch three ways (1 process x accumulation 2, 2 processes): the same lr per
+    epoch."""
+    logs = [read_json(reference(p) / "log.json") for p in (1, 2)]
+    lrs = [[entry["train_log"]["lr"] for entry in log.values()] for log in logs]
+    assert lrs[0] == pytest.approx([1e-3 * 20 / 35, 0.0], rel=1e-9)
+    assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)
