@@ -11,6 +11,7 @@ and OUTDIR/log.json. This file is task-free: edit modeling.py and dataset.py, no
 
 import contextlib
 import gc
+import itertools
 import math
 import os
 from collections import defaultdict
@@ -39,12 +40,10 @@ gc.enable()
 def main(argv=None):
     args = options.parse_args(argv, __doc__)
     accelerator, resumed, threads = setup(args)
-    if resumed and resume.finished(
-        resumed, args
-    ):  # run again as it was (--resume auto): nothing to do
+    done = resumed and resume.finished(resumed, args)
+    if done:  # run again as it was (--resume auto): nothing to do
         accelerator.print(
-            f"{args.resume}: the run is finished (epoch {resumed.epoch} of --epochs "
-            f"{args.epochs}); nothing to do. Pass a larger --epochs to train further."
+            f"{args.resume}: the run is finished ({done[0]}); nothing to do. {done[1]}"
         )
         return processes.finish(accelerator, 0)
     with accelerator.main_process_first():  # the main process tokenizes, the others read its cache
@@ -285,18 +284,19 @@ def prepare(accelerator, args, model, train_set, valid_set):
             args.lr_scheduler_type,
             optimizer,
             num_warmup_steps=args.num_warmup_steps * processes,
-            num_training_steps=steps_per_epoch * args.epochs * processes,
+            num_training_steps=(args.max_steps or steps_per_epoch * args.epochs) * processes,
         )
     )
     return model, optimizer, scheduler, train_loader, valid_loader
 
 
 def train(accelerator, args, model, tokenizer, objects, train_loader, valid_loader, state, greater):
-    """The loop, from `state`'s position to --epochs (or a stop); every save is made here. Returns
-    why it stopped early: a signal number, "--stop_after_steps", or None. `greater`: whether a
-    greater --metric_for_best is better."""
-    scheduler = objects["scheduler"]
+    """The loop, from `state`'s position to the run's last step (--max_steps, else --epochs of
+    steps) or a stop; every validation and every save is made here. Returns why it stopped before
+    the end: a signal number, "--stop_after_steps", or None. `greater`: whether a greater
+    --metric_for_best is better."""
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation)
+    last_step = args.max_steps or steps_per_epoch * args.epochs
     loss_items = getattr(modeling, "loss_items", None)  # what the loss is a mean over (optional)
     # Taken after prepare(): FSDP2 replaces every parameter by a sharded one (a DTensor), and the
     # old ones would never see a gradient (nothing clipped, no NaN noticed).
@@ -304,44 +304,31 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
     # What validation runs, and so what decides best/: the EMA of the weights, or the model itself.
     validated = objects["ema"].module if "ema" in objects else model
     replacing = args.overwrite and not args.resume  # the previous run goes with our 1st checkpoint
-    # The epoch's loss sums of each process, as saved: log.json's mean comes out bitwise the same.
-    running = step.RunningLoss(
-        accelerator.device,
-        state.loss_sums[accelerator.process_index] if state.loss_sums else (0.0, 0),
-    )
+    # The loss sums of each process, as saved: log.json's means come out bitwise the same.
+    running, first_step = step.RunningLoss(accelerator, state.loss_sums), state.global_step
     model.train()  # from_pretrained() returns a model in eval mode (dropout off)
     # SIGTERM / SIGUSR1 / Ctrl-C: the step in progress finishes, last/ is saved, the run ends.
     preemption = processes.Preemption(args.outdir)
-    stop = None
-    for epoch in range(state.epoch, args.epochs):
-        if args.early_stopping_patience and state.bad_epochs >= args.early_stopping_patience:
-            accelerator.print(
-                f"Early stopping: valid {args.metric_for_best} has not improved on "
-                f"{state.best_metric:.4f} for {state.bad_epochs} epochs "
-                f"(--early_stopping_patience {args.early_stopping_patience})."
-            )
-            break
+    stop = ended = None
+    for epoch in itertools.count(state.epoch):
         state.epoch = epoch
         train_loader.set_epoch(epoch)
         done = state.steps_done_in_epoch * args.accumulation  # this epoch's batches before a resume
         batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
-        bar = step.progress(
-            accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=len(train_loader)
-        )
+        bar = train_bar(accelerator, epoch, done, len(train_loader))
         # One optimizer step a window of --accumulation batches. Its items are counted first, so
         # that every token weighs the same however the step's batch is split (see loss_divisors).
         for window in step.windows(batches, args.accumulation):
             divisors, items = step.loss_divisors(window, loss_items, args.accumulation, accelerator)
             for i, batch in enumerate(window):
                 # The gradients are all-reduced once a step, in the window's last backward.
-                with (
-                    accelerator.no_sync(model) if i < len(window) - 1 else contextlib.nullcontext()
-                ):
+                last = i == len(window) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     outputs = model(**batch)
                     check.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
                     accelerator.backward(outputs.loss / divisors[i])
-                running.add(outputs.loss.detach(), items[i])
-                bar.update()  # by hand: it closes before validation, inside the epoch's last step
+                running.add(outputs.loss.detach(), items[i], batch, loss_items is not None)
+                bar.update()  # by hand: it closes before validation
             grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
             if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
                 grad_norm = grad_norm.full_tensor()
@@ -351,73 +338,73 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
                 objects, grad_norm, accelerator.scaler, model
             )
 
-            # One optimizer step done: show, validate at the end of the epoch, save, stop.
+            # One optimizer step done: show, validate, close the epoch, save, stop.
             state.global_step += 1
             state.steps_done_in_epoch += 1
             end_of_epoch = state.steps_done_in_epoch == steps_per_epoch
+            end_of_run = state.global_step == last_step
             if args.sample_every and state.global_step % args.sample_every == 0:
-                step.show_samples(
-                    accelerator,
-                    modeling.format_samples,
-                    model,
-                    tokenizer,
-                    batch,
-                    outputs,
-                    args.samples,
-                    state.global_step,
-                    bar,
-                )
+                show = (model, tokenizer, batch, outputs, args.samples, state.global_step, bar)
+                step.show_samples(accelerator, modeling.format_samples, *show)
             if state.global_step == args.stop_after_steps:
                 stop = "--stop_after_steps"
+            every = args.eval_steps and state.global_step % args.eval_steps == 0
+            validate = end_of_run or (every if args.eval_steps else end_of_epoch)
             periodic = args.save_steps and state.global_step % args.save_steps == 0
-            save = end_of_epoch or stop or periodic
-            if save or state.global_step % args.log_every == 0:
-                log_steps(accelerator, args, running, state, scheduler, bar)  # before any save
+            save = end_of_epoch or end_of_run or validate or periodic or stop
+            if save or state.global_step % args.log_every == 0:  # before any save
+                log_steps(accelerator, args, running, state, objects["scheduler"], bar, end_of_run)
                 stop = stop or preemption.received(accelerator) or None
-                save = save or stop
-            improved = False
-            if end_of_epoch:
+            improved, train_loss = False, None
+            if end_of_epoch or validate:
                 bar.close()
-                improved = end_epoch(
+            if end_of_epoch:
+                train_loss = close_epoch(accelerator, args, running, state, objects["scheduler"])
+            if validate:
+                improved, ended = validation(
                     accelerator,
                     args,
                     validated,
                     tokenizer,
                     valid_loader,
-                    running,
                     state,
-                    scheduler,
                     greater,
+                    train_loss,
                 )
-            if save:  # the periodic, the end-of-epoch and the final save are this one
-                state.loss_sums = running.per_process(accelerator)
+                stop = stop or preemption.received(accelerator) or None  # one that came meanwhile
+                if not (end_of_epoch or end_of_run or stop or ended):  # the epoch goes on
+                    done = state.steps_done_in_epoch * args.accumulation
+                    bar = train_bar(accelerator, epoch, done, len(train_loader))
+            if end_of_epoch:  # where a resume continues: the next epoch
+                state.epoch, state.steps_done_in_epoch = state.epoch + 1, 0
+            # The periodic save, the validation's, the epoch's and the final one are this one.
+            if save or stop or ended:
+                state.loss_sums = running.per_process()
                 names = ["last", "best"] if improved else ["last"]
-                checkpoint.save(
-                    accelerator,
-                    args.outdir,
-                    names,
-                    model,
-                    tokenizer,
-                    objects,
-                    args,
-                    state,
-                    replacing,
-                )
+                saved = (model, tokenizer, objects, args, state, replacing)
+                checkpoint.save(accelerator, args.outdir, names, *saved)
                 replacing = False
-            if stop:
+            if stop or ended or end_of_run:
                 break
         bar.close()
-        if stop:
+        if stop or ended or state.global_step >= last_step:
             break
     preemption.close()
+    accelerator.print(running.summary(state.global_step - first_step))
     return stop
 
 
-def log_steps(accelerator, args, running, state, scheduler, bar):
-    """The loss since the last log, on the bar and the tracker. Refuses to go on (before any save:
-    nothing is saved after a non-finite step that went unnoticed) if a step had non-finite gradients
-    and --skip_nonfinite is off."""
-    loss, nonfinite = running.since_shown()
+def train_bar(accelerator, epoch, done, total):
+    """The TRAIN bar of an epoch, from its `done` batches (after a resume or a validation)."""
+    return step.progress(accelerator, None, f"[Epoch {epoch}] [TRAIN]", initial=done, total=total)
+
+
+def log_steps(accelerator, args, running, state, scheduler, bar, end_of_run):
+    """Every --log_every steps and at the run's last: the loss and throughput since the last log, on
+    the bar, the tracker and in log.json ("Step N"). At every save as well: refuses to go on (before
+    the save: nothing is saved after a non-finite step that went unnoticed) if a step had non-finite
+    gradients and --skip_nonfinite is off."""
+    nonfinite = running.nonfinite()
     if nonfinite and not args.skip_nonfinite:
         raise UserError(
             f"non-finite gradients in {nonfinite} of the optimizer steps up to step "
@@ -425,37 +412,72 @@ def log_steps(accelerator, args, running, state, scheduler, bar):
             f"Lower --lr, check the data, or pass --skip_nonfinite to skip such steps."
         )
     state.skipped_steps += nonfinite
-    if loss is not None:
-        values = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
-        bar.set_postfix(values, refresh=False)
-        accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
+    if state.global_step % args.log_every and not end_of_run:
+        return
+    loss, samples, tokens = running.since_log()
+    values = {"loss": loss, "lr": scheduler.get_last_lr()[0], "samples_per_second": samples,
+              "tokens_per_second": tokens}  # fmt: skip
+    values = {k: v for k, v in values.items() if v is not None}
+    names = {
+        "loss": "loss",
+        "lr": "lr",
+        "samples_per_second": "samples/s",
+        "tokens_per_second": "tokens/s",
+    }
+    bar.set_postfix({names[k]: v for k, v in values.items()}, refresh=False)
+    state.log.setdefault(f"Step {state.global_step}", {})["train_log"] = values
+    accelerator.log({f"train/{k}": v for k, v in values.items()}, step=state.global_step)
 
 
-def end_epoch(
-    accelerator, args, model, tokenizer, valid_loader, running, state, scheduler, greater
-):
-    """Validation at the end of an epoch, into log.json, the tracker and one printed line; moves
-    `state` to the next epoch. Returns whether --metric_for_best improved (best/ is then saved)."""
-    epoch = state.epoch
-    valid_log = evaluate(accelerator, model, tokenizer, valid_loader, f"[Epoch {epoch}] [VALID]")
-    train_log = {"loss": running.epoch_mean(accelerator), "lr": scheduler.get_last_lr()[0]}
-    if args.skip_nonfinite:
-        train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
-    state.log[f"Epoch {epoch}"] = {"train_log": train_log, "valid_log": valid_log}
+def validation(accelerator, args, model, tokenizer, valid_loader, state, greater, train_loss):
+    """Validation, into log.json ("Epoch N" at an epoch's end without --eval_steps, as ever, else
+    "Step N"), the tracker and one printed line (with the epoch's `train_loss` at its end). Returns
+    (whether --metric_for_best improved, so best/ is saved; whether early stopping ends the run)."""
+    at_epoch = train_loss is not None and not args.eval_steps
+    name = f"Epoch {state.epoch}" if at_epoch else f"Step {state.global_step}"
+    valid_log = evaluate(accelerator, model, tokenizer, valid_loader, f"[{name}] [VALID]")
+    state.log.setdefault(name, {})["valid_log"] = valid_log
     accelerator.log({f"valid/{k}": v for k, v in valid_log.items()}, step=state.global_step)
     value = valid_log[args.metric_for_best]
-    improved = state.best_metric is None or (
-        value > state.best_metric if greater else value < state.best_metric
+    improved = not math.isnan(value) and (
+        state.best_metric is None
+        or (value > state.best_metric if greater else value < state.best_metric)
     )
     state.best_metric = value if improved else state.best_metric
-    state.bad_epochs = 0 if improved else state.bad_epochs + 1
-    state.epoch, state.steps_done_in_epoch = epoch + 1, 0
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1  # validations without improvement
     accelerator.print(
-        f"[Epoch {epoch}] train loss {train_log['loss']:.4f}, "
+        f"[{name}] "
+        + (f"train loss {train_loss:.4f}, " if at_epoch else "")
         + ", ".join(f"valid {k} {v:.4f}" for k, v in valid_log.items())
         + (" (best so far: saved best/)" if improved else "")
     )
-    return improved
+    return improved, stopping(accelerator, args, state)
+
+
+def stopping(accelerator, args, state):
+    """Whether early stopping ends the run: --early_stopping_patience validations without a
+    better --metric_for_best (said in one line)."""
+    patience = args.early_stopping_patience
+    if not (patience and state.bad_epochs >= patience):
+        return False
+    accelerator.print(
+        f"Early stopping: valid {args.metric_for_best} has not improved on "
+        f"{state.best_metric:.4f} for {state.bad_epochs} validations "
+        f"(--early_stopping_patience {patience})."
+    )
+    return True
+
+
+def close_epoch(accelerator, args, running, state, scheduler):
+    """The end of an epoch: its mean training loss into log.json's "Epoch N" (said in one line
+    when validation is by --eval_steps), and the next epoch's sums started. Returns the loss."""
+    train_log = {"loss": running.epoch_mean(), "lr": scheduler.get_last_lr()[0]}
+    if args.skip_nonfinite:
+        train_log["skipped_steps"], state.skipped_steps = state.skipped_steps, 0
+    state.log[f"Epoch {state.epoch}"] = {"train_log": train_log}
+    if args.eval_steps:
+        accelerator.print(f"[Epoch {state.epoch}] train loss {train_log['loss']:.4f}")
+    return train_log["loss"]
 
 
 def has_metrics():

@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import vocabulary, write_synthetic  # noqa: E402  (the same synthetic text as bench/speed.py)
+# The same synthetic text as bench/speed.py.
+from speed import vocabulary, write_synthetic  # noqa: E402
 
 
 def child(argv):
@@ -33,7 +34,7 @@ def child(argv):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import train
-    from core import checkpoint
+    from core import checkpoint, resume
 
     steps, timings = [], {"save": [], "resume": 0.0}
     register_optimizer_step_post_hook(lambda *_: steps.append(time.perf_counter()))
@@ -53,8 +54,8 @@ def child(argv):
         return wrapper
 
     checkpoint.save = timed(checkpoint.save, "save")
-    for name in ("verify", "restore"):  # restore(): weights, objects, position, RNG
-        setattr(checkpoint, name, timed(getattr(checkpoint, name), "resume"))
+    checkpoint.verify = timed(checkpoint.verify, "resume")
+    resume.restore = timed(resume.restore, "resume")  # weights, objects, position, RNG
     train.main(argv)
     print(
         "BENCH "

@@ -14,6 +14,8 @@ r"""Speed of train.py where users run it, every ratio printed in one run, in fou
     python bench/speed.py --sections throughput             # the training-speed table only, ~3 min
     python bench/speed.py --repeats 5 --rows 40000          # steadier figures
     python bench/speed.py --only bare template              # a subset of the contenders
+    python bench/speed.py --sections throughput --only template-eval trainer-eval --eval_steps 20
+                                                            # validation every 20 steps
     python bench/speed.py --model_name_or_path bert-base-cased --rows 2000 --batch_size 16 \
         --max_len 256
     python bench/speed.py --train_file data/train.jsonl     # the shipped sample data, not
@@ -38,15 +40,34 @@ Contenders (each run is a fresh Python process, so start-up is measured as a use
     alt, alt-grouped  another train.py (--alt_train) and/or extra options (--alt_args), to measure
                       an edit side by side with the template (run when --alt_train or --alt_args
                       is given)
+    template-eval     train.py --eval_steps N: validation of the whole validation set every N
+                      optimizer steps and at the last, and last/ saved at each (best/ too when the
+                      loss improved: hard links to last/'s files, nothing more is written)
+    trainer-eval      Trainer with eval_strategy="steps", eval_steps=N: the same validation rows,
+                      eval batch size (--batch_size) and metrics (modeling.py's accuracy and macro
+                      F1 of the argmax, taken on the device as train.py does), and
+                      save_strategy="steps", save_steps=N: a full checkpoint (weights, optimizer,
+                      scheduler, RNG) at each validation, as train.py writes one. The fairer pair:
+                      with save_strategy="no" Trainer would leave no resumable state where train.py
+                      does. (Trainer keeps every checkpoint-N and tracks no best; train.py replaces
+                      last/.)
+                      Both validate at steps N, 2N, ... and at the last; the default N, a quarter of
+                      an epoch rounded up, puts 3 validations inside each epoch's timed window and
+                      one after it. Their validation file is synthetic like the training data,
+                      --eval_rows rows (default: a tenth of the training rows, at least 64). Not run
+                      by default (they add ~1 min to the throughput section); select them with
+                      --only, e.g. --only template trainer template-eval trainer-eval
 
 How it is measured. Every contender runs with the same probe: a wrapper around Model.forward that
 notes the batch shape (and, on the device, the count of non-padding tokens), and a global
 optimizer-step hook that notes the time each step() returns. Throughput is taken per epoch from
 the end of the --warmup_steps'th step to the end of the last one, so start-up, evaluation and saves
-are outside it; on CUDA the probe synchronizes at those two points only. Start-up is the time from
-launching the process to the first training forward. The contenders run in a rotated order,
---repeats times; the table gives medians, and each ratio is the median of the ratios within a
-repeat (so slow drift of the machine cancels). tokens/s counts real (non-padding) tokens.
+are outside it (except for template-eval and trainer-eval, whose validations and saves every
+--eval_steps fall inside it: what they measure; the probe counts training forwards only); on CUDA
+the probe synchronizes at those two points only. Start-up is the time from launching the process
+to the first training forward. The contenders run in a rotated order, --repeats times; the table
+gives medians, and each ratio is the median of the ratios within a repeat (so slow drift of the
+machine cancels). tokens/s counts real (non-padding) tokens.
 """
 
 import argparse
@@ -77,7 +98,10 @@ CONTENDERS = {  # name: (loop, data path, grouped by length)
     "data": ("data", "dataset.py", False),
     "alt": ("template", "dataset.py", False),
     "alt-grouped": ("template", "dataset.py", True),
+    "template-eval": ("template", "dataset.py", False),
+    "trainer-eval": ("trainer", "dataset.py", False),
 }
+EVALUATING = {"template-eval", "trainer-eval"}  # validate (and save) every --eval_steps
 DEFAULT = ["bare", "template", "trainer", "original", "template-grouped", "trainer-grouped"]
 SECTIONS = ["throughput", "startup", "threads", "memory"]
 
@@ -162,6 +186,20 @@ def parse_args(argv=None):
         nargs=2,
         default=[10_000, 1_000_000],
         help="memory: the two sizes of training file compared",
+    )
+    parser.add_argument(
+        "--eval_steps",
+        type=int,
+        default=0,
+        help="template-eval, trainer-eval: validate every N optimizer steps; 0 = a quarter of an "
+        "epoch's steps, rounded up (3 validations inside each epoch's timed window)",
+    )
+    parser.add_argument(
+        "--eval_rows",
+        type=int,
+        default=0,
+        help="template-eval, trainer-eval: synthetic validation rows; 0 = a tenth of the training "
+        "rows (at least 64)",
     )
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
@@ -395,6 +433,7 @@ def run_template(spec, probe):
     ]
     argv += ["--group_by_length"] if spec["grouped"] else []
     argv += ["--stop_after_steps", spec["stop_after_steps"]] if spec.get("stop_after_steps") else []
+    argv += ["--eval_steps", spec["eval_steps"]] if spec.get("evaluating") else []
     train.main([str(a) for a in argv] + spec.get("extra_args", []))
 
 
@@ -411,6 +450,16 @@ def load_data(spec):
     )
     tokenizer = load_tokenizer(spec["model"], options)
     return tokenizer, generate_dataset(spec["train_file"], "train", tokenizer, options)
+
+
+def load_valid(spec, path, tokenizer, train_set):
+    """The validation rows of `path`, tokenized as train.py does (the training set's labels)."""
+    from types import SimpleNamespace
+
+    from dataset import generate_dataset
+
+    options = SimpleNamespace(max_len=spec["max_len"], dataset_config=None)
+    return generate_dataset(path, "validation", tokenizer, options, train_set.labels)
 
 
 def run_bare(spec, probe):
@@ -476,6 +525,15 @@ def run_trainer(spec, probe):
     set_seed(spec["seed"])
     tokenizer, train_set = load_data(spec)
     model = build_model(spec["model"], train_set)
+    evaluation = {"save_strategy": "no", "eval_strategy": "no"}
+    if spec.get("evaluating"):  # trainer-eval: as train.py --eval_steps N (see the docstring)
+        evaluation = {
+            "eval_strategy": "steps",
+            "eval_steps": spec["eval_steps"],
+            "per_device_eval_batch_size": spec["batch_size"],
+            "save_strategy": "steps",
+            "save_steps": spec["eval_steps"],
+        }
     args = TrainingArguments(
         output_dir=spec["outdir"],
         per_device_train_batch_size=spec["batch_size"],
@@ -490,16 +548,44 @@ def run_trainer(spec, probe):
         bf16=spec["mixed_precision"] == "bf16",
         max_steps=spec.get("stop_after_steps") or -1,
         report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
         remove_unused_columns=False,  # forward(labels, **inputs) would otherwise lose input_ids
         train_sampling_strategy="group_by_length" if spec["grouped"] else "random",
+        **evaluation,
     )
     # The tokenized datasets.Dataset, as a Trainer user passes it; Trainer's default collator pads
     # per batch.
     Trainer(
-        model=model, args=args, train_dataset=train_set.rows, processing_class=tokenizer
+        model=model,
+        args=args,
+        train_dataset=train_set.rows,
+        processing_class=tokenizer,
+        **(trainer_validation(spec, tokenizer, train_set) if spec.get("evaluating") else {}),
     ).train()
+
+
+def trainer_validation(spec, tokenizer, train_set):
+    """trainer-eval's Trainer arguments: the validation rows, and the metrics of train.py's
+    validation from the same inputs (modeling.py's compute_metrics of the predicted classes)."""
+    import torch
+
+    import modeling
+
+    def predicted(logits, labels):  # as metric_inputs(): the argmax, on the device, per batch
+        return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+
+    def compute_metrics(prediction):
+        return modeling.compute_metrics(
+            {
+                "predictions": torch.as_tensor(prediction.predictions),
+                "labels": torch.as_tensor(prediction.label_ids),
+            }
+        )
+
+    return {
+        "eval_dataset": load_valid(spec, spec["valid_file"], tokenizer, train_set).rows,
+        "compute_metrics": compute_metrics,
+        "preprocess_logits_for_metrics": predicted,
+    }
 
 
 def run_data(spec, probe):
@@ -530,6 +616,8 @@ def launch(name, spec, workdir, env, run_index):
     loop, data_path, grouped = CONTENDERS[name]
     if name.startswith("alt"):
         spec = {**spec, "train_py": spec["alt_train"], "extra_args": shlex.split(spec["alt_args"])}
+    if name in EVALUATING:  # validation rows of their own, validated every --eval_steps
+        spec = {**spec, "evaluating": True, "valid_file": spec["eval_valid_file"]}
     spec = {
         **spec,
         "loop": loop,
@@ -660,8 +748,12 @@ def prepare(args, workdir):
         "alt_train": str(Path(args.alt_train).resolve()) if args.alt_train else None,
         "alt_args": args.alt_args,
     }
+    evaluating = EVALUATING & set(args.only)
+    if evaluating:  # written by warm(), which knows the training rows
+        spec["eval_valid_file"] = str(workdir / "valid-eval.jsonl")
+    eval_data = {"rows": args.eval_rows, "mean_len": args.mean_len, "seed": args.seed + 2}
     warm = subprocess.run(
-        [sys.executable, __file__, "--warm", json.dumps(spec)],
+        [sys.executable, __file__, "--warm", json.dumps({**spec, "eval_data": eval_data})],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -676,24 +768,31 @@ def prepare(args, workdir):
             f"only {spec['steps_per_epoch']} steps per epoch: "
             "give more --rows or a smaller --batch_size"
         )
+    if evaluating:
+        spec["eval_steps"] = args.eval_steps or math.ceil(spec["steps_per_epoch"] / 4)
     return spec, env, info
 
 
 def warm(spec):
-    """Tokenizes the training and validation files into the cache, as train.py does."""
+    """Tokenizes the training and validation files into the cache, as train.py does; writes the
+    validation file of template-eval and trainer-eval first when they run."""
     sys.path.insert(0, str(ROOT))
     tokenizer, train_set = load_data(spec)
-    from types import SimpleNamespace
-
-    from dataset import generate_dataset
-
-    generate_dataset(
-        spec["valid_file"],
-        "validation",
-        tokenizer,
-        SimpleNamespace(max_len=spec["max_len"], dataset_config=None),
-        train_set.labels,
-    )
+    load_valid(spec, spec["valid_file"], tokenizer, train_set)
+    eval_rows = 0
+    if spec.get("eval_valid_file"):
+        data = spec["eval_data"]
+        eval_rows = data["rows"] or max(64, len(train_set) // 10)
+        words = vocabulary(spec["model"])
+        write_synthetic(
+            spec["eval_valid_file"],
+            eval_rows,
+            words,
+            spec["max_len"],
+            data["mean_len"],
+            data["seed"],
+        )
+        load_valid(spec, spec["eval_valid_file"], tokenizer, train_set)
     lengths = train_set.lengths
     print(
         json.dumps(
@@ -702,6 +801,7 @@ def warm(spec):
                 "mean_tokens": float(lengths.mean()),
                 "max_tokens": int(lengths.max()),
                 "p50": float(sorted(lengths)[len(lengths) // 2]),
+                "eval_rows": eval_rows,
             }
         )
     )
@@ -784,6 +884,12 @@ RATIOS = [  # label, a, b, what the target says
     ("bare / data path alone", "bare", "data", ""),
     ("alt / template", "alt", "template", ""),
     ("alt --group_by_length / template --group_by_length", "alt-grouped", "template-grouped", ""),
+    (
+        "validation every {eval_steps} steps: train.py / Trainer",
+        "template-eval",
+        "trainer-eval",
+        ">= 1.0",
+    ),
 ]
 
 
@@ -802,6 +908,20 @@ def report(args, spec, info, results, loads):
         f"{args.epochs} epoch(s) of {spec['steps_per_epoch']} steps, "
         f"the first {args.warmup_steps} of each untimed; medians of {args.repeats} runs each"
     )
+    if EVALUATING & set(results):
+        steps, n = spec["steps_per_epoch"], spec["eval_steps"]
+        inside = sum(  # validations after the steps that end inside a timed window
+            1
+            for e in range(args.epochs)
+            for k in range(e * steps + args.warmup_steps, e * steps + steps)
+            if k % n == 0
+        )
+        print(
+            f"template-eval, trainer-eval: validation of {info['eval_rows']} rows (batch "
+            f"{args.batch_size}) and a checkpoint every {n} steps and at the last; {inside} "
+            f"of them inside the timed windows"
+            + ("" if inside else " (none: the ratio compares no validation; lower --eval_steps)")
+        )
     print()
     header = (
         f"{'contender':17s} {'samples/s':>10s} {'samples/':>9s} {'tokens/s':>9s} {'ms/step':>8s} "
@@ -826,6 +946,7 @@ def report(args, spec, info, results, loads):
     print("ratios of throughput (samples/s), median of the per-repeat ratios [min, max]:")
     print(f"  {'':58s} {'wall clock':>22s}   {'CPU time':>22s}")
     for label, a, b, target in RATIOS:
+        label = label.format(eval_steps=spec.get("eval_steps"))
         wall, cpu_time = ratio(results, a, b), ratio(results, a, b, "samples_per_cpu_s")
         if wall:
             print(
@@ -845,6 +966,8 @@ def report(args, spec, info, results, loads):
         ("template", "trainer"),
         ("template-grouped", "bare-grouped"),
         ("original", "template"),
+        ("template-eval", "template"),
+        ("trainer-eval", "trainer"),
     ]:
         if a in results and b in results:
             batches_a, batches_b = results[a][0]["batches"], results[b][0]["batches"]

@@ -325,7 +325,10 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
         )
     else:
         total, names = sum(labels.values()), getattr(train_set, "labels", None) or []
-        name = lambda k: names[k] if 0 <= k < len(names) else k  # noqa: E731  (the class name where known)
+
+        def name(k):  # the class name where known
+            return names[k] if 0 <= k < len(names) else k
+
         shares = ", ".join(f"{name(k)}: {v / total:.1%}" for k, v in sorted(labels.items()))
         rare = [name(k) for k, v in labels.items() if v / total < 0.01]
         verdict = "WARN" if len(labels) == 1 or rare else "PASS"
@@ -475,7 +478,10 @@ def padding_invariance(report, accelerator, model, batch, train_set, valid_set, 
         report("WARN", "padding", "the batches have no attention_mask: padding not checked")
         return
     samples = [train_set[i] for i in range(min(32, len(train_set)))]
-    collate_copies = lambda chosen: collate(copy.deepcopy(chosen))  # noqa: E731  (a collate may pop from its samples)
+
+    def collate_copies(chosen):  # a collate may pop from its samples
+        return collate(copy.deepcopy(chosen))
+
     lengths = [int(collate_copies([s])["attention_mask"].sum()) for s in samples]
     if min(lengths) == max(lengths):
         report("WARN", "padding", "the first examples all have one length: padding not checked")

@@ -127,7 +127,7 @@ def written_here(path):
             log = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
-        return isinstance(log, dict) and all(key.startswith("Epoch ") for key in log)
+        return isinstance(log, dict) and all(key.startswith(("Epoch ", "Step ")) for key in log)
     return (path / "manifest.json").is_file()
 
 

@@ -126,6 +126,13 @@ def parse_args(argv=None, description=None):
         help="may be raised on --resume to train further",
     )
     optimisation.add_argument(
+        "--max_steps",
+        type=number(int, 0),
+        default=0,
+        help="the run's length in optimizer steps instead of --epochs (epochs run as the data "
+        "gives them; the LR schedule spans exactly N steps; may be raised on --resume); 0 = off",
+    )
+    optimisation.add_argument(
         "--batch_size", type=number(int, 1), default=32, help="per process; reduce if out of memory"
     )
     optimisation.add_argument(
@@ -188,6 +195,13 @@ def parse_args(argv=None, description=None):
     )
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
+        "--eval_steps",
+        type=number(int, 0),
+        default=0,
+        help="validate every N optimizer steps (and at the last one) instead of at the end of "
+        "each epoch; best/ and early stopping then count validations; 0 = each epoch",
+    )
+    evaluation.add_argument(
         "--metric_for_best",
         default="loss",
         help="valid metric that decides best/: loss or a name compute_metrics() returns",
@@ -202,7 +216,7 @@ def parse_args(argv=None, description=None):
         "--early_stopping_patience",
         type=number(int, 0),
         default=0,
-        help="stop after N epochs without a better --metric_for_best; 0 = off",
+        help="stop after N validations without a better --metric_for_best; 0 = off",
     )
     evaluation.add_argument(
         "--sample_every",
@@ -248,7 +262,7 @@ def parse_args(argv=None, description=None):
         type=number(int, 0),
         default=0,
         help="save last/ and stop after N optimizer steps in all; the schedule still spans "
-        "--epochs, so --resume continues as if never stopped (time-limited jobs)",
+        "--epochs (or --max_steps), so --resume continues as if never stopped (time-limited jobs)",
     )
     run.add_argument(
         "--log_every",

@@ -105,9 +105,21 @@ def auto_checkpoint(outdir):
 
 
 def finished(state, args):
-    """Whether the resumed run has nothing left: every epoch done, or stopped early."""
+    """Whether the resumed run has nothing left (every epoch or --max_steps done, or stopped
+    early): (what it reached, what to pass to train further), else None."""
     patience = args.early_stopping_patience
-    return state.epoch >= args.epochs or bool(patience and state.bad_epochs >= patience)
+    if patience and state.bad_epochs >= patience:
+        what = f"early stopping: {state.bad_epochs} validations without a better value"
+        return what, "Pass a larger --early_stopping_patience to train further."
+    if args.max_steps and state.global_step >= args.max_steps:
+        what = f"step {state.global_step} of --max_steps {args.max_steps}"
+        return what, "Pass a larger --max_steps to train further."
+    if not args.max_steps and state.epoch >= args.epochs:
+        return (
+            f"epoch {state.epoch} of --epochs {args.epochs}",
+            "Pass a larger --epochs to train further.",
+        )
+    return None
 
 
 # ---------------------------------------------------------------- the outdir

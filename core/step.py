@@ -2,6 +2,8 @@
 is weighted (modeling.loss_items), the non-finite skip for every optimizer, the running loss, and
 what the loop shows (progress bars, samples, the tracker)."""
 
+import time
+
 import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType
@@ -72,47 +74,94 @@ def optimizer_step(objects, grad_norm, scaler=None, model=None):
 
 
 class RunningLoss:
-    """The training loss of the epoch in progress (this process's sum of losses times their items,
-    and the items: a mean over tokens with modeling.loss_items, else over batches) and the number of
-    skipped non-finite steps, kept on the device: reading them waits for the GPU, so they are read
-    only when shown, every --log_every steps."""
+    """What the loop counts, kept on the device and read only every --log_every steps and at saves
+    (each read waits for the GPU): this process's loss sums of the epoch in progress (losses times
+    their items, and the items: a mean over tokens with modeling.loss_items, else over batches),
+    the same since the last log with the tokens and samples that went through (throughput), and
+    the non-finite steps not yet reported. `saved`: the checkpoint's numbers of each process."""
 
-    def __init__(self, device, saved=(0.0, 0)):
-        self.sum = torch.tensor(saved[0], dtype=torch.float64, device=device)
-        self.items = torch.tensor(saved[1], dtype=torch.float64, device=device)
+    def __init__(self, accelerator, saved=None):
+        self.accelerator, device = accelerator, accelerator.device
+        mine = list(saved[accelerator.process_index]) if saved else []
+        mine += [0.0] * (6 - len(mine))  # a checkpoint from before the log window holds 2 numbers
+        self.epoch = torch.tensor(mine[:2], dtype=torch.float64, device=device)  # loss sum, items
+        self.window = torch.tensor(mine[2:5], dtype=torch.float64, device=device)  # ... and tokens
+        self.samples = int(mine[5])  # known on the host (batch shapes): no transfer
         self.nonfinite_steps = torch.zeros((), dtype=torch.float64, device=device)
-        self.shown = (float(saved[0]), float(saved[1]))  # the sums when last shown
+        self.start = self.clock = time.perf_counter()
+        self.totals = [0, 0.0]  # samples and tokens of the windows logged by this process's run
 
-    def add(self, loss, items=1):
+    def add(self, loss, items, batch, counted):
+        """One micro-batch: its mean `loss` over `items` (1 without modeling.loss_items); its tokens
+        are the items if `counted`, else its input tokens (attention_mask, else input_ids)."""
         finite = torch.isfinite(
             loss
-        )  # a non-finite loss is left out of the mean (and its step skipped)
-        self.sum += torch.where(finite, loss * items, 0.0)
-        self.items += finite * items
+        )  # a non-finite loss is left out of the mean (its step skipped)
+        sums = torch.stack(
+            [torch.where(finite, loss * items, 0.0).double(), (finite * items).double()]
+        )
+        self.epoch += sums
+        self.window[:2] += sums
+        if counted:
+            tokens = items
+        elif batch.get("attention_mask") is not None:  # padding left out
+            tokens = batch["attention_mask"].sum()
+        else:
+            tokens = batch["input_ids"].numel() if batch.get("input_ids") is not None else 0
+        self.window[2] += tokens
+        self.samples += len(next(iter(batch.values())))
 
-    def since_shown(self):
-        """(mean loss since the last call or None, non-finite steps since the last call): one
-        read."""
-        total, items, nonfinite = torch.stack([self.sum, self.items, self.nonfinite_steps]).tolist()
-        (shown_total, shown_items), self.shown = self.shown, (total, items)
+    def nonfinite(self):
+        """The non-finite steps since the last call (the same on every process): one read."""
+        count = int(self.nonfinite_steps.item())
         self.nonfinite_steps.zero_()
-        return (
-            (total - shown_total) / (items - shown_items) if items > shown_items else None
-        ), int(nonfinite)
+        return count
 
-    def per_process(self, accelerator):
-        """[[sum, items] of each process], for the checkpoint (a collective: every process calls
-        it)."""
-        return accelerator.gather(torch.stack([self.sum, self.items])[None]).tolist()
+    def read_window(self):
+        """[loss sum, items, tokens, samples] since the last log, summed over every process."""
+        window = torch.cat([self.window, self.window.new_tensor([self.samples])])
+        if self.accelerator.num_processes > 1:
+            window = self.accelerator.reduce(window, reduction="sum")
+        return window.tolist()
 
-    def epoch_mean(self, accelerator):
+    def since_log(self):
+        """(mean loss or None, samples/s, tokens/s) since the last log, over every process (a
+        collective: every process calls it); starts the next window."""
+        loss_sum, items, tokens, samples = self.read_window()
+        now = time.perf_counter()
+        elapsed, self.clock = max(now - self.clock, 1e-9), now
+        self.window.zero_()
+        self.samples = 0
+        self.totals = [self.totals[0] + samples, self.totals[1] + tokens]
+        loss = loss_sum / items if items else None
+        return loss, samples / elapsed, tokens / elapsed
+
+    def per_process(self):
+        """[[the 6 numbers] of each process], for the checkpoint (a collective)."""
+        mine = torch.cat([self.epoch, self.window, self.window.new_tensor([self.samples])])
+        return self.accelerator.gather(mine[None]).tolist()
+
+    def epoch_mean(self):
         """The mean over every process's items of the epoch; then starts the next epoch's sums."""
-        totals = accelerator.reduce(torch.stack([self.sum, self.items]), reduction="sum")
+        totals = self.accelerator.reduce(self.epoch.clone(), reduction="sum")
         mean = (totals[0] / totals[1]).item()
-        self.sum.zero_()
-        self.items.zero_()
-        self.shown = (0.0, 0.0)
+        self.epoch.zero_()
         return mean
+
+    def summary(self, steps):
+        """The closing line: wall time, samples/s and tokens/s of this run (since it started or
+        resumed), and the peak memory on a GPU (a collective)."""
+        _, _, tokens, samples = self.read_window()
+        wall = time.perf_counter() - self.start
+        samples, tokens = self.totals[0] + samples, self.totals[1] + tokens
+        line = (
+            f"{steps} optimizer steps in {wall:.1f} s: {samples / wall:.1f} samples/s, "
+            f"{tokens / wall:.0f} tokens/s"
+        )
+        if self.accelerator.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+            line += f", peak memory {peak:.2f} GiB (process {self.accelerator.process_index})"
+        return line
 
 
 def progress(accelerator, iterable, desc, **kwargs):

@@ -329,6 +329,23 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def read_log(path):
+    """log.json (or a trainer_state.json's "log") without its throughput figures: wall-clock rates
+    differ from run to run, the rest of a resumed run's log is bitwise the uninterrupted one's."""
+    log = read_json(path)
+    log = log["log"] if "log" in log and "run_id" in log else log
+    return {
+        key: {part: {k: v for k, v in values.items() if not k.endswith("_per_second")}
+              for part, values in entry.items()}
+        for key, entry in log.items()
+    }  # fmt: skip
+
+
+def epochs(log):
+    """The "Epoch N" entries of a log.json, in order (without the "Step N" ones)."""
+    return {key: entry for key, entry in log.items() if key.startswith("Epoch ")}
+
+
 STEPS_PER_EPOCH = 20  # 320 rows at a global batch of 16
 SETUPS = {1: ["--batch_size", 8, "--accumulation", 2], 2: ["--batch_size", 8]}
 

@@ -1,9 +1,10 @@
-"""Plots a run's log.json: train and valid loss per epoch, and the validation metrics.
+"""Plots a run's log.json: train and valid loss, and the validation metrics, per epoch or per
+step (a run with --eval_steps: every validation at its step, the training loss of every log).
 
     python tools/plot.py model/log.json                 # writes model/log.png
     python tools/plot.py model/log.json -o curves.png
 
-Works while a run is going (log.json is rewritten whole after each epoch). Needs matplotlib.
+Works while a run is going (log.json is rewritten whole at every save). Needs matplotlib.
 """
 
 import argparse
@@ -20,30 +21,37 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def read_log(path):
-    """{epoch number: {"train_log": {...}, "valid_log": {...}}}, sorted by epoch."""
+    """(the x axis's name, {x: {"train_log": {...}, "valid_log": {...}}} sorted by x): per epoch
+    ("Epoch N" entries), or per step ("Step N") when validations are logged at steps."""
     path = Path(path)
     if not path.is_file():
         sys.exit(f"error: {path}: no such file. Give the log.json of a run, e.g. model/log.json.")
     try:
         log = json.loads(path.read_text())
-        epochs = {int(key.split()[-1]): entry for key, entry in log.items()}
-        if not all(isinstance(entry, dict) for entry in epochs.values()):
-            raise ValueError('each "Epoch N" should hold {"train_log": {...}, "valid_log": {...}}')
+        if not all(isinstance(entry, dict) for entry in log.values()):
+            raise ValueError('each "Epoch N" or "Step N" should hold {"train_log": {...}, ...}')
+        kinds = {key.split()[0]: {} for key in log}
+        for key, entry in log.items():
+            kind, number = key.split()
+            kinds[kind][int(number)] = entry
     except (ValueError, AttributeError) as e:
         sys.exit(f"error: {path}: not a log.json of train.py ({e}).")
-    if not epochs:
+    steps = kinds.get("Step", {})
+    if any("valid_log" in entry for entry in steps.values()):
+        return "step", dict(sorted(steps.items()))
+    if not kinds.get("Epoch"):
         sys.exit(f"error: {path}: no epoch has finished yet, nothing to plot.")
-    return dict(sorted(epochs.items()))
+    return "epoch", dict(sorted(kinds["Epoch"].items()))
 
 
 def series(epochs, part, key):
-    """The epochs and values of log[part][key] where it is a number."""
+    """The x values and values of log[part][key] where it is a number."""
     points = [(epoch, entry.get(part, {}).get(key)) for epoch, entry in epochs.items()]
     points = [(epoch, value) for epoch, value in points if isinstance(value, (int, float))]
     return [epoch for epoch, _ in points], [value for _, value in points]
 
 
-def plot(epochs, title, output):
+def plot(axis_name, epochs, title, output):
     metrics = sorted(
         {
             key
@@ -60,12 +68,12 @@ def plot(epochs, title, output):
         x, y = series(epochs, part, "loss")
         if x:
             loss_axis.plot(x, y, marker="o", label=f"{name} loss")
-    loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
+    loss_axis.set(xlabel=axis_name, ylabel="loss", title="loss")
     if metrics:
         metric_axis = axes[0][1]
         for key in metrics:
             metric_axis.plot(*series(epochs, "valid_log", key), marker="o", label=key)
-        metric_axis.set(xlabel="epoch", title="validation metrics")
+        metric_axis.set(xlabel=axis_name, title="validation metrics")
     for axis in axes[0]:
         axis.xaxis.get_major_locator().set_params(integer=True)  # epochs, not fractions of one
         axis.grid(alpha=0.3)
@@ -86,10 +94,10 @@ def main(argv=None):
         "-o", "--output", help="the PNG to write (default: log.png next to the log)"
     )
     args = parser.parse_args(argv)
-    epochs = read_log(args.log)
+    axis_name, entries = read_log(args.log)
     output = args.output or Path(args.log).with_suffix(".png")
-    plot(epochs, str(args.log), output)
-    print(f"Wrote {output} ({len(epochs)} epochs)")
+    plot(axis_name, entries, str(args.log), output)
+    print(f"Wrote {output} ({len(entries)} {axis_name}s)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ Copy it over the repository's dataset.py, with modeling.py beside it:
 
 Reads a .txt file (one text per line; blank lines are skipped in training, kept by predict.py) or
 a .jsonl, .json, .csv, .tsv or .parquet file (or a hub dataset, see --dataset_config) with a "text"
-column. Each text becomes its tokens plus the end-of-text token, truncated to --max_len: the model
-learns where a text ends. There are no classes, so `Dataset.labels` is None.
+column. Each text becomes its tokens plus the end-of-text token (the model learns where a text
+ends). With PACK (below), as Hugging Face's run_clm.py does, the texts of each 1,000 rows are then
+concatenated and cut into blocks of --max_len tokens, for training and validation: nothing
+truncated or dropped, no padding but in the batch of each 1,000 rows' last, shorter block, and
+attention across the texts of a block. Without it each text is truncated to --max_len and batches
+are padded. predict.py always gets one example per row. There are no classes, so `Dataset.labels` is
+None.
 
 What train.py expects of this file (as for the default task):
   * `load_tokenizer(source, args)`: the tokenizer that generate_dataset() receives.
@@ -24,6 +29,8 @@ from transformers import AutoTokenizer
 from utils import RowsDataset, UserError, load_rows, row_name
 
 TEXT = "text"
+PACK = True  # texts concatenated and cut into --max_len blocks (False: one padded example a text)
+ROWS_PER_PACK = 1000  # run_clm's group_texts batch: the texts packed together
 
 
 class Dataset(RowsDataset):
@@ -65,6 +72,8 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
     if tokenizer.pad_token is None:  # GPT-2 and many other causal LMs ship without one
         tokenizer.pad_token = tokenizer.eos_token
     max_len = args.max_len  # not args itself: the cache key would then change with every option
+    # Packed, nothing is cut: a long text runs on into the next block.
+    limit = {} if PACK and not predicting else {"truncation": True, "max_length": max_len - 1}
 
     def encode(batch, indices):
         for i, text in zip(indices, batch[TEXT]):
@@ -76,8 +85,7 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
         if not texts:
             return {"input_ids": [], "attention_mask": []}
         input_ids = [
-            ids + [tokenizer.eos_token_id]
-            for ids in tokenizer(texts, truncation=True, max_length=max_len - 1)["input_ids"]
+            ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, **limit)["input_ids"]
         ]
         return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids]}
 
@@ -92,4 +100,20 @@ def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False
     )
     if len(rows) == 0:
         raise UserError(f"{path}: every text in it is blank.")
+    if PACK and not predicting:
+        rows = rows.map(
+            pack,
+            batched=True,
+            batch_size=ROWS_PER_PACK,
+            fn_kwargs={"block": max_len},
+            desc=f"Packing {path} into blocks of {max_len} tokens",
+        )
     return Dataset(rows, tokenizer)
+
+
+def pack(batch, block):
+    """run_clm's group_texts: the batch's texts end to end, cut into blocks of `block` tokens; the
+    remainder is a last, shorter block (run_clm drops it: here no token is lost)."""
+    ids = [token for text in batch["input_ids"] for token in text]
+    blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
+    return {"input_ids": blocks, "attention_mask": [[1] * len(ids) for ids in blocks]}

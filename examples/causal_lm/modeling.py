@@ -84,6 +84,10 @@ def format_samples(model, tokenizer, batch, outputs, k):
     samples = []
     for ids, mask in zip(batch["input_ids"][:k], batch["attention_mask"][:k]):
         ids = ids[mask.bool()]
+        # A packed block starts and ends mid-text: show its first whole one (between two ends).
+        ends = (ids == tokenizer.eos_token_id).nonzero().flatten().tolist()
+        if len(ends) >= 2:
+            ids = ids[ends[0] + 1 : ends[1] + 1]
         prompt = ids[: min(PROMPT_TOKENS, max(1, len(ids) // 2))].unsqueeze(0)
         generated = model.generate(
             prompt,

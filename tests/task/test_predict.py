@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import predict
-from conftest import ROOT, data_args, read_json, run
+from conftest import ROOT, data_args, read_json, read_log, run
 from modeling import Model
 
 
@@ -101,7 +101,7 @@ def test_accuracy_matches_training_validation(predicted, gold, outdir):
     # One epoch: best/ is that epoch's model, and log.json holds its validation accuracy on the same
     # file.
     accuracy = sum(p["label"] == g["label"] for p, g in zip(predicted, gold)) / len(gold)
-    expected = read_json(outdir / "log.json")["Epoch 0"]["valid_log"]["accuracy"]
+    expected = read_log(outdir / "log.json")["Epoch 0"]["valid_log"]["accuracy"]
     assert accuracy == pytest.approx(expected, abs=1e-6)
     assert accuracy > 0.5  # it learned something, so a shuffled order or a label mix-up would show
 

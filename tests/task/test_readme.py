@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_json
+from conftest import ROOT, read_json, read_log
 
 MARKER = "<!-- runs in tests/task/test_readme.py -->"
 LANGUAGES = {"sh": "bash", "bash": "bash", "shell": "bash", "console": "bash", "python": "python"}
@@ -154,7 +154,7 @@ class Checks:
             assert not missing, f"{outdir / name} lacks {missing}"
         assert (outdir / ".lock").is_file()
         epochs = read_json(outdir / "last" / "my_config.json")["epochs"]
-        log = read_json(outdir / "log.json")
+        log = read_log(outdir / "log.json")
         assert list(log) == [f"Epoch {i}" for i in range(epochs)]
         assert {"loss", "accuracy", "macro_f1"} <= set(log[f"Epoch {epochs - 1}"]["valid_log"])
         self.first_log = log
@@ -165,7 +165,7 @@ class Checks:
         epochs = int(
             option(command, "--epochs") or read_json(outdir / "last" / "my_config.json")["epochs"]
         )
-        log = read_json(outdir / "log.json")
+        log = read_log(outdir / "log.json")
         assert list(log) == [f"Epoch {i}" for i in range(epochs)]
         assert self.first_log and all(log[k] == v for k, v in self.first_log.items()), (
             "the resumed run did not keep the first run's log.json"

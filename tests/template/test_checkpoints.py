@@ -25,6 +25,7 @@ from conftest import (
     data_args,
     launch,
     read_json,
+    read_log,
     refused,
     run,
 )
@@ -64,7 +65,7 @@ def test_killed_during_or_after_a_save_then_resumed_is_bitwise_the_uninterrupted
     ] in (7, 14)
     launch("--resume", outdir / "last")
     assert_bitwise_equal(reference(1) / "last", outdir / "last")
-    assert read_json(outdir / "log.json") == read_json(reference(1) / "log.json")
+    assert read_log(outdir / "log.json") == read_log(reference(1) / "log.json")
 
 
 def test_a_run_that_died_between_the_two_renames_resumes_from_old_last(finished, tmp_path):

@@ -30,6 +30,7 @@ from conftest import (
     launch,
     quick_run,
     read_json,
+    read_log,
     refused,
     run,
     tiny_tokenizer,
@@ -233,7 +234,7 @@ def test_two_first_runs_at_once_on_a_new_data_file_both_succeed(tiny_data, tmp_p
     assert_bitwise_equal(
         tmp_path / "a" / "last", tmp_path / "b" / "last"
     )  # the same rows, the same run
-    assert read_json(tmp_path / "a" / "log.json") == read_json(tmp_path / "b" / "log.json")
+    assert read_log(tmp_path / "a" / "log.json") == read_log(tmp_path / "b" / "log.json")
 
 
 # ------------------------------- a vocabulary learnt from the training file, kept in the checkpoint

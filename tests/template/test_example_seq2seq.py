@@ -21,7 +21,7 @@ import torch
 from test_examples import copy_repository, load_module
 from transformers import AutoTokenizer
 
-from conftest import ROOT, assert_bitwise_equal, launch, read_json
+from conftest import ROOT, assert_bitwise_equal, launch, read_json, read_log
 
 EXAMPLE = ROOT / "examples" / "seq2seq"
 MODEL = "examples/seq2seq/tiny-t5"
@@ -304,12 +304,12 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(runs):
     )
     assert_bitwise_equal(repo / "full" / "last", repo / "stopped" / "last")
     assert_bitwise_equal(repo / "full" / "best", repo / "stopped" / "best")
-    assert read_json(repo / "full" / "log.json") == read_json(repo / "stopped" / "log.json")
+    assert read_log(repo / "full" / "log.json") == read_log(repo / "stopped" / "log.json")
 
 
 @pytest.mark.slow
 def test_log_has_exact_match_and_chrf_and_they_improve(runs):
-    log = read_json(runs.repo / "full" / "log.json")
+    log = read_log(runs.repo / "full" / "log.json")
     valid = [log[f"Epoch {i}"]["valid_log"] for i in range(EPOCHS)]
     assert set(valid[0]) == {"loss", "exact_match", "chrf"}
     assert all(0 <= v["exact_match"] <= 1 and 0 <= v["chrf"] <= 100 for v in valid)

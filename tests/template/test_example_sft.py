@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_examples import copy_repository, load_module
 from transformers import AutoTokenizer
 
-from conftest import ROOT, assert_bitwise_equal, launch, read_json
+from conftest import ROOT, assert_bitwise_equal, launch, read_json, read_log
 
 EXAMPLE = ROOT / "examples" / "sft"
 MODEL = EXAMPLE / "tiny-gpt2-chat"
@@ -374,7 +374,7 @@ def test_stopped_and_resumed_runs_end_bitwise_equal(runs, suffix):
     assert read_json(repo / f"stopped{suffix}" / "last" / "trainer_state.json")["global_step"] == 80
     assert_bitwise_equal(repo / f"full{suffix}" / "last", repo / f"stopped{suffix}" / "last")
     assert_bitwise_equal(repo / f"full{suffix}" / "best", repo / f"stopped{suffix}" / "best")
-    assert read_json(repo / f"full{suffix}" / "log.json") == read_json(
+    assert read_log(repo / f"full{suffix}" / "log.json") == read_json(
         repo / f"stopped{suffix}" / "log.json"
     )
     assert (
@@ -384,7 +384,7 @@ def test_stopped_and_resumed_runs_end_bitwise_equal(runs, suffix):
 
 @pytest.mark.slow
 def test_log_has_exact_match_and_the_model_learns(runs):
-    log = read_json(runs.repo / "full" / "log.json")
+    log = read_log(runs.repo / "full" / "log.json")
     valid = [log[f"Epoch {i}"]["valid_log"] for i in range(2)]
     assert all(set(entry) == {"loss", "exact_match"} for entry in valid)
     assert valid[1]["loss"] < valid[0]["loss"] and valid[1]["exact_match"] > valid[0]["exact_match"]
@@ -433,11 +433,11 @@ def test_predict_writes_one_generated_response_per_prompt(runs):
 @pytest.mark.slow
 def test_lora_on_a_trained_checkpoint_trains_the_adapters_only(runs):
     repo = runs.repo
-    base_loss = read_json(repo / "full" / "log.json")["Epoch 1"]["valid_log"][
+    base_loss = read_log(repo / "full" / "log.json")["Epoch 1"]["valid_log"][
         "loss"
     ]  # full/best's epoch
     assert read_json(repo / "full" / "best" / "trainer_state.json")["epoch"] == 2
-    lora_loss = read_json(repo / "lora" / "log.json")["Epoch 0"]["valid_log"]["loss"]
+    lora_loss = read_log(repo / "lora" / "log.json")["Epoch 0"]["valid_log"]["loss"]
     assert lora_loss < base_loss
     base, tuned = (
         load_file(repo / "full" / "best" / "model.safetensors"),

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ROOT, assert_bitwise_equal, launch, read_json
+from conftest import ROOT, assert_bitwise_equal, launch, read_json, read_log
 
 # Per example: its default model, the suffix of its data files, the metric it adds to log.json.
 EXAMPLES = {
@@ -183,12 +183,12 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(example):
     assert read_json(repo / "stopped" / "last" / "trainer_state.json")["global_step"] == 20
     assert_bitwise_equal(repo / "full" / "last", repo / "stopped" / "last")
     assert_bitwise_equal(repo / "full" / "best", repo / "stopped" / "best")
-    assert read_json(repo / "full" / "log.json") == read_json(repo / "stopped" / "log.json")
+    assert read_log(repo / "full" / "log.json") == read_log(repo / "stopped" / "log.json")
 
 
 @pytest.mark.slow  # 3 launches per example
 def test_log_has_the_metric_and_the_model_learns(example):
-    log = read_json(example.repo / "full" / "log.json")
+    log = read_log(example.repo / "full" / "log.json")
     assert list(log) == ["Epoch 0", "Epoch 1"]
     valid = [log[f"Epoch {i}"]["valid_log"] for i in range(2)]
     for entry in valid:
@@ -353,8 +353,14 @@ def test_causal_lm_keeps_blank_lines_for_predict_and_skips_them_in_training(tmp_
     predicting = dataset.generate_dataset(
         str(path), "validation", tokenizer, example_args("causal_lm"), predicting=True
     )
-    assert len(training) == 2 and len(predicting) == 4  # predict.py: one output line per input row
-    assert predicting[1]["input_ids"] == [tokenizer.eos_token_id] and predicting[3] == training[1]
+    assert len(predicting) == 4  # predict.py: one output line per input row
+    assert predicting[1]["input_ids"] == [tokenizer.eos_token_id]
+    # Packed: the two texts end to end, each with its end-of-text token, in one (short) block.
+    assert len(training) == 1
+    assert training[0]["input_ids"] == predicting[0]["input_ids"] + predicting[3]["input_ids"]
+    dataset.PACK = False  # one example a text
+    training = dataset.generate_dataset(str(path), "train", tokenizer, example_args("causal_lm"))
+    assert len(training) == 2 and predicting[3] == training[1]
     path.write_text("\n  \n")
     with pytest.raises(SystemExit, match="every text in it is blank"):
         dataset.generate_dataset(str(path), "train", tokenizer, example_args("causal_lm"))

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 
 import dataset
 import train
-from conftest import TREE, data_args, fork, launch, read_json
+from conftest import TREE, data_args, fork, launch, read_log
 
 # -------------------------------------------------------- the hooks get the model and the tokenizer
 
@@ -72,7 +72,7 @@ def test_metric_inputs_and_predictions_get_the_model_and_the_tokenizer_on_every_
         sorted((rank, int(size)) for rank, size, _ in calls)
         == [("0", 3)] + [("0", 8)] * 4 + [("1", 3)] + [("1", 8)] * 4
     )
-    valid_log = read_json(outdir / "log.json")["Epoch 0"]["valid_log"]
+    valid_log = read_log(outdir / "log.json")["Epoch 0"]["valid_log"]
     assert set(valid_log) == {"loss", "accuracy", "macro_f1"} and 0 <= valid_log["accuracy"] <= 1
 
     output = tmp_path / "predictions.jsonl"
@@ -185,6 +185,6 @@ def test_a_task_without_a_tokenizer_trains_saves_and_resumes(table_task, tmp_pat
     train.main(["--resume", str(outdir / "last")])
     files = {p.name for p in (outdir / "last").iterdir()}
     assert not any(name.startswith(("tokenizer", "vocab", "special_tokens")) for name in files)
-    log = read_json(outdir / "log.json")
+    log = read_log(outdir / "log.json")
     assert log["Epoch 1"]["valid_log"]["loss"] < log["Epoch 0"]["valid_log"]["loss"]
     assert TableModel.from_pretrained(outdir / "best").layer.weight.shape == (1, 3)

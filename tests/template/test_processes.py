@@ -29,6 +29,7 @@ from conftest import (
     launch,
     python_train,
     read_json,
+    read_log,
 )
 from core import checkpoint
 
@@ -289,7 +290,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_ends_bitwise(
         assert "Traceback" not in first_run, first_run
     assert_bitwise_equal(reference(processes) / "last", outdir / "last")
     assert_bitwise_equal(reference(processes) / "best", outdir / "best")
-    assert read_json(outdir / "log.json") == read_json(reference(processes) / "log.json")
+    assert read_log(outdir / "log.json") == read_log(reference(processes) / "log.json")
 
 
 # ---------------------------------------------------------------- CPU threads per process

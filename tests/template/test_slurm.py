@@ -15,7 +15,7 @@ import time
 import pytest
 import slurm
 
-from conftest import TREE, assert_bitwise_equal, launch, read_json
+from conftest import TREE, assert_bitwise_equal, launch, read_log
 
 pytestmark = pytest.mark.slow  # ~2.5 min: Slurm's daemons, three runs of ~35 s
 # 7500 steps (375 an epoch): longer than Slurm takes to send a --signal (its checks are ~30 s
@@ -54,7 +54,7 @@ def job_env():
 def assert_same_run(outdir, whole):
     assert_bitwise_equal(whole / "last", outdir / "last")
     assert_bitwise_equal(whole / "best", outdir / "best")
-    assert read_json(outdir / "log.json") == read_json(whole / "log.json")
+    assert read_log(outdir / "log.json") == read_log(whole / "log.json")
 
 
 def test_a_job_requeued_mid_run_continues_bitwise(cluster, files, tmp_path):

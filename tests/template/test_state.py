@@ -16,7 +16,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import TREE, assert_bitwise_equal, data_args, read_json, run
+from conftest import TREE, assert_bitwise_equal, data_args, epochs, read_json, read_log, run
 from core import checkpoint, options, step
 
 # fp16's loss scaler, as accelerate makes it on a GPU (it makes none on CPU): a real GradScaler,
@@ -114,8 +114,8 @@ def test_an_ema_is_what_validation_runs_and_best_is_chosen_by(tiny_data, tmp_pat
 
     outdir = tmp_path / "model"
     run(*model_args(tiny_data, "--epochs", 3, "--ema_decay", 0.8), "--outdir", outdir)
-    log, best = read_json(outdir / "log.json"), outdir / "best"
-    reported = min(entry["valid_log"]["loss"] for entry in log.values())
+    log, best = read_log(outdir / "log.json"), outdir / "best"
+    reported = min(entry["valid_log"]["loss"] for entry in epochs(log).values())
     trained = modeling.Model.from_pretrained(best).eval()
     average = checkpoint.load_tensors(best / "ema.pt")
     assert int(average.pop("n_averaged")) == read_json(best / "trainer_state.json")["global_step"]

@@ -19,7 +19,18 @@ import torch
 
 import conftest
 import train
-from conftest import ROOT, STEPS_PER_EPOCH, TREE, data_args, launch, read_json, run, weights
+from conftest import (
+    ROOT,
+    STEPS_PER_EPOCH,
+    TREE,
+    data_args,
+    epochs,
+    launch,
+    read_json,
+    read_log,
+    run,
+    weights,
+)
 
 # ------------------------------------------------------- the same update however the batch is split
 
@@ -98,9 +109,11 @@ def lm_args(folder):
 
 
 @pytest.fixture
-def causal_lm():
-    """train.py with the causal LM example's pair, in this process, for one test."""
+def causal_lm(monkeypatch):
+    """train.py with the causal LM example's pair, in this process, for one test; one example a
+    text (not packed): lengths that vary, what a token-weighted loss is about."""
     conftest.activate("causal_lm")
+    monkeypatch.setattr(conftest.PAIRS["causal_lm"]["dataset"], "PACK", False)
     yield
     conftest.activate("template")
 
@@ -117,7 +130,7 @@ def test_a_token_mean_gives_the_same_update_however_the_batch_is_split(
     }
     print(f"relative distance to --batch_size 16 after 21 steps {grouped}: {apart}")
     assert 0 < max(apart.values()) <= FLOAT_NOISE, apart
-    logs = [read_json(tmp_path / name / "log.json")["Epoch 0"] for name in SPLITS]
+    logs = [read_log(tmp_path / name / "log.json")["Epoch 0"] for name in SPLITS]
     # The logged losses are token-weighted means too: the same for every split.
     for key in ("train_log", "valid_log"):
         assert [log[key]["loss"] for log in logs] == pytest.approx(
@@ -307,7 +320,7 @@ def test_every_scheduler_spans_the_whole_run(kind, final_lr, tiny_data, tmp_path
             str(tmp_path),
         ]
     )
-    lrs = [entry["train_log"]["lr"] for entry in read_json(tmp_path / "log.json").values()]
+    lrs = [entry["train_log"]["lr"] for entry in epochs(read_log(tmp_path / "log.json")).values()]
     assert lrs[-1] == pytest.approx(final_lr, abs=1e-12)
     if kind in (
         "linear",
@@ -320,7 +333,7 @@ def test_every_scheduler_spans_the_whole_run(kind, final_lr, tiny_data, tmp_path
 def test_schedule_is_the_same_for_1_and_2_processes_and_accumulation(reference):
     """Same global batch three ways (1 process x accumulation 2, 2 processes): the same lr per
     epoch."""
-    logs = [read_json(reference(p) / "log.json") for p in (1, 2)]
-    lrs = [[entry["train_log"]["lr"] for entry in log.values()] for log in logs]
+    logs = [read_log(reference(p) / "log.json") for p in (1, 2)]
+    lrs = [[entry["train_log"]["lr"] for entry in epochs(log).values()] for log in logs]
     assert lrs[0] == pytest.approx([1e-3 * 20 / 35, 0.0], rel=1e-9)
     assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)

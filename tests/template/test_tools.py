@@ -19,7 +19,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 import modeling
-from conftest import TREE, data_args, read_json, tiny_tokenizer
+from conftest import TREE, data_args, epochs, read_json, read_log, run, tiny_tokenizer
 
 CONFIGS = TREE / "configs" / "accelerate"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,6 +64,15 @@ def test_plot_writes_a_png(log_json, tmp_path):
     result = plot(log_json, "-o", tmp_path / "figures" / "curves.png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "figures" / "curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_draws_a_run_validated_every_n_steps_by_step(tiny_data, tmp_path):
+    more = ["--epochs", 1, "--eval_steps", 5, "--log_every", 5]
+    run(*data_args(tiny_data), "--batch_size", 16, *more, "--outdir", tmp_path / "model")
+    result = plot(tmp_path / "model" / "log.json", "-o", tmp_path / "steps.png")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"Wrote {tmp_path / 'steps.png'} (4 steps)"  # 5, 10, 15, 20
+    assert (tmp_path / "steps.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_plot_without_matplotlib(log_json, tmp_path):
@@ -123,7 +132,7 @@ def test_cpu_config_runs_two_processes(tiny_data, tmp_path):
     } <= files  # one per process: world size 2
     assert "rng_state_2.safetensors" not in files
     assert read_json(outdir / "last" / "trainer_state.json")["num_processes"] == 2
-    assert list(read_json(outdir / "log.json")) == ["Epoch 0"]
+    assert list(epochs(read_log(outdir / "log.json"))) == ["Epoch 0"]
 
 
 EXPECTED = {

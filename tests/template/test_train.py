@@ -21,9 +21,11 @@ from conftest import (
     assert_bitwise_equal,
     common_args,
     data_args,
+    epochs,
     launch,
     quick_run,
     read_json,
+    read_log,
     run,
     stopped_and_resumed,
     tiny_tokenizer,
@@ -94,9 +96,20 @@ def test_my_config_holds_every_resolved_option(launched, tiny_data):
 
 def test_log_json_structure_and_learning(launched):
     outdir, _ = launched
-    log = read_json(outdir / "log.json")
-    assert list(log) == [f"Epoch {i}" for i in range(EPOCHS)]
-    for entry in log.values():
+    log = read_log(outdir / "log.json")
+    assert list(epochs(log)) == [f"Epoch {i}" for i in range(EPOCHS)]
+    # Every --log_every (10) optimizer steps of the 20 an epoch: the loss since the last log and
+    # the throughput; the epochs' own entries come at their ends.
+    steps = [key for key in log if key.startswith("Step ")]
+    assert steps == [f"Step {10 * i}" for i in range(1, 2 * EPOCHS + 1)]
+    assert list(log).index("Epoch 0") == list(log).index("Step 20") + 1
+    with_rates = read_json(outdir / "log.json")
+    for key in steps:
+        assert set(with_rates[key]) == {"train_log"}
+        train_log = with_rates[key]["train_log"]
+        assert list(train_log) == ["loss", "lr", "samples_per_second", "tokens_per_second"]
+        assert train_log["samples_per_second"] > 0 and train_log["tokens_per_second"] > 0
+    for entry in epochs(log).values():
         assert set(entry) == {"train_log", "valid_log"}
         assert set(entry["train_log"]) == {"loss", "lr"} and set(entry["valid_log"]) == {
             "loss",
@@ -105,12 +118,12 @@ def test_log_json_structure_and_learning(launched):
         }
     assert log["Epoch 1"]["train_log"]["loss"] < log["Epoch 0"]["train_log"]["loss"]
     assert log["Epoch 1"]["valid_log"]["loss"] < log["Epoch 0"]["valid_log"]["loss"]
-    assert log == read_json(outdir / "last" / "trainer_state.json")["log"]
+    assert with_rates == read_json(outdir / "last" / "trainer_state.json")["log"]
 
 
 def test_linear_schedule_ends_at_zero(launched):
     outdir, _ = launched
-    log = read_json(outdir / "log.json")
+    log = read_log(outdir / "log.json")
     # 20 optimizer steps per epoch, 5 of warmup: after epoch 0 the lr is 1e-3 * (40 - 20) / 35.
     assert log["Epoch 0"]["train_log"]["lr"] == pytest.approx(1e-3 * 20 / 35, rel=1e-9)
     assert log[f"Epoch {EPOCHS - 1}"]["train_log"]["lr"] == 0.0
@@ -118,7 +131,7 @@ def test_linear_schedule_ends_at_zero(launched):
 
 def test_best_is_the_epoch_with_the_lowest_valid_loss(launched):
     outdir, _ = launched
-    log = read_json(outdir / "log.json")
+    log = read_log(outdir / "log.json")
     best_epoch = min(range(EPOCHS), key=lambda i: log[f"Epoch {i}"]["valid_log"]["loss"])
     state = read_json(outdir / "best" / "trainer_state.json")
     assert state["epoch"] == best_epoch + 1
@@ -148,7 +161,7 @@ def test_checkpoint_loads_with_from_pretrained_alone(launched, tiny_data, checkp
     accuracy = (predictions == batch["labels"]).float().mean().item()
     epoch = read_json(outdir / checkpoint / "trainer_state.json")["epoch"] - 1
     assert accuracy == pytest.approx(
-        read_json(outdir / "log.json")[f"Epoch {epoch}"]["valid_log"]["accuracy"]
+        read_log(outdir / "log.json")[f"Epoch {epoch}"]["valid_log"]["accuracy"]
     )
 
 
@@ -157,7 +170,8 @@ def test_progress_bars_have_the_template_format(launched):
     lines = re.split(r"[\r\n]+", result.stderr)
     train = (
         r"\[Epoch 1\] \[TRAIN\]: 100%\|██████████\| 20/20 "
-        r"\[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, lr=0\]"
+        r"\[\d\d:\d\d<00:00, +[\d.]+it/s, loss=[\d.]+, lr=0, "
+        r"samples/s=[\d.e+]+, tokens/s=[\d.e+]+\]"
     )
     valid = (
         r"\[Epoch 0\] \[VALID\]: 100%\|██████████\| 4/4 "
@@ -169,7 +183,10 @@ def test_progress_bars_have_the_template_format(launched):
     assert any(re.fullmatch(valid, line.strip()) for line in lines), (
         "no final VALID bar of the expected form"
     )
-    mid = r"\[Epoch 0\] \[TRAIN\]: +\d+%\|.{10}\| \d+/20 \[.*, loss=[\d.]+, lr=[\d.]+(e-\d+)?\]"
+    mid = (
+        r"\[Epoch 0\] \[TRAIN\]: +\d+%\|.{10}\| \d+/20 \[.*, loss=[\d.]+, lr=[\d.]+(e-\d+)?, "
+        r"samples/s=[\d.e+]+, tokens/s=[\d.e+]+\]"
+    )
     assert any(re.fullmatch(mid, line.strip()) for line in lines)
 
 
@@ -193,14 +210,14 @@ def test_metric_for_best_accuracy_decides_best_and_its_value_survives_resume(tin
     run(*args, "--outdir", tmp_path / "whole")
     stopped_and_resumed(args, tmp_path / "resumed", 2 * STEPS_PER_EPOCH)
 
-    log = read_json(tmp_path / "whole" / "log.json")
-    accuracies = [entry["valid_log"]["accuracy"] for entry in log.values()]
+    log = read_log(tmp_path / "whole" / "log.json")
+    accuracies = [entry["valid_log"]["accuracy"] for entry in epochs(log).values()]
     best = read_json(tmp_path / "whole" / "best" / "trainer_state.json")
     assert best["best_metric"] == max(accuracies)
     assert (
         best["epoch"] == accuracies.index(max(accuracies)) + 1
     )  # best/ is that epoch's checkpoint
-    assert read_json(tmp_path / "resumed" / "log.json") == log
+    assert read_log(tmp_path / "resumed" / "log.json") == log
     assert read_json(tmp_path / "resumed" / "last" / "trainer_state.json")["best_metric"] == max(
         accuracies
     )
@@ -280,15 +297,23 @@ def test_early_stopping_counter_survives_resume(tiny_data, tmp_path):
         2,
     ]
     whole = run(*args, "--outdir", tmp_path / "whole")
-    assert list(read_json(tmp_path / "whole" / "log.json")) == ["Epoch 0", "Epoch 1", "Epoch 2"]
+    assert list(epochs(read_log(tmp_path / "whole" / "log.json"))) == [
+        "Epoch 0",
+        "Epoch 1",
+        "Epoch 2",
+    ]
     assert (
         "Early stopping: valid loss has not improved" in whole.stdout
-        and "for 2 epochs" in whole.stdout
+        and "for 2 validations" in whole.stdout
     )
     resumed = stopped_and_resumed(
         args, tmp_path / "resumed", 2 * STEPS_PER_EPOCH
     )  # after epoch 1: 1 bad epoch
-    assert list(read_json(tmp_path / "resumed" / "log.json")) == ["Epoch 0", "Epoch 1", "Epoch 2"]
+    assert list(epochs(read_log(tmp_path / "resumed" / "log.json"))) == [
+        "Epoch 0",
+        "Epoch 1",
+        "Epoch 2",
+    ]
     assert "Early stopping" in resumed.stdout
     assert read_json(tmp_path / "resumed" / "last" / "trainer_state.json")["bad_epochs"] == 2
 
@@ -313,7 +338,7 @@ def test_sample_predictions_change_nothing_in_the_run(processes, tiny_data, refe
         gold in ("negative", "neutral", "positive") for _, gold in shown
     )
     assert_bitwise_equal(reference(processes) / "last", outdir / "last")  # the run without samples
-    assert read_json(outdir / "log.json") == read_json(reference(processes) / "log.json")
+    assert read_log(outdir / "log.json") == read_log(reference(processes) / "log.json")
 
 
 def test_report_to_tensorboard_logs_train_every_n_steps_and_valid_every_epoch(tiny_data, tmp_path):
@@ -332,16 +357,11 @@ def test_report_to_tensorboard_logs_train_every_n_steps_and_valid_every_epoch(ti
         tmp_path,
     )
     events = EventAccumulator(str(tmp_path / "runs")).Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [
-        8,
-        16,
-        20,
-        24,
-        32,
-        40,
-    ]  # and each epoch's end
-    assert [e.step for e in events.Scalars("train/lr")] == [8, 16, 20, 24, 32, 40]
-    log = read_json(tmp_path / "log.json")
+    # Every --log_every steps and at the last (not at a save between: the windows stay the same
+    # whatever stops and resumes the run).
+    for name in ("loss", "lr", "samples_per_second", "tokens_per_second"):
+        assert [e.step for e in events.Scalars(f"train/{name}")] == [8, 16, 24, 32, 40], name
+    log = read_log(tmp_path / "log.json")
     for name in ("loss", "accuracy", "macro_f1"):
         logged = [e.value for e in events.Scalars(f"valid/{name}")]
         assert logged == pytest.approx(
@@ -388,7 +408,7 @@ def test_torch_compile_trains_the_same_model(tiny_data, tmp_path):
     # Inductor draws its own dropout masks (torch._inductor.config.fallback_random is off), so the
     # two runs are not the same run; they must still learn the same task about as well.
     valid = [
-        read_json(tmp_path / run / "log.json")["Epoch 0"]["valid_log"]["loss"]
+        read_log(tmp_path / run / "log.json")["Epoch 0"]["valid_log"]["loss"]
         for run in ("eager", "compiled")
     ]
     assert valid[1] == pytest.approx(valid[0], rel=0.1)
