@@ -29,6 +29,7 @@ from accelerate.utils import DistributedType, send_to_device
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
+from transformers.utils import ModelOutput
 
 from core import step
 from core.checkpoint import is_optimizer
@@ -115,7 +116,20 @@ def check_hooks(modeling):
         hook = getattr(modeling, name, None)
         try:
             if hook is not None:
-                inspect.signature(hook).bind(*parameters.split(", "))
+                expected = parameters.split(", ")
+                signature = inspect.signature(hook)
+                signature.bind(*expected)
+                # Named as the parameters are but elsewhere (the old hooks, `model` and
+                # `tokenizer` defaulted at the end): each would get another's value.
+                positional = [
+                    p.name
+                    for p in signature.parameters.values()
+                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                ]
+                if any(
+                    n in positional and positional.index(n) != i for i, n in enumerate(expected)
+                ):
+                    raise TypeError("parameters in another order")
         except TypeError:
             raise UserError(
                 f"modeling.py: {name}{inspect.signature(hook)} cannot take ({parameters}), what it "
@@ -191,8 +205,19 @@ def first_batch(model, train_set, valid_set, args, metrics, device=torch.device(
     return greater
 
 
+NOT_MODEL_OUTPUT = (
+    "return a ModelOutput (e.g. transformers' SequenceClassifierOutput(loss=..., logits=...), "
+    "or a dataclass of your own deriving from ModelOutput, as modeling.py does), not a tuple or "
+    "a plain dict: train.py reads outputs.loss and the hooks outputs.logits."
+)
+
+
 def loss_of(model, batch, outputs):
-    """One clear line for a forward() whose loss is missing or not a scalar."""
+    """One clear line for a forward() that returns no ModelOutput, or whose loss is missing or not
+    a scalar."""
+    if not isinstance(outputs, ModelOutput):
+        kind = type(outputs).__name__
+        raise UserError(f"Model.forward() returned a {kind}: {NOT_MODEL_OUTPUT}")
     loss = getattr(outputs, "loss", None)
     if loss is None:
         parameters = inspect.signature(
@@ -376,12 +401,16 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
             "metrics": lambda *common: metrics(*common, tokenizer, hooks),
             "speed": throughput,
         }
+        with torch.no_grad():
+            outputs = model(**batch)
+        if not isinstance(outputs, ModelOutput):  # every check reads its fields
+            kind = type(outputs).__name__
+            report("FAIL", "forward", f"Model.forward() returned a {kind}: {NOT_MODEL_OUTPUT}")
+            checks = {}
         for name, check in checks.items():
             try:
                 check(report, accelerator, model, batch, train_set, valid_set, collate, args)
-            except (
-                Exception
-            ) as e:  # a check that crashes is a failure of the files under test, not of --check
+            except Exception as e:  # a check that crashes: a failure of the files under test
                 report("FAIL", name, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if accelerator.num_processes > 1:
         processes(report, accelerator, model, train_set, collate, args)

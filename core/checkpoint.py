@@ -175,12 +175,18 @@ def set_rng_state(path):
 
 
 def fsync_tree(directory):
+    """fsync every file of `directory` (a staging folder this template wrote), then the folder."""
     for path in [*Path(directory).iterdir(), Path(directory)]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(path)
+
+
+def fsync(path):
+    """fsync one file or folder (a folder: its entries, so renames in it last)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish(staging, target):
@@ -191,7 +197,7 @@ def publish(staging, target):
     if target.exists():
         os.replace(target, old)
     os.replace(staging, target)
-    fsync_tree(target.parent)
+    fsync(target.parent)  # the renames; never the outdir's other entries (a FIFO would hang)
     discard(old)
 
 

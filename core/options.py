@@ -386,6 +386,11 @@ def parse_options(parser, argv=None):
     """Defaults < the resumed checkpoint's my_config.json < --config FILE < flags on the command
     line."""
     known, _ = parser.parse_known_args(argv)
+    if known.resume and known.overwrite:  # one continues the run in --outdir, one replaces it
+        raise UserError(
+            f"--resume {known.resume} and --overwrite together: --resume continues the run in "
+            f"--outdir, --overwrite starts a new one in its place. Give one of them."
+        )
     if known.resume == "auto":
         return resume_auto(parser, sys.argv[1:] if argv is None else list(argv))
     defaults, saved = {}, {}

@@ -99,6 +99,59 @@ def test_a_hook_with_the_old_parameters_is_one_line(script, monkeypatch, tiny_da
     assert not (tmp_path / "model").exists()
 
 
+def test_a_hook_with_defaulted_model_and_tokenizer_at_the_end_is_one_line(
+    monkeypatch, tiny_data, tmp_path
+):
+    """The old parameters with `model` and `tokenizer` added at the end, defaulted: they bind,
+    but each would get another's value (batch the model, ...). Refused by their names."""
+
+    def metric_inputs(batch, outputs, model=None, tokenizer=None):
+        return {}
+
+    monkeypatch.setattr(train.modeling, "metric_inputs", metric_inputs)
+    refused(
+        [*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
+        "modeling.py: metric_inputs(batch, outputs, model=None, tokenizer=None) cannot take "
+        "(model, tokenizer, batch, outputs)",
+    )
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_a_forward_that_returns_no_model_output_is_one_line_and_one_check(
+    kind, tiny_data, tmp_path, monkeypatch, capsys
+):
+    build = train.build_model
+
+    def plain(name, train_set):
+        model = build(name, train_set)
+        forward = model.forward
+
+        def returns_plain(**batch):
+            outputs = forward(**batch)
+            if kind == "tuple":
+                return outputs.loss, outputs.logits
+            return {"loss": outputs.loss, "logits": outputs.logits}
+
+        model.forward = returns_plain
+        return model
+
+    monkeypatch.setattr(train, "build_model", plain)
+    args = [*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"]
+    refused(args, f"Model.forward() returned a {kind}: return a ModelOutput")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main([str(a) for a in [*args, "--check"]])
+    lines = capsys.readouterr().out.splitlines()
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert failed == [
+        f"FAIL  forward    Model.forward() returned a {kind}: return a ModelOutput (e.g. "
+        "transformers' SequenceClassifierOutput(loss=..., logits=...), or a dataclass of your own "
+        "deriving from ModelOutput, as modeling.py does), not a tuple or a plain dict: train.py "
+        "reads outputs.loss and the hooks outputs.logits."
+    ]
+
+
 def test_a_tokenizer_without_a_pad_token_is_one_line_before_training(
     monkeypatch, tiny_data, tmp_path
 ):

@@ -13,13 +13,16 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import subprocess
+import sys
 
 import pytest
 
 import predict
 import train
 from conftest import (
+    TREE,
     assert_bitwise_equal,
     common_args,
     data_args,
@@ -418,3 +421,20 @@ def test_a_checkpoint_that_asks_to_run_its_code_is_refused_without_a_prompt(
         "asks to run code",
     )
     assert not SENTINEL.exists()
+
+
+def test_a_save_touches_none_of_the_outdirs_other_entries(tiny_data, tmp_path):
+    """A named pipe in --outdir (opening it would wait for a writer for ever) and a dangling link
+    (opening it fails) beside the checkpoints: the run saves and ends, and leaves them alone."""
+    outdir = tmp_path / "model"
+    outdir.mkdir()
+    os.mkfifo(outdir / "pipe")
+    (outdir / "gone").symlink_to(tmp_path / "nothing")
+    result = subprocess.run(
+        [sys.executable, "train.py", *map(str, data_args(tiny_data)), "--batch_size", "16",
+         "--epochs", "1", "--save_steps", "5", "--outdir", str(outdir)],
+        cwd=TREE, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(outdir / "last" / "manifest.json")["global_step"] == 20
+    assert stat.S_ISFIFO(os.lstat(outdir / "pipe").st_mode) and (outdir / "gone").is_symlink()

@@ -531,3 +531,14 @@ def test_a_read_only_outdir_is_one_line_before_any_work(read_only, tiny_data, mo
     refused(
         [*data_args(tiny_data), "--outdir", read_only], "cannot write there (Read-only file system)"
     )
+
+
+@pytest.mark.parametrize("resume", ["auto", "model/last"])
+def test_resume_and_overwrite_together_are_refused_in_one_line(resume, tiny_data, tmp_path):
+    """One continues the run in --outdir, the other replaces it: neither is dropped silently."""
+    refused(
+        [*data_args(tiny_data), *FAST, "--outdir", tmp_path, "--resume", resume, "--overwrite"],
+        f"--resume {resume} and --overwrite together",
+        "Give one of them.",
+    )
+    assert not any(tmp_path.iterdir())
