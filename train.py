@@ -63,12 +63,7 @@ def main(argv=None):
     # On the device, as validation will run it (a metric that generates costs what it costs there).
     unwrapped = accelerator.unwrap_model(model)
     greater = check.first_batch(
-        unwrapped,
-        train_set,
-        valid_set,
-        args,
-        lambda batch, outputs: compute_metrics(metrics_of(unwrapped, tokenizer, batch, outputs)),
-        accelerator.device,
+        unwrapped, tokenizer, train_set, valid_set, args, modeling, accelerator.device
     )
     accelerator.print(
         f"best/ keeps the epoch with the {'highest' if greater else 'lowest'} valid "

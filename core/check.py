@@ -164,12 +164,12 @@ def check_collate(train_set, tokenizer, args):
         ) from None
 
 
-def first_batch(model, train_set, valid_set, args, metrics, device=torch.device("cpu")):
+def first_batch(model, tokenizer, train_set, valid_set, args, hooks, device=torch.device("cpu")):
     """Before any training: the first validation examples and the longest training example through
-    the model, so that a forward without a scalar loss, a --max_len beyond the model's positions or
-    a --metric_for_best that no metric has costs seconds, not an epoch. Returns whether a greater
-    --metric_for_best is better. Changes nothing: eval mode, no gradients, RNG kept. `metrics`:
-    (batch, outputs) -> {name: value}, modeling.py's metrics on one batch; `device`: the model's."""
+    the model, so that a forward without a scalar loss, a --max_len beyond the model's positions, a
+    per-example hook that gives one number for the batch or a --metric_for_best that no metric has
+    costs seconds, not an epoch. Returns whether a greater --metric_for_best is better. Changes
+    nothing: eval mode, no gradients, RNG kept. `hooks`: modeling.py; `device`: the model's."""
     collate = getattr(valid_set, "collate", torch.utils.data.default_collate)
     samples = [valid_set[i] for i in range(min(2, len(valid_set)))]
     lengths = getattr(train_set, "lengths", None)
@@ -187,7 +187,14 @@ def first_batch(model, train_set, valid_set, args, metrics, device=torch.device(
                 "fewer positions, lower --max_len."
             ) from None
         loss_of(model, batch, outputs)
-        names = ["loss", *metrics(batch, outputs)]
+        metrics = {}
+        if hasattr(hooks, "metric_inputs") and hasattr(hooks, "compute_metrics"):
+            inputs = hooks.metric_inputs(model, tokenizer, batch, outputs)
+            per_example(inputs, "metric_inputs(model, tokenizer, batch, outputs)", batch)
+            metrics = hooks.compute_metrics(inputs)
+        if hasattr(hooks, "loss_items"):
+            per_example({"": hooks.loss_items(batch)}, "loss_items(batch)", batch)
+        names = ["loss", *metrics]
     model.train()
     for module in model.modules():  # FSDP2 keeps what it gathered for a forward without a backward
         if isinstance(module, FSDPModule):  # (the loop's list of parameters would hold those)
@@ -203,6 +210,21 @@ def first_batch(model, train_set, valid_set, args, metrics, device=torch.device(
             args.metric_for_best.lower().replace("-", "_").split("_")
         )
     return greater
+
+
+def per_example(values, hook, batch):
+    """A hook's per-example tensors have one row per example of `batch`: a sum over the batch
+    (a 0-dim tensor) would pass one batch and fail at the end of the epoch, concatenated."""
+    rows = len(next(iter(batch.values())))
+    for key, value in values.items():
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        if not torch.is_tensor(value) or value.dim() == 0 or len(value) != rows:
+            what = f"['{key}'] " if key else " "
+            raise UserError(
+                f"modeling.py: {hook}{what}is {shape} for a batch of {rows} examples: give one "
+                f"value per example (a tensor whose first dimension is the batch's), not one for "
+                f"the batch."
+            )
 
 
 NOT_MODEL_OUTPUT = (

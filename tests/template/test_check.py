@@ -117,6 +117,32 @@ def test_a_hook_with_defaulted_model_and_tokenizer_at_the_end_is_one_line(
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("hook", ["loss_items", "metric_inputs"])
+def test_a_per_example_hook_that_sums_the_batch_is_refused_before_step_1(
+    hook, monkeypatch, tiny_data, tmp_path
+):
+    """A 0-dim tensor for the batch passes one batch, then fails when the epoch's are concatenated
+    (train.py's validation, after a whole epoch of training): refused before step 1."""
+    if hook == "loss_items":
+
+        def counted(batch):  # summed: one number for the batch
+            return batch["labels"].ne(-100).sum()
+
+        monkeypatch.setattr(train.modeling, "loss_items", counted, raising=False)
+        expected = "modeling.py: loss_items(batch) is () for a batch of 3 examples"
+    else:
+        metric_inputs = train.modeling.metric_inputs
+
+        def summed(model, tokenizer, batch, outputs):
+            return {k: v.sum() for k, v in metric_inputs(model, tokenizer, batch, outputs).items()}
+
+        monkeypatch.setattr(train.modeling, "metric_inputs", summed)
+        expected = "modeling.py: metric_inputs(model, tokenizer, batch, outputs)['"
+    message = refused([*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"], expected)
+    assert "give one value per example" in message and "is () for a batch of 3" in message
+    assert not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize("kind", ["tuple", "dict"])
 def test_a_forward_that_returns_no_model_output_is_one_line_and_one_check(
     kind, tiny_data, tmp_path, monkeypatch, capsys

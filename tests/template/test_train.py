@@ -251,24 +251,10 @@ def test_the_direction_of_a_metric_follows_its_name(
         args.valid_file, "validation", tiny_tokenizer(), args, ["negative", "neutral", "positive"]
     )
     train_set = train.generate_dataset(args.train_file, "train", tiny_tokenizer(), args)
-    assert (
-        check.first_batch(
-            model,
-            train_set,
-            valid_set,
-            args,
-            lambda b, o: train.compute_metrics(train.metrics_of(model, None, b, o)),
-        )
-        is greater
-    )
+    hooks = train.modeling
+    assert check.first_batch(model, None, train_set, valid_set, args, hooks) is greater
     args.greater_is_better = not greater  # the flag wins
-    assert check.first_batch(
-        model,
-        train_set,
-        valid_set,
-        args,
-        lambda b, o: train.compute_metrics(train.metrics_of(model, None, b, o)),
-    ) is (not greater)
+    assert check.first_batch(model, None, train_set, valid_set, args, hooks) is (not greater)
 
 
 def test_mse_keeps_the_lowest_epoch_in_best(tiny_data, tmp_path, monkeypatch, capfd):
