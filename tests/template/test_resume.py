@@ -542,3 +542,17 @@ def test_resume_and_overwrite_together_are_refused_in_one_line(resume, tiny_data
         "Give one of them.",
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_auto_of_a_finished_run_with_other_training_data_is_refused(tiny_data, tmp_path):
+    """Another task's finished run in --outdir: not "finished; nothing to do" (exit 0)."""
+    outdir = tmp_path / "model"
+    run(*data_args(tiny_data), *FAST, "--outdir", outdir)
+    other = tmp_path / "other.jsonl"
+    lines = (tiny_data / "train.jsonl").read_text().splitlines()
+    other.write_text("\n".join(reversed(lines)) + "\n")  # the same rows, another file
+    refused(
+        ["--train_file", other, "--outdir", outdir, "--resume", "auto"],
+        f"--resume {outdir / 'last'}: the training data is not the run's: {other} is not the file",
+    )
+    assert "finished" in run("--outdir", outdir, "--resume", "auto").stdout  # its own data
