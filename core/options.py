@@ -386,6 +386,11 @@ def parse_options(parser, argv=None):
     """Defaults < the resumed checkpoint's my_config.json < --config FILE < flags on the command
     line."""
     known, _ = parser.parse_known_args(argv)
+    if known.resume is None and known.config:  # `resume:` in an options file: as the flag is
+        in_file = read_config(known.config).get("resume", (None,))[0]
+        if in_file is not None:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            return parse_options(parser, [*argv, "--resume", str(in_file)])
     if known.resume and known.overwrite:  # one continues the run in --outdir, one replaces it
         raise UserError(
             f"--resume {known.resume} and --overwrite together: --resume continues the run in "

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 import predict
-from conftest import refused, snapshot
+from conftest import assert_bitwise_equal, data_args, read_json, refused, run, snapshot
 from core import options
 
 # ---------------------------------------------------------------- where each value comes from
@@ -158,3 +158,21 @@ def test_predict_never_writes_over_its_input_a_checkpoint_or_an_existing_file(
     )
     predict.main([str(a) for a in [*base, "--output_file", existing, "--overwrite"]])
     assert len(existing.read_text().splitlines()) == 64
+
+
+@pytest.mark.parametrize("value", ["last", "auto"])
+def test_resume_in_an_options_file_is_the_flag(value, tiny_data, tmp_path):
+    """`resume:` in a --config file takes the checkpoint's options and continues it exactly, as
+    --resume does (it used to continue with train.py's defaults, batch 16 -> 32, silently)."""
+    args = [*data_args(tiny_data), "--batch_size", 16, "--epochs", 1, "--seed", 7]
+    run(*args, "--outdir", tmp_path / "whole")
+    run(*args, "--outdir", tmp_path / "model", "--stop_after_steps", 5)
+    config = tmp_path / "resume.yaml"
+    last = tmp_path / "model" / "last"
+    config.write_text(
+        f"resume: {last if value == 'last' else 'auto'}\noutdir: {tmp_path / 'model'}\n"
+    )
+    run("--config", config)
+    state = read_json(last / "trainer_state.json")
+    assert state["global_step"] == 20 and read_json(last / "my_config.json")["batch_size"] == 16
+    assert_bitwise_equal(tmp_path / "whole" / "last", last)
