@@ -12,7 +12,9 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -162,23 +164,34 @@ def load_rows(path, split="train", config_name=None):
 
 @contextlib.contextmanager
 def datasets_cache_space():
-    """A full disk under the datasets cache while the data is read, tokenized or its vocabulary
-    learnt: one line naming the folder, and the temporary files datasets left there (tmpXXXX, from a
-    map cut short) removed; the next run with room starts them afresh."""
+    """While the data is read, tokenized or its vocabulary learnt: a full disk under the datasets
+    cache is one line naming the folder, and a stop (SIGTERM, SIGUSR1, Ctrl-C) exits with the
+    signal's status; either way the temporary files datasets left there (tmpXXXX, from a map cut
+    short, written since this run began) are removed, and the next run starts them afresh."""
     cache, start = Path(datasets.config.HF_DATASETS_CACHE), time.time() - 1
+
+    def stop(signum, frame):  # the default action would kill the process before any cleanup
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    stops = (signal.SIGTERM, signal.SIGUSR1)
+    previous = {signum: signal.signal(signum, stop) for signum in stops} if main else {}
     try:
         yield
-    except Exception as e:
-        if not disk_full(e):
-            raise
+    except BaseException as e:
         for path in cache.rglob("tmp*"):  # written since this run started, never finished
             if path.is_file() and path.stat().st_mtime >= start:
-                path.unlink()
+                path.unlink(missing_ok=True)
+        if not disk_full(e):
+            raise
         raise UserError(
             f"no space left on the device of the datasets cache {cache} while reading or "
             f"tokenizing the data. Free space there, or set HF_DATASETS_CACHE to a folder "
             f"with room, and run again."
         ) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def disk_full(error):

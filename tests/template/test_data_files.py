@@ -13,8 +13,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import datasets
@@ -332,3 +334,30 @@ def test_loader_workers_read_the_same_batches(tiny_data, tmp_path):
     run(*args, "--outdir", tmp_path / "plain")
     run(*args, "--outdir", tmp_path / "workers", "--num_workers", 2)
     assert_bitwise_equal(tmp_path / "plain" / "last", tmp_path / "workers" / "last")
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_tokenizing_leaves_no_partial_file_in_the_datasets_cache(tmp_path):
+    """datasets' map writes tmpXXXXXXXX in the cache as it goes; a SIGTERM then (the default action
+    kills the process at once) left it there for good. The run now exits 143 without one."""
+    words = "the a good bad movie film great awful plot actor scene music boring fun".split()
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(60_000):
+            text = " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(12))
+            f.write(json.dumps({"text": text, "label": ["pos", "neg"][i % 2]}) + "\n")
+    cache = tmp_path / "cache"
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "--train_file", str(tmp_path / "train.jsonl"),
+         "--outdir", str(tmp_path / "model")],
+        cwd=TREE, env={**os.environ, "HF_DATASETS_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list(cache.rglob("tmp*")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert list(cache.rglob("tmp*")), "the map never wrote a temporary file"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert list(cache.rglob("tmp*")) == []
