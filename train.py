@@ -79,9 +79,9 @@ def main(argv=None):
     objects = {"optimizer": optimizer, "scheduler": scheduler}
     if accelerator.scaler is not None and accelerator.scaler.is_enabled():  # --mixed_precision fp16
         objects["scaler"] = accelerator.scaler  # its loss scale: a resumed run continues with it
+    check.objects_under_fsdp(accelerator, objects, args.ema_decay)
     if args.ema_decay:  # validated and deciding best/ in the model's place; saved as ema.pt
         objects["ema"] = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
-    check.objects_under_fsdp(accelerator, objects)
 
     if accelerator.is_main_process:
         resume.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends

@@ -265,22 +265,26 @@ def loss_of(model, batch, outputs):
         )
 
 
-def objects_under_fsdp(accelerator, objects):
+def objects_under_fsdp(accelerator, objects, ema_decay=0):
     """Under FSDP2 the main process saves every object but the optimizers (whose shards each
-    process saves): an object holding sharded tensors (an EMA of sharded weights) would be saved
-    in part. Refused before step 1."""
+    process saves): an object holding sharded tensors (an EMA of sharded weights, --ema_decay)
+    would be saved in part. Refused before step 1 (an EMA before it is made)."""
     if accelerator.distributed_type != DistributedType.FSDP:
         return
-    for name, value in objects.items():
-        if not is_optimizer(value) and any(
-            isinstance(v, DTensor) for v in value.state_dict().values()
-        ):
-            option = " (--ema_decay)" if name == "ema" else ""
-            raise UserError(
-                f"'{name}'{option} holds weights sharded by FSDP2, which a checkpoint would save "
-                f"in part: not supported under FSDP2. Drop it, or train with plain data "
-                f"parallelism (DDP)."
-            )
+    sharded = ["ema"] if ema_decay else []
+    sharded += [
+        name
+        for name, value in objects.items()
+        if not is_optimizer(value)
+        and any(isinstance(v, DTensor) for v in value.state_dict().values())
+    ]
+    for name in sharded:
+        option = " (--ema_decay)" if name == "ema" else ""
+        raise UserError(
+            f"'{name}'{option} holds weights sharded by FSDP2, which a checkpoint would save "
+            f"in part: not supported under FSDP2. Drop it, or train with plain data "
+            f"parallelism (DDP)."
+        )
 
 
 # ---------------------------------------------------------------- --check

@@ -374,7 +374,7 @@ def test_stopped_and_resumed_runs_end_bitwise_equal(runs, suffix):
     assert read_json(repo / f"stopped{suffix}" / "last" / "trainer_state.json")["global_step"] == 80
     assert_bitwise_equal(repo / f"full{suffix}" / "last", repo / f"stopped{suffix}" / "last")
     assert_bitwise_equal(repo / f"full{suffix}" / "best", repo / f"stopped{suffix}" / "best")
-    assert read_log(repo / f"full{suffix}" / "log.json") == read_json(
+    assert read_log(repo / f"full{suffix}" / "log.json") == read_log(
         repo / f"stopped{suffix}" / "log.json"
     )
     assert (

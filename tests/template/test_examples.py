@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import ROOT, assert_bitwise_equal, launch, read_json, read_log
+from conftest import ROOT, assert_bitwise_equal, epochs, launch, read_json, read_log
 
 # Per example: its default model, the suffix of its data files, the metric it adds to log.json.
 EXAMPLES = {
@@ -72,14 +72,19 @@ def copy_repository(destination):
     shutil.copytree(ROOT, destination, ignore=ignore)
 
 
-def fork_with_example(name, folder):
+def fork_with_example(name, folder, packed=False):
     """A copy of the repository with the example's pair over modeling.py / dataset.py and the first
-    rows of its data in train / valid files; returns it and the options that train on them."""
+    rows of its data in train / valid files; returns it and the options that train on them. The
+    causal LM's texts are packed only if `packed` (else one example a text)."""
     spec = EXAMPLES[name]
     repo = folder / "repo"
     copy_repository(repo)
     for user_file in ("modeling.py", "dataset.py"):
         shutil.copy(repo / "examples" / name / user_file, repo / user_file)
+    if name == "causal_lm" and not packed:  # one example a text: what these tests count on
+        source = (repo / "dataset.py").read_text()
+        assert source.count("PACK = True") == 1
+        (repo / "dataset.py").write_text(source.replace("PACK = True", "PACK = False"))
     for split, rows in [("train", TRAIN_ROWS), ("valid", VALID_ROWS)]:
         lines = (
             (repo / "examples" / name / "data" / f"{split}{spec['suffix']}")
@@ -189,7 +194,7 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(example):
 @pytest.mark.slow  # 3 launches per example
 def test_log_has_the_metric_and_the_model_learns(example):
     log = read_log(example.repo / "full" / "log.json")
-    assert list(log) == ["Epoch 0", "Epoch 1"]
+    assert list(epochs(log)) == ["Epoch 0", "Epoch 1"]
     valid = [log[f"Epoch {i}"]["valid_log"] for i in range(2)]
     for entry in valid:
         assert example.spec["metric"] in entry and all(math.isfinite(v) for v in entry.values())
@@ -383,3 +388,25 @@ def test_token_classification_refuses_a_word_without_tokens(tmp_path):
         dataset.generate_dataset(
             str(path), "train", tokenizer, example_args("token_classification")
         )
+
+
+@pytest.mark.slow
+def test_packed_causal_lm_blocks_resume_bitwise_and_predict_keeps_a_line_a_row(tmp_path):
+    """The shipped causal LM packs its texts into --max_len blocks (no padding but the last block):
+    a --max_steps run stopped mid-epoch and resumed ends bitwise the uninterrupted one, and
+    predict.py still writes one line per input row."""
+    repo, options = fork_with_example("causal_lm", tmp_path, packed=True)
+    options = [*options, "--max_len", 16, "--max_steps", 25, "--eval_steps", 10]
+    launch(*options, "--outdir", "full", cwd=repo)
+    launch(*options, "--outdir", "stopped", "--stop_after_steps", 13, cwd=repo)
+    launch("--resume", "stopped/last", cwd=repo)
+    for name in ("last", "best"):
+        assert_bitwise_equal(repo / "full" / name, repo / "stopped" / name)
+    assert read_log(repo / "full" / "log.json") == read_log(repo / "stopped" / "log.json")
+    state = read_json(repo / "full" / "last" / "trainer_state.json")
+    assert state["global_step"] == 25 and state["data"]["train"]["rows"] < TRAIN_ROWS  # blocks
+    launch(
+        "--checkpoint", "full/best", "--input_file", "valid.txt", "--output_file", "out.jsonl",
+        cwd=repo, script="predict.py",
+    )  # fmt: skip
+    assert len((repo / "out.jsonl").read_text().splitlines()) == VALID_ROWS

@@ -231,5 +231,7 @@ def test_an_ema_of_the_sharded_weights_is_refused_before_step_1(tiny_data, tmp_p
     result = launch(*args, "--outdir", tmp_path / "model", config=CONFIG, check=False)
     assert result.returncode != 0
     assert "error: 'ema' (--ema_decay) holds weights sharded by FSDP2" in result.stderr
-    assert "Traceback" not in result.stderr
+    # One line from train.py (torchrun's agent then prints a traceback of its own, about the
+    # workers that exited 1).
+    assert "UserError" not in result.stderr and "in objects_under_fsdp" not in result.stderr
     assert not (tmp_path / "model" / "last").exists()
