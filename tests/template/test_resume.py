@@ -92,7 +92,7 @@ def test_group_by_length_with_two_processes_resumes_bitwise(tiny_data, reference
     run(*args, "--outdir", tmp_path / "whole", processes=2)
     stopped_and_resumed(args, tmp_path / "resumed", STEPS_PER_EPOCH + 7, processes=2)
     assert_bitwise_equal(tmp_path / "whole" / "last", tmp_path / "resumed" / "last")
-    assert read_log(tmp_path / "resumed" / "log.json") == read_json(tmp_path / "whole" / "log.json")
+    assert read_log(tmp_path / "resumed" / "log.json") == read_log(tmp_path / "whole" / "log.json")
     grouped, shuffled = weights(tmp_path / "whole" / "last"), weights(reference(2) / "last")
     assert not torch.equal(
         grouped["head.weight"], shuffled["head.weight"]
@@ -109,7 +109,7 @@ def test_bf16_on_a_cpu_trains_saves_and_resumes_bitwise(tiny_data, tmp_path):
     python_train("--resume", tmp_path / "stopped" / "last")
     assert read_json(tmp_path / "whole" / "last" / "my_config.json")["mixed_precision"] == "bf16"
     assert_bitwise_equal(tmp_path / "whole" / "last", tmp_path / "stopped" / "last")
-    assert read_log(tmp_path / "whole" / "log.json") == read_json(tmp_path / "stopped" / "log.json")
+    assert read_log(tmp_path / "whole" / "log.json") == read_log(tmp_path / "stopped" / "log.json")
 
 
 def test_best_is_not_replaced_by_a_worse_model_after_resume(tiny_data, tmp_path):

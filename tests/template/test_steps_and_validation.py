@@ -78,7 +78,7 @@ def test_early_stopping_by_validations_ends_there_and_best_holds_the_best_valida
     more = ["--eval_steps", 3, "--epochs", 3, "--early_stopping_patience", 2, "--greater_is_better"]
     outdir = tmp_path / "model"
     result = run(*args_of(tiny_data, *more), "--outdir", outdir)
-    log = read_json(outdir / "log.json")
+    log = read_log(outdir / "log.json")
     losses = [(step, valid["loss"]) for step, valid in validations(log)]
     stopped, best = replay(losses, patience=2, greater=True)
     assert stopped is not None and stopped < 3 * STEPS_PER_EPOCH
@@ -104,7 +104,7 @@ def test_max_steps_is_the_run_length_the_schedule_and_the_last_validation(tiny_d
     run(*args, "--outdir", outdir)
     state = read_json(outdir / "last" / "trainer_state.json")
     assert (state["global_step"], state["epoch"], state["steps_done_in_epoch"]) == (25, 1, 5)
-    log = read_json(outdir / "log.json")
+    log = read_log(outdir / "log.json")
     assert "Epoch 0" in log and "Epoch 1" not in log  # the second epoch was cut short at step 25
     assert log["Step 25"]["train_log"]["lr"] == 0.0  # linear: 0 at step N exactly
     assert log["Epoch 0"]["train_log"]["lr"] > 0.0
@@ -117,7 +117,7 @@ def test_max_steps_is_the_run_length_the_schedule_and_the_last_validation(tiny_d
     # A larger budget goes on (a warm restart: the schedule now spans 30 steps).
     run("--resume", outdir / "last", "--max_steps", 30)
     assert read_json(outdir / "last" / "trainer_state.json")["global_step"] == 30
-    assert read_json(outdir / "log.json")["Step 30"]["train_log"]["lr"] == 0.0
+    assert read_log(outdir / "log.json")["Step 30"]["train_log"]["lr"] == 0.0
 
 
 def test_a_max_steps_run_stopped_and_resumed_is_bitwise_the_uninterrupted_one(tiny_data, tmp_path):
@@ -149,7 +149,7 @@ def test_a_checkpoint_saved_before_step_entries_resumes_bitwise(tiny_data, tmp_p
 
     run("--resume", last)
     assert_bitwise_equal(tmp_path / "whole" / "last", last)
-    whole, old = (read_json(tmp_path / n / "log.json") for n in ("whole", "old"))
+    whole, old = (read_log(tmp_path / n / "log.json") for n in ("whole", "old"))
     epochs = [key for key in whole if key.startswith("Epoch ")]
     assert {k: whole[k] for k in epochs} == {k: old[k] for k in epochs}
 
@@ -213,7 +213,7 @@ def test_a_signal_during_validation_stops_right_after_it_and_resumes_bitwise(
     assert f"Stopped by signal {int(signal.SIGTERM)} after 6 optimizer steps" in output
     state = read_json(outdir / "last" / "trainer_state.json")
     assert state["global_step"] == 6  # acted on right after the validation, not steps later
-    assert "valid_log" in read_json(outdir / "log.json")["Step 6"]
+    assert "valid_log" in read_log(outdir / "log.json")["Step 6"]
 
     run("--resume", outdir / "last", processes=processes)
     for name in ("last", "best"):
