@@ -209,11 +209,15 @@ def test_a_mean_over_examples_needs_no_count(tiny_data, tmp_path, monkeypatch):
 
 
 def lm_fork(folder):
-    """A copy of the template with the causal LM example's pair over modeling.py and dataset.py."""
+    """A copy of the template with the causal LM example's pair over modeling.py and dataset.py,
+    one example a text (not packed: lengths that vary)."""
     fork = folder / "fork"
     shutil.copytree(TREE, fork)
     for name in ("modeling.py", "dataset.py"):
         shutil.copy(EXAMPLE / name, fork / name)
+    source = (fork / "dataset.py").read_text()
+    assert source.count("PACK = True") == 1
+    (fork / "dataset.py").write_text(source.replace("PACK = True", "PACK = False"))
     return fork
 
 
