@@ -106,15 +106,16 @@ def auto_checkpoint(outdir):
 
 def finished(state, args):
     """Whether the resumed run has nothing left (every epoch or --max_steps done, or stopped
-    early): (what it reached, what to pass to train further), else None. A finished run given
-    other training data (another task's outdir) is refused, not declared finished."""
+    early): (what it reached, what to pass to train further), else None. Other training data
+    (another task's outdir, say) is refused first, not declared finished."""
     saved, path = state.data.get("train", {}), Path(args.train_file)
     if saved.get("sha256") and path.is_file() and not args.ignore_mismatch:
         if data_sha256(path) != saved["sha256"]:
             raise UserError(
-                f"--resume {args.resume}: the training data is not the run's: {path} is not the "
-                f"file {saved['path']} was ({saved['rows']} examples). Resume with the data it was "
-                f"trained on, or give another --outdir for a new run."
+                f"--resume {args.resume}: the training data changed since the checkpoint was "
+                f"saved: {path} is not the file {saved['path']} was ({saved['rows']} examples; "
+                f"another sha256). Resume with the data it was trained on, add --ignore_mismatch "
+                f"(the run is then not the one it continues), or give another --outdir."
             )
     patience = args.early_stopping_patience
     if patience and state.bad_epochs >= patience:

@@ -553,6 +553,7 @@ def test_resume_auto_of_a_finished_run_with_other_training_data_is_refused(tiny_
     other.write_text("\n".join(reversed(lines)) + "\n")  # the same rows, another file
     refused(
         ["--train_file", other, "--outdir", outdir, "--resume", "auto"],
-        f"--resume {outdir / 'last'}: the training data is not the run's: {other} is not the file",
+        f"--resume {outdir / 'last'}: the training data changed since the checkpoint was saved: "
+        f"{other} is not the file",
     )
     assert "finished" in run("--outdir", outdir, "--resume", "auto").stdout  # its own data
