@@ -85,6 +85,8 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         resume.lock_outdir(args.outdir)  # one run per outdir, from here until this process ends
+    if resumed:  # the position read in setup() is still the checkpoint's, now that none can save
+        resume.check_unchanged(accelerator, args.resume, resumed)
     state = resumed or checkpoint.TrainState(num_processes=accelerator.num_processes)
     if resumed:  # the weights, the objects, the position, and the RNG streams last
         resume.restore(args.resume, accelerator, model, objects, state)
@@ -147,6 +149,7 @@ def setup(args):
         log_with=step.tracker(args.report_to),
         project_dir=args.outdir,
     )
+    processes.refuse_lone_processes(accelerator)
     processes.shard_fsdp_on_cpu(accelerator)
     processes.refuse_deepspeed(accelerator)
     processes.refuse_fp16_on_cpu(accelerator)
@@ -347,9 +350,12 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
             validate = end_of_run or (every if args.eval_steps else end_of_epoch)
             periodic = args.save_steps and state.global_step % args.save_steps == 0
             save = end_of_epoch or end_of_run or validate or periodic or stop
-            if save or state.global_step % args.log_every == 0:  # before any save
-                log_steps(accelerator, args, running, state, objects["scheduler"], bar, end_of_run)
+            # A signal: asked after every step in one process (a flag), every --log_every steps in
+            # several (a collective: the same answer on every process).
+            if accelerator.num_processes == 1 or save or state.global_step % args.log_every == 0:
                 stop = stop or preemption.received(accelerator) or None
+            if save or stop or state.global_step % args.log_every == 0:  # before any save
+                log_steps(accelerator, args, running, state, objects["scheduler"], bar, end_of_run)
             improved, train_loss = False, None
             if end_of_epoch or validate:
                 bar.close()
@@ -509,22 +515,29 @@ def evaluate(accelerator, model, tokenizer, loader, desc):
         for batch in loader:
             outputs = model(**batch)
             # Per example (gather_for_metrics drops the copies that even out the last batches): its
-            # items (tokens, with modeling.loss_items; else 1), and the batch's loss times them.
+            # items (tokens, with modeling.loss_items; else 1), and the batch's loss times them. An
+            # example without items weighs 0, as in training (a batch of none has a NaN mean loss).
             per_example = (
                 loss_items(batch).float()
                 if loss_items
                 else torch.ones(len(next(iter(batch.values()))), device=accelerator.device)
             )
-            losses.append(
-                accelerator.gather_for_metrics(outputs.loss.detach().float() * per_example)
-            )
+            weighted = torch.where(per_example > 0, outputs.loss.detach().float() * per_example, 0)
+            losses.append(accelerator.gather_for_metrics(weighted))
             items.append(accelerator.gather_for_metrics(per_example))
             for key, value in metrics_of(unwrapped, tokenizer, batch, outputs).items():
                 gathered[key].append(accelerator.gather_for_metrics(value))
             bar.update()
     model.train()
+    total = torch.cat(items).sum()
+    if total == 0:
+        accelerator.print(
+            f"{desc}: no example of the validation set has a loss item (loss_items() in "
+            f"modeling.py gives 0 for every one: are all its labels -100?), so the valid loss is "
+            f"NaN and never decides best/. Check dataset.py's labels for --valid_file."
+        )
     metrics = {
-        "loss": (torch.cat(losses).sum() / torch.cat(items).sum()).item(),
+        "loss": (torch.cat(losses).sum() / total).item(),
         **compute_metrics({key: torch.cat(values) for key, values in gathered.items()}),
     }
     bar.set_postfix(metrics)

@@ -31,7 +31,7 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 
 class UserError(SystemExit):
@@ -303,6 +303,21 @@ def row_name(path, index):
     if suffix in (".csv", ".tsv"):
         return f"line {index + 2}"
     return f"row {index + 1}"
+
+
+def generate(model, inputs, **settings):
+    """model.generate(**inputs) with exactly `settings` and transformers' defaults for every other
+    setting, never those of the generation_config.json of a model folder or checkpoint: its
+    num_beams, num_return_sequences, min_new_tokens, repetition_penalty, no_repeat_ngram_size ...
+    would silently change a metric that assumes greedy decoding, or give several rows a prompt.
+    Done by swapping the model's generation_config, as transformers fills every value a
+    GenerationConfig passed to generate() leaves unset from the model's own."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(**settings)
+    try:
+        return model.generate(**inputs)
+    finally:
+        model.generation_config = saved
 
 
 class RowsDataset(torch.utils.data.Dataset):

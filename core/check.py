@@ -774,6 +774,12 @@ def batch_split(report, accelerator, model, batch, train_set, valid_set, collate
     train.py weighs it (step.loss_divisors), dropout off: the same to float noise, unless the loss
     is a mean over items whose number varies between batches (tokens) and loss_items() does not
     count them."""
+    if loss_items:  # a count for the whole batch would pass here and fail at the epoch's end
+        try:
+            per_example({"": loss_items(batch)}, "loss_items(batch)", batch)
+        except UserError as e:
+            report("FAIL", "split", str(e.code).removeprefix("error: "))
+            return
     size = max(2, min(args.batch_size, len(train_set)))
     if len(train_set) < 2:
         report("WARN", "split", "one training example: no batch to split")

@@ -8,11 +8,13 @@ publishes it by renames; tensors are loaded with weights_only=True, the rest is 
 which a resumed run reads it back is resume.restore().
 """
 
+import glob
 import json
 import os
 import pickle
 import random
 import shutil
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -85,6 +87,10 @@ def find(path):
     return old if not path.exists() and (old / "manifest.json").is_file() else path
 
 
+# What a checkpoint must hold for a resume (and from_pretrained): never published without them.
+REQUIRED = {"config.json", "model.safetensors", "my_config.json", "trainer_state.json"}
+
+
 def verify(path, option="--resume", recover=True):
     """Checks the checkpoint at `path` against its manifest (every file whole and unchanged), once,
     on the main process, before it is read; takes back a checkpoint a crash left as .old-<name>."""
@@ -106,8 +112,7 @@ def verify(path, option="--resume", recover=True):
             f"{option} {path}: {path / 'manifest.json'} is damaged ({e}). Use another checkpoint, "
             f"e.g. {other}."
         ) from None
-    expected = {"config.json", "model.safetensors", "my_config.json", "trainer_state.json"}
-    for name in sorted(expected - set(files)):  # a manifest rewritten to leave a file out
+    for name in sorted(REQUIRED - set(files)):  # a manifest rewritten to leave a file out
         raise UserError(
             f"{option} {path}: manifest.json does not list {name}. Use another checkpoint, e.g. "
             f"{other}."
@@ -203,11 +208,23 @@ def publish(staging, target):
 
 def discard(old):
     """Removes a previous checkpoint that publish() moved aside: a folder, or a link (rmtree leaves
-    a link in place, and the next save's rename onto it would fail)."""
+    a link in place, and the next save's rename onto it would fail). One that cannot be emptied (on
+    NFS a file another process holds open stays as .nfsXXXX until it is closed) is renamed aside
+    to .old-<name>.<n>, said in one line, and removed by a later save once it can be."""
+    for leftover in sorted(old.parent.glob(f"{glob.escape(old.name)}.*")):  # earlier ones
+        shutil.rmtree(leftover, ignore_errors=True)
     if old.is_symlink():
         old.unlink()
-    else:
+    elif old.exists():
         shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        aside = old.with_name(f"{old.name}.{uuid.uuid4().hex[:8]}")
+        os.replace(old, aside)
+        print(
+            f"{aside}: could not be removed ({', '.join(p.name for p in aside.iterdir())} "
+            f"left in it, held open?); set aside, a later save removes it.",
+            file=sys.stderr,
+        )
 
 
 # Where each object of train.py's `objects` is saved: today's names for the optimizer and the
@@ -334,6 +351,13 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
 def publish_all(outdir, staging, names, state):
     """The main process: manifest.json, fsync, then each name published by renames, and log.json."""
     files = {p.name: sha256(p) for p in sorted(staging.iterdir())}
+    missing = sorted(REQUIRED - set(files))
+    if missing:  # save_pretrained writes nothing on a process it takes for another than the main
+        raise UserError(
+            f"could not save a checkpoint into {outdir}: {', '.join(missing)} were not written, so "
+            f"nothing was published (the previous checkpoints are intact). Was the model saved "
+            f"from the main process? Check how the processes were launched."
+        )
     manifest = {"global_step": state.global_step, "files": files}
     write_json(staging / "manifest.json", manifest)
     fsync_tree(staging)

@@ -55,6 +55,24 @@ def threads_chosen_by_user():
     )
 
 
+def refuse_lone_processes(accelerator):
+    """A launcher that started N processes of which accelerate made N runs of one process each (a
+    config with use_cpu: true, such as configs/accelerate/fsdp_cpu.yaml, on a machine without GPUs
+    and without ACCELERATE_USE_CPU=1): each would believe it is the main process and write the
+    same checkpoints. One line, from the first process; the others exit quietly."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= accelerator.num_processes:
+        return
+    if int(os.environ.get("RANK", 0)) != 0:
+        raise SystemExit(1)
+    raise UserError(
+        f"the launcher started {world} processes, but accelerate made each a run of its own "
+        f"({accelerator.num_processes} process, no process group): on a machine without GPUs, "
+        f"set ACCELERATE_USE_CPU=1 before `accelerate launch` (as configs/accelerate/"
+        f"fsdp_cpu.yaml says), or launch one process."
+    )
+
+
 def refuse_deepspeed(accelerator):
     """DeepSpeed keeps the optimizer state in its engine, which the checkpoint code never ran
     against."""
@@ -107,7 +125,7 @@ class Preemption:
             # when it goes.
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
             if os.getppid() != PARENT:  # it was gone before we asked
-                self.signal = signal.SIGTERM
+                self.handler(signal.SIGTERM, None)
 
     def handler(self, signum, frame):
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
@@ -120,6 +138,16 @@ class Preemption:
                 2,
                 b"\nCtrl-C: finishing this step and saving last/ (Ctrl-C again to stop at once)\n",
             )
+        elif not self.signal:  # said at once: the save may be a few steps or a validation away
+            name, world = signal.Signals(signum).name, int(os.environ.get("WORLD_SIZE", 1))
+            said = (
+                f"{name}: finishing the step (or validation) in progress, then saving last/"
+                if world == 1
+                else f"{name} (process {os.environ.get('RANK', 0)}): the processes stop together "
+                f"at the next multiple of --log_every steps (or after the validation in progress), "
+                f"then save last/"
+            )
+            os.write(2, f"\n{said}\n".encode())
         self.signal = signum
 
     def close(self):

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -235,6 +236,23 @@ def lock_outdir(outdir):
     )
     lock.flush()
     HELD_LOCKS[key] = lock
+
+
+def check_unchanged(accelerator, directory, read):
+    """Under the outdir's lock (the main process holds it): the checkpoint still holds the
+    position `read` in setup(). An earlier incarnation of the run (a job submitted twice, a node
+    wrongly declared dead) may have saved once more before it ended and let go of the lock: its
+    newer weights at the older position would be a silent mix, so the run is refused instead."""
+    accelerator.wait_for_everyone()
+    now = read_state(find(directory))
+    changed = torch.tensor([int(asdict(now) != asdict(read))], device=accelerator.device)
+    if accelerator.gather(changed).any():
+        raise UserError(
+            f"--resume {directory}: saved again (step {read.global_step} -> {now.global_step}) "
+            f"by another run into the same folder after this one had read it (the same job "
+            f"started twice?). Nothing was done; run the command again to continue from step "
+            f"{now.global_step}."
+        )
 
 
 # ---------------------------------------------------------------- the data

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from utils import generate as generate_with
 from utils import has_weights
 
 # The hub's own causal LM classes (GPT-2, Llama, ...) already are what train.py needs: forward()
@@ -89,12 +90,14 @@ def format_samples(model, tokenizer, batch, outputs, k):
         if len(ends) >= 2:
             ids = ids[ends[0] + 1 : ends[1] + 1]
         prompt = ids[: min(PROMPT_TOKENS, max(1, len(ids) // 2))].unsqueeze(0)
-        generated = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
+        generated = generate_with(  # greedy, whatever generation_config.json says
+            model,
+            {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)},
             max_new_tokens=NEW_TOKENS,
             do_sample=False,
+            num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         continuation = generated[0, prompt.shape[1] :]
         samples.append(

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoConfig, T5ForConditionalGeneration
 
 from utils import UserError, has_weights
+from utils import generate as generate_with
 
 MAX_NEW_TOKENS = 32  # the longest target generate() writes, in tokens: raise it for longer targets
 CHRF_ORDER, CHRF_BETA = 6, 2  # sacrebleu's default chrF: character 1- to 6-grams, recall weighs 2x
@@ -87,12 +88,15 @@ def loss_items(batch):
 
 def generate(model, tokenizer, batch):
     """The greedy target of each source of the batch, as text."""
-    ids = model.generate(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+    ids = generate_with(  # greedy, one target a source, whatever generation_config.json says
+        model,
+        {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
         max_new_tokens=MAX_NEW_TOKENS,
         do_sample=False,
         num_beams=1,
+        decoder_start_token_id=model.config.decoder_start_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 

@@ -29,6 +29,11 @@ implementations read them, GPT-2 and Llama among them; a model that ignores posi
 attention cross). The validation set and predict.py are never packed: metrics are per example.
 """
 
+import signal
+import threading
+from pathlib import Path
+
+import jinja2
 import torch
 from transformers import AutoTokenizer
 
@@ -85,18 +90,57 @@ def load_tokenizer(source, args):
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
+TEMPLATE_SECONDS = 2.0  # the longest one rendering of the chat template may take (usual: < 1 ms)
+
+
+class TemplateTimeout(Exception):
+    pass
+
+
+def render(tokenizer, messages, **options):
+    """tokenizer.apply_chat_template(messages, tokenize=False), bounded in time: the template comes
+    with the model folder or checkpoint, and one that loops for hours (nested range()s) or probes
+    attributes (jinja2's sandbox stops it with a SecurityError) is one line naming its file. The
+    bound is a SIGALRM timer, so it holds in the main thread (datasets.map's, predict.py's) only."""
+
+    def expired(signum, frame):
+        raise TemplateTimeout
+
+    bounded = threading.current_thread() is threading.main_thread()
+    if bounded:
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except (TemplateTimeout, jinja2.TemplateError) as e:
+        why = (
+            f"ran over {TEMPLATE_SECONDS:g} s on one prompt"
+            if isinstance(e, TemplateTimeout)
+            else f"failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        )
+        source = Path(tokenizer.name_or_path)
+        file = source / "chat_template.jinja"
+        file = file if file.is_file() else source / "tokenizer_config.json"
+        raise UserError(
+            f"the chat template of {file} {why}. Fix or remove that template (without one, "
+            f"dataset.py's FALLBACK_FORMAT is used), or use another --model_name_or_path."
+        ) from None
+    finally:
+        if bounded:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
 def formatted(tokenizer, prompt, response=None):
     """The text of the prompt as the model sees it before answering (the generation prompt), and
     with the response appended (None in predict mode)."""
     if tokenizer.chat_template:
         user = [{"role": "user", "content": prompt}]
-        start = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        start = render(tokenizer, user, add_generation_prompt=True)
         whole = (
             None
             if response is None
-            else tokenizer.apply_chat_template(
-                user + [{"role": "assistant", "content": response}], tokenize=False
-            )
+            else render(tokenizer, user + [{"role": "assistant", "content": response}])
         )
         return start, whole
     start = FALLBACK_FORMAT.format(prompt=prompt)

@@ -24,6 +24,7 @@ What train.py expects of this file (as for the default task):
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from utils import generate as generate_with
 from utils import has_weights
 
 # The hub's own causal LM classes (GPT-2, Llama, ...) already are what train.py needs: forward()
@@ -89,10 +90,12 @@ def generate(model, tokenizer, prompts, max_new_tokens):
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions:  # a reply that would run past the last position stops there
         max_new_tokens = max(1, min(max_new_tokens, positions - batch["input_ids"].shape[1]))
-    generated = model.generate(
-        **batch,
+    generated = generate_with(  # greedy, one reply a prompt, whatever generation_config.json says
+        model,
+        batch,
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

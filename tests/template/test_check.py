@@ -119,7 +119,7 @@ def test_a_hook_with_defaulted_model_and_tokenizer_at_the_end_is_one_line(
 
 @pytest.mark.parametrize("hook", ["loss_items", "metric_inputs"])
 def test_a_per_example_hook_that_sums_the_batch_is_refused_before_step_1(
-    hook, monkeypatch, tiny_data, tmp_path
+    hook, monkeypatch, tiny_data, tmp_path, capsys
 ):
     """A 0-dim tensor for the batch passes one batch, then fails when the epoch's are concatenated
     (train.py's validation, after a whole epoch of training): refused before step 1."""
@@ -141,6 +141,13 @@ def test_a_per_example_hook_that_sums_the_batch_is_refused_before_step_1(
     message = refused([*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"], expected)
     assert "give one value per example" in message and "is () for a batch of 3" in message
     assert not (tmp_path / "model").exists()
+    # --check FAILs the same hook (it once PASSed "split" with a summed loss_items).
+    with pytest.raises(SystemExit) as checked:
+        train.main([str(a) for a in (*data_args(tiny_data), *FAST, "--check")])
+    assert checked.value.code == 1
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    check = "split" if hook == "loss_items" else "metrics"
+    assert len(failed) == 1 and failed[0].split()[1] == check, failed
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])

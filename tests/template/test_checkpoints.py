@@ -31,6 +31,7 @@ from conftest import (
     read_log,
     refused,
     run,
+    snapshot,
 )
 from core import checkpoint
 
@@ -116,6 +117,63 @@ def test_a_link_moved_aside_is_removed_and_the_next_save_goes_through(finished_r
             outdir / ".old-last"
         )
     assert (finished_run / "last" / "manifest.json").is_file()
+
+
+def test_a_checkpoint_without_its_weights_is_never_published(finished_run, tmp_path, capsys):
+    """What a process that wrongly took itself for the main one wrote (save_pretrained wrote nothing
+    there): publish_all() refuses it, and last/ stays the previous checkpoint."""
+    outdir = tmp_path / "model"
+    shutil.copytree(finished_run, outdir)
+    before = snapshot(outdir)
+    staging = outdir / ".staging"
+    shutil.copytree(outdir / "last", staging)
+    for name in ("model.safetensors", "config.json", "manifest.json"):
+        (staging / name).unlink()
+    state = checkpoint.read_state(staging)
+    with pytest.raises(SystemExit) as refused_save:
+        checkpoint.publish_all(outdir, staging, ["last"], state)
+    assert str(refused_save.value.code) == (
+        f"error: could not save a checkpoint into {outdir}: config.json, model.safetensors were "
+        f"not written, so nothing was published (the previous checkpoints are intact). Was the "
+        f"model saved from the main process? Check how the processes were launched."
+    )
+    shutil.rmtree(staging)
+    assert snapshot(outdir) == before
+
+
+@pytest.mark.skipif(not shutil.which("chattr"), reason="needs chattr (e2fsprogs)")
+def test_an_old_checkpoint_that_cannot_be_removed_is_set_aside_and_the_saves_go_on(
+    finished_run, tmp_path
+):
+    """NFS keeps a file another process holds open (as .nfsXXXX) until it is closed, so .old-best
+    cannot be removed and the next rename onto it failed with "[Errno 39] Directory not empty". Made
+    here with a file that cannot be unlinked (chattr +i): the save goes through, the old folder is
+    set aside in one line, and a later save removes it once it can."""
+    outdir = tmp_path / "model"
+    shutil.copytree(finished_run, outdir)
+    stuck = outdir / ".old-best"
+    stuck.mkdir()
+    held = stuck / ".nfs0000000000001234"
+    held.write_bytes(b"held open")
+    immutable = subprocess.run(["chattr", "+i", held], capture_output=True)
+    if immutable.returncode:
+        pytest.skip(f"chattr +i not allowed here: {immutable.stderr.decode().strip()}")
+    try:
+        result = run("--resume", outdir / "last", "--epochs", 3, "--save_steps", 4)
+    finally:
+        for held in outdir.glob(".old-best*/.nfs*"):
+            subprocess.run(["chattr", "-i", held], check=True)
+    asides = [p.name for p in outdir.iterdir() if p.name.startswith(".old-best.")]
+    assert len(asides) == 1 and not stuck.exists(), sorted(p.name for p in outdir.iterdir())
+    said = [line for line in result.stderr.splitlines() if "could not be removed" in line]
+    assert said == [
+        f"{outdir / asides[0]}: could not be removed (.nfs0000000000001234 left in it, held "
+        f"open?); set aside, a later save removes it."
+    ]
+    assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 3
+    assert checkpoint.verify(outdir / "best") is None and checkpoint.verify(outdir / "last") is None
+    run("--resume", outdir / "last", "--epochs", 4)  # the file can go now: the next save removes it
+    assert not [p.name for p in outdir.iterdir() if p.name.startswith(".old-")]
 
 
 # ---------------------------------------------------------------- a full disk

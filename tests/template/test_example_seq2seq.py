@@ -82,6 +82,8 @@ def test_corpus_chrf_sums_the_statistics_and_exact_match_counts_whole_texts():
     }
 
     class Writer:  # stands for a model whose generate() writes `generated`
+        config, generation_config = SimpleNamespace(decoder_start_token_id=0), None
+
         def generate(self, **kwargs):
             return tokenizer(generated, padding=True, return_tensors="pt").input_ids
 

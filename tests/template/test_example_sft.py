@@ -10,6 +10,7 @@ predict.py, LoRA on a trained checkpoint, --check.
 
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -116,6 +117,37 @@ def test_the_chat_template_is_used_when_there_is_one_and_a_plain_format_otherwis
     assert tokenizer.decode(predicting["input_ids"]) == text.removesuffix(
         "seven<|end|>"
     )  # the prompt alone
+
+
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        ("{% for a in range(99999) %}{% for b in range(99999) %}{{ a }}{% endfor %}{% endfor %}",
+         "ran over 2 s on one prompt"),
+        ("{{ messages.__class__.__mro__[1].__subclasses__() }}",
+         "failed (SecurityError: access to attribute '__class__' of 'list' object is unsafe.)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("predicting", [False, True])
+def test_a_chat_template_that_never_ends_or_probes_attributes_is_one_line(
+    sft, tmp_path, template, why, predicting
+):
+    """A template that comes with a model folder or checkpoint: nested loops (hours) or an
+    attribute probe end in one line naming its file, in training and in predict.py alike."""
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    tokenizer = sft.dataset.load_tokenizer(str(folder), args())
+    path = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as refused:
+        sft.dataset.generate_dataset(path, "train", tokenizer, args(), predicting=predicting)
+    assert str(refused.value.code) == (
+        f"error: the chat template of {folder / 'chat_template.jinja'} {why}. Fix or remove that "
+        f"template (without one, dataset.py's FALLBACK_FORMAT is used), or use another "
+        f"--model_name_or_path."
+    )
+    assert time.monotonic() - start < 30
 
 
 def test_predict_mode_gives_the_generation_prompt_and_needs_no_response(sft, tmp_path):
@@ -243,6 +275,47 @@ def test_generation_in_a_left_padded_batch_equals_one_prompt_at_a_time(sft, tmp_
         together = sft.modeling.generate(model, tokenizer, prompts, 12)
         alone = [sft.modeling.generate(model, tokenizer, [p], 12)[0] for p in prompts]
     assert together == alone and all(len(reply) > 0 for reply in together)
+
+
+# A generation_config.json beside a model's weights, as a hub model or an edited checkpoint may
+# have: each setting would change what the "greedy" metric and predict.py see.
+HOSTILE = {"num_beams": 3, "num_return_sequences": 2, "min_new_tokens": 10,
+           "no_repeat_ngram_size": 1, "repetition_penalty": 5.0, "do_sample": True}  # fmt: skip
+
+
+def test_generation_settings_of_the_model_folder_change_neither_metric_nor_predictions(
+    sft, tmp_path
+):
+    """The same weights loaded from a folder whose generation_config.json asks for beams, several
+    replies, a minimum length and penalties: exact_match's inputs and predict.py's replies are
+    those of plain greedy decoding, one a prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    data = sft.dataset.generate_dataset(
+        write_rows(tmp_path / "pairs.jsonl", PAIRS), "train", tokenizer, args()
+    )
+    torch.manual_seed(0)
+    model = sft.modeling.build_model(str(MODEL), data)
+    plain, hostile = tmp_path / "plain", tmp_path / "hostile"
+    model.save_pretrained(plain)
+    model.save_pretrained(hostile)
+    config = (
+        read_json(hostile / "generation_config.json")
+        if (hostile / "generation_config.json").exists()
+        else {}
+    )
+    (hostile / "generation_config.json").write_text(json.dumps({**config, **HOSTILE}))
+    batch = data.collate(data.__getitems__([0, 1, 2]))
+    seen = {}
+    for folder in (plain, hostile):
+        loaded = type(model).from_pretrained(folder).eval()
+        assert (loaded.generation_config.num_beams == 3) == (folder == hostile)
+        with torch.no_grad():
+            seen[folder.name] = (
+                sft.modeling.metric_inputs(loaded, tokenizer, batch, None)["exact_match"].tolist(),
+                sft.modeling.predictions(loaded, tokenizer, batch, None),
+            )
+        assert (loaded.generation_config.num_beams == 3) == (folder == hostile)  # restored
+    assert seen["hostile"] == seen["plain"] and len(seen["plain"][1]) == 3
 
 
 def test_exact_match_counts_replies_equal_to_the_gold_up_to_the_end_token(

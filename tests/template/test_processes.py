@@ -24,6 +24,7 @@ from conftest import (
     assert_bitwise_equal,
     common_args,
     data_args,
+    fork,
     free_port,
     home,
     launch,
@@ -163,6 +164,44 @@ def test_sigterm_to_the_launcher_alone_saves_and_stops_the_training_processes(
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 2
+
+
+def test_sigterm_to_the_launcher_of_one_process_is_said_at_once_and_acted_on_after_the_step(
+    tiny_data, tmp_path
+):
+    """`(accelerate launch train.py ... &)` from a shell, then `kill -TERM` to the launcher, with
+    slow steps: train.py once trained on for up to --log_every steps (50 s on a loaded machine)
+    without a word. One process asks after every step (a flag, no collective) and says at once
+    what it does."""
+    slow = "        import time\n        time.sleep(0.2)\n        pooled = self.encoder"
+    tree = fork(tmp_path, {"modeling.py": {"        pooled = self.encoder": slow}})
+    outdir = tmp_path / "model"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["train.py", *common_args(tiny_data, 1), "--log_every", 1000, "--save_steps", 0]
+    command += ["--model_name_or_path", TREE / "assets" / "tiny-bert", "--outdir", outdir]
+    launcher = subprocess.Popen(
+        [*map(str, command)],
+        cwd=tree,
+        env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (outdir / ".lock").exists():  # taken just before the first step
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.5)  # a few steps of 0.4 s (2 batches of 0.2 s)
+        launcher.send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=120)  # EOF: train.py ended too
+    finally:
+        launcher.kill()
+    assert "SIGTERM: finishing the step (or validation) in progress, then saving last/" in output
+    assert f"Stopped by signal {int(signal.SIGTERM)}" in output
+    step = read_json(outdir / "last" / "trainer_state.json")["global_step"]
+    assert 1 <= step < 20, step  # before the end of the epoch (20 steps), its first save
 
 
 @pytest.mark.slow
@@ -402,6 +441,33 @@ def test_deepspeed_is_refused_before_anything_is_written(tiny_data, tmp_path, mo
         "engine (configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume)."
     )
     assert not (tmp_path / "model").exists()
+
+
+def test_a_cpu_config_launched_without_accelerate_use_cpu_is_one_line_before_anything(
+    tiny_data, tmp_path
+):
+    """configs/accelerate/fsdp_cpu.yaml without ACCELERATE_USE_CPU=1 (no GPU): the launcher starts
+    2 processes of which accelerate makes 2 runs of 1 process, each its own main process: once,
+    one saved checkpoints without model.safetensors. Now one line, and no outdir."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    config = home() / "configs" / "accelerate" / "fsdp_cpu.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    command += ["--main_process_port", str(free_port()), "train.py", *data_args(tiny_data)]
+    result = subprocess.run(
+        [*map(str, command), "--outdir", str(tmp_path / "model")],
+        cwd=home(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0 and not (tmp_path / "model").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: the launcher started 2 processes, but accelerate made each a run of its own (1 "
+        "process, no process group): on a machine without GPUs, set ACCELERATE_USE_CPU=1 before "
+        "`accelerate launch` (as configs/accelerate/fsdp_cpu.yaml says), or launch one process."
+    ], result.stderr[-3000:]
 
 
 def test_fp16_on_a_cpu_is_refused_naming_bf16(tiny_data, tmp_path):

@@ -9,9 +9,13 @@ training data's fingerprint; the outdir, which holds one run, locked while it ru
 """
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +29,7 @@ from conftest import (
     common_args,
     data_args,
     epochs,
+    fork,
     launch,
     python_train,
     quick_run,
@@ -481,6 +486,80 @@ def test_a_second_run_into_a_busy_outdir_is_refused_and_a_stale_lock_taken_over(
     )  # left behind by the dead holder
     quick_run(tiny_data, tmp_path, *extra)  # stale: taken over
     assert read_json(outdir / "last" / "trainer_state.json")["epoch"] == 1
+
+
+# The forked pair for two incarnations of one run: SLOW seconds a forward; with HOLD=PATH,
+# build_model() touches PATH.waiting and waits for PATH (the test decides when it goes on).
+INCARNATIONS = {
+    "modeling.py": {
+        "        pooled = self.encoder": "        import os, time\n"
+        "        time.sleep(float(os.environ.get('SLOW', 0)))\n"
+        "        pooled = self.encoder",
+        "    labels = train_set.labels\n": "    labels = train_set.labels\n"
+        "    import os, pathlib, time\n"
+        "    if os.environ.get('HOLD'):\n"
+        "        pathlib.Path(os.environ['HOLD'] + '.waiting').touch()\n"
+        "        while not os.path.exists(os.environ['HOLD']):\n"
+        "            time.sleep(0.05)\n",
+    }
+}
+
+
+def test_two_overlapping_incarnations_of_resume_auto_never_mix_their_positions(tiny_data, tmp_path):
+    """A job submitted twice: the second incarnation reads the position while the first still
+    trains; the first saves once more (SIGTERM) and ends while the second loads. Under the outdir's
+    lock the second finds the position changed and is refused in one line, never resumed at a
+    stale position; run again, the command continues from the newer save."""
+    tree, outdir, hold = fork(tmp_path, INCARNATIONS), tmp_path / "model", tmp_path / "hold"
+    args = [*map(str, data_args(tiny_data)), "--batch_size", "32", "--epochs", "10"]
+    args += ["--model_name_or_path", str(TREE / "assets" / "tiny-bert")]
+    args += ["--outdir", str(outdir)]
+
+    def start(*extra, **env):
+        return subprocess.Popen(
+            [sys.executable, "train.py", *args, *extra],
+            cwd=tree,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    first = start("--stop_after_steps", "3")
+    assert first.wait(timeout=240) == 0, first.stdout.read()[-3000:]
+    first = start("--resume", "auto", SLOW="1")  # trains on, a step a second
+    second = None
+    try:
+        deadline = time.monotonic() + 120
+        while "--resume auto" not in (outdir / ".lock").read_text():  # it holds the outdir
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+            time.sleep(0.1)
+        second = start("--resume", "auto", HOLD=str(hold))
+        while second.poll() is None and not Path(f"{hold}.waiting").exists():
+            assert time.monotonic() < deadline, "the second incarnation neither waited nor ended"
+            time.sleep(0.1)
+        first.send_signal(signal.SIGTERM)  # it finishes its step, saves last/ and ends
+        assert first.wait(timeout=120) == 128 + signal.SIGTERM, first.stdout.read()[-3000:]
+        hold.touch()
+        assert second.wait(timeout=240) != 0
+        said = second.stdout.read()
+    finally:
+        for process in (first, second):
+            if process and process.poll() is None:
+                process.kill()
+    saved = read_json(outdir / "last" / "trainer_state.json")["global_step"]
+    assert saved > 3  # the first incarnation's last save, which nothing overwrote
+    assert said.strip().splitlines()[-1] == (
+        f"error: --resume {outdir}/last: saved again (step 3 -> {saved}) by another run into the "
+        f"same folder after this one had read it (the same job started twice?). Nothing was done; "
+        f"run the command again to continue from step {saved}."
+    )
+    # The command run again continues the saved position exactly where the first left off.
+    again = start("--resume", "auto")
+    assert again.wait(timeout=240) == 0, again.stdout.read()[-3000:]
+    log = read_log(outdir / "log.json")
+    assert read_json(outdir / "last" / "trainer_state.json")["global_step"] == 100
+    assert list(epochs(log)) == [f"Epoch {i}" for i in range(10)]
 
 
 def test_an_outdir_that_is_a_file_is_refused_before_anything(tmp_path):

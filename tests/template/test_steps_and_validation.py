@@ -6,6 +6,7 @@ before "Step" entries.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,16 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TREE, assert_bitwise_equal, data_args, fork, read_json, read_log, run
+from conftest import (
+    TREE,
+    assert_bitwise_equal,
+    data_args,
+    fork,
+    launch,
+    read_json,
+    read_log,
+    run,
+)
 from core import checkpoint
 
 STEPS_PER_EPOCH = 20  # 320 rows at --batch_size 16
@@ -245,3 +255,61 @@ def test_killed_after_a_mid_epoch_validation_save_resumes_bitwise(processes, tin
         assert_bitwise_equal(tmp_path / "whole" / name, outdir / name)
     assert read_log(tmp_path / "whole" / "log.json") == read_log(outdir / "log.json")
     assert load_file(outdir / "best" / "model.safetensors").keys()
+
+
+# The pinned pair with a loss over labelled examples only: the first UNLABELLED validation rows get
+# label -100 (dataset.py), and loss_items() counts 1 for a labelled example, 0 for the others.
+UNLABELLED = {
+    "dataset.py": {
+        '            encoded["labels"] = [label_ids[name] for name in names]\n': (
+            '            encoded["labels"] = [\n'
+            '                -100 if split == "validation" and i < unlabelled else label_ids[n]\n'
+            "                for i, n in zip(indices, names)\n"
+            "            ]\n"
+        ),
+        "    def encode(batch, indices):\n": (
+            '    unlabelled = int(os.environ.get("UNLABELLED", 0))\n\n'
+            "    def encode(batch, indices):\n"
+        ),
+        "": "import os  # noqa: E402\n",
+    },
+    "modeling.py": {
+        "": '\n\ndef loss_items(batch):\n    return (batch["labels"] != -100).long()\n'
+    },
+}
+
+
+def test_a_validation_batch_without_loss_items_weighs_nothing(tiny_data, tmp_path):
+    """A validation batch whose every label is -100 (its mean loss is NaN) weighs 0, as it does in
+    training: the valid loss is the one of the labelled examples alone (those rows left out of the
+    file give the same figure), and best/ follows it. With no item in the whole validation set:
+    one line, a NaN loss that never becomes best/."""
+    tree = fork(tmp_path, UNLABELLED)
+    (tmp_path / "rest").mkdir()
+    rest = tmp_path / "rest" / "valid.jsonl"
+    rest.write_text("".join((tiny_data / "valid.jsonl").read_text().splitlines(True)[16:]))
+
+    def losses(valid, outdir, unlabelled):
+        args = [*args_of(tiny_data, "--epochs", 2, "--outdir", tmp_path / outdir)]
+        args[args.index("--valid_file") + 1] = valid
+        result = launch(*args, cwd=tree, env={"UNLABELLED": str(unlabelled)})
+        return result, [
+            entry["valid_log"]["loss"]
+            for entry in read_log(tmp_path / outdir / "log.json").values()
+            if "valid_log" in entry
+        ]
+
+    _, masked = losses(tiny_data / "valid.jsonl", "masked", 16)  # the first batch: no item
+    _, dropped = losses(rest, "dropped", 0)
+    assert len(masked) == 2 and all(abs(a - b) < 1e-6 for a, b in zip(masked, dropped)), (
+        masked,
+        dropped,
+    )
+    assert (tmp_path / "masked" / "best").is_dir()
+
+    result, none = losses(tiny_data / "valid.jsonl", "none", 64)
+    said = [line for line in result.stdout.splitlines() if "no example of the validation" in line]
+    assert len(said) == 2 and said[0].startswith(
+        "[Epoch 0] [VALID]: no example of the validation set has a loss item"
+    ), result.stdout[-2000:]
+    assert all(math.isnan(loss) for loss in none) and not (tmp_path / "none" / "best").exists()
