@@ -33,6 +33,8 @@ What train.py and predict.py read from this file (nothing else):
     model).
   * `predictions(model, tokenizer, batch, outputs)` (optional, for predict.py) turns a batch into
     one JSON-able dict per example; without it predict.py writes the raw outputs.
+    `merge_predictions(predictions)` (optional): the dicts of the examples of one input row (a
+    batch with "row": see dataset.py) as one dict, its line; without it they are listed.
     `outputs.embeddings` (optional) is what predict.py --embeddings writes.
 
 To change the task, change the head and the loss in forward(), and the functions below it.

@@ -1,10 +1,9 @@
 """Runs a trained checkpoint over a data file and writes one JSON line per input row, in input
 order.
 
-    python predict.py --checkpoint model/best --input_file data/valid.jsonl --output_file
-    predictions.jsonl python predict.py --input_file my/test.csv --embeddings     # also the vector
-    the head reads python predict.py --input_file nyu-mll/glue --dataset_config sst2 --split
-    validation
+    python predict.py --checkpoint model/best --input_file data/valid.jsonl --output_file out.jsonl
+    python predict.py --input_file my/test.csv --embeddings   # also the vector the head reads
+    python predict.py --input_file nyu-mll/glue --dataset_config sst2 --split validation
 
 Each line is {"index": row, **predictions(...)} from modeling.py (default: {"label", "score"}), plus
 "embedding" with --embeddings; without predictions() in modeling.py, the model's raw outputs (every
@@ -16,6 +15,7 @@ the GPU if there is one, else the CPU (for a large file, split it and run one pr
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import sys
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 import dataset
 import modeling
 import utils
-from core import check, checkpoint, options
+from core import check, checkpoint, options, step
 from dataset import generate_dataset
 from modeling import Model
 from utils import UserError
@@ -153,17 +153,20 @@ def load_checkpoint(directory):
 
 def write_lines(path, lines):
     """Writes via a temporary file and a rename: the output is whole or absent, never half
-    written."""
+    written. Returns the number of lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
+    written = 0
     try:
         with open(temporary, "w", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                written += 1
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    return written
 
 
 def raw_outputs(model, tokenizer, batch, outputs):
@@ -179,7 +182,9 @@ def raw_outputs(model, tokenizer, batch, outputs):
 
 
 def predict(model, tokenizer, loader, device, with_embeddings):
-    """Yields one dict per example, in the loader's order."""
+    """Yields (input row, prediction dict) per example, in the loader's order: the row is the
+    batch's "row" value of the example where dataset.py gives one (a row that makes several
+    examples, such as the windows of a long text), else the example's own index."""
     predictions = getattr(modeling, "predictions", raw_outputs)
     index = 0
     with torch.inference_mode():
@@ -188,7 +193,7 @@ def predict(model, tokenizer, loader, device, with_embeddings):
                 key: value.to(device) if torch.is_tensor(value) else value
                 for key, value in batch.items()
             }
-            outputs = model(**batch)
+            outputs = step.forward(model, batch)
             rows = predictions(model, tokenizer, batch, outputs)  # model.generate() if it likes
             batch_size = len(next(iter(batch.values())))
             if len(rows) != batch_size:
@@ -203,9 +208,25 @@ def predict(model, tokenizer, loader, device, with_embeddings):
                     )
                 for row, vector in zip(rows, outputs.embeddings.float().cpu().tolist()):
                     row["embedding"] = vector
-            for row in rows:
-                yield {"index": index, **row}
+            numbers = batch.get("row")
+            numbers = numbers.tolist() if torch.is_tensor(numbers) else numbers
+            for k, row in enumerate(rows):
+                yield (numbers[k] if numbers is not None else index), row
                 index += 1
+
+
+def lines(predictions):
+    """One line per input row, in order: {"index": row, **prediction}. The several examples of one
+    row (consecutive: the loader keeps the order) are merged by modeling.merge_predictions(list of
+    dicts) -> dict where it has one (the examples' own choice: the best-scoring window, say), else
+    listed under "examples"."""
+    merge = getattr(modeling, "merge_predictions", None)
+    for row, group in itertools.groupby(predictions, key=lambda pair: pair[0]):
+        group = [prediction for _, prediction in group]
+        if merge:
+            yield {"index": row, **merge(group)}
+        else:
+            yield {"index": row, **(group[0] if len(group) == 1 else {"examples": group})}
 
 
 def check_output_file(args):
@@ -256,8 +277,10 @@ def main(argv=None):
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    write_lines(args.output_file, predict(model, tokenizer, loader, device, args.embeddings))
-    print(f"Wrote {len(data)} predictions to {args.output_file}", file=sys.stderr)
+    written = write_lines(
+        args.output_file, lines(predict(model, tokenizer, loader, device, args.embeddings))
+    )
+    print(f"Wrote {written} predictions to {args.output_file}", file=sys.stderr)
 
 
 if __name__ == "__main__":

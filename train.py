@@ -322,7 +322,7 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
                 # The gradients are all-reduced once a step, in the window's last backward.
                 last = i == len(window) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    outputs = model(**batch)
+                    outputs = step.forward(model, batch)
                     check.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
                     accelerator.backward(outputs.loss / divisors[i])
                 running.add(outputs.loss.detach(), items[i], batch, loss_items is not None)
@@ -513,7 +513,7 @@ def evaluate(accelerator, model, tokenizer, loader, desc):
     # autocast: a model that accelerate did not prepare (an EMA) runs in --mixed_precision too.
     with torch.no_grad(), torch.random.fork_rng(devices=cuda), accelerator.autocast():
         for batch in loader:
-            outputs = model(**batch)
+            outputs = step.forward(model, batch)
             # Per example (gather_for_metrics drops the copies that even out the last batches): its
             # items (tokens, with modeling.loss_items; else 1), and the batch's loss times them. An
             # example without items weighs 0, as in training (a batch of none has a NaN mean loss).

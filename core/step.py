@@ -1,7 +1,10 @@
-"""What one optimizer step does: the micro-batches of a step (--accumulation), how each one's loss
-is weighted (modeling.loss_items), the non-finite skip for every optimizer, the running loss, and
-what the loop shows (progress bars, samples, the tracker)."""
+"""What one optimizer step does: what of a batch goes into forward(), the micro-batches of a step
+(--accumulation), how each one's loss is weighted (modeling.loss_items), the non-finite skip for
+every optimizer, the running loss, and what the loop shows (progress bars, samples, the
+tracker)."""
 
+import functools
+import inspect
 import time
 
 import torch
@@ -12,6 +15,31 @@ from tqdm.auto import tqdm
 
 from core.checkpoint import is_optimizer, is_scheduler
 from utils import UserError
+
+
+def forward(model, batch):
+    """model(**batch): every tensor of the batch, and a value that is not a tensor (gold strings,
+    offsets, row numbers: what collate() hands the hooks alongside) only if forward() names it as a
+    parameter (a **kwargs does not take them)."""
+    if all(torch.is_tensor(value) for value in batch.values()):
+        return model(**batch)
+    named = forward_parameters(type(unwrapped(model)))
+    return model(**{k: v for k, v in batch.items() if torch.is_tensor(v) or k in named})
+
+
+@functools.cache
+def forward_parameters(model_type):
+    """The names forward() of `model_type` takes one by one (not *args or **kwargs)."""
+    kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    parameters = inspect.signature(model_type.forward).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind not in kinds)
+
+
+def unwrapped(model):
+    """The user's model inside DDP's wrapper (.module) and torch.compile's (._orig_mod)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 def windows(batches, accumulation):

@@ -168,7 +168,9 @@ def fork(folder, edits=None):
     return tree
 
 
-def launch(*args, processes=1, check=True, cwd=None, env=None, script="train.py", config=None):
+def launch(
+    *args, processes=1, check=True, cwd=None, env=None, script="train.py", config=None, timeout=240
+):
     """Runs train.py under `accelerate launch` (with configs/accelerate/CONFIG if given: 2 CPU
     processes) in `cwd` (the half's home() if None); returns the CompletedProcess (stdout + stderr
     as text)."""
@@ -209,7 +211,7 @@ def launch(*args, processes=1, check=True, cwd=None, env=None, script="train.py"
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
     )  # a hung run fails the test instead of the whole CI job
     if check and result.returncode != 0:
         raise AssertionError(

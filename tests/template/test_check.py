@@ -584,3 +584,25 @@ def test_an_encoder_decoder_that_drops_the_encoders_mask_fails_the_padding_check
         failed[0].startswith("FAIL  padding")
         and "is the attention_mask passed to the encoder?" in failed[0]
     )
+
+
+def test_a_label_beyond_the_outputs_is_one_line_that_points_both_ways(
+    monkeypatch, tiny_data, tmp_path
+):
+    """An answer's end position past the sequence (a hand-written loss over positions) once said
+    "Target 306 is out of bounds ... If the model has fewer positions, lower --max_len": the wrong
+    way. Now: what is out of range, and a longer --max_len or dropping/clipping in dataset.py."""
+    real = torch.nn.functional.cross_entropy
+
+    def shifted(logits, labels, *args, **kwargs):  # every label 306 further: out of the outputs
+        return real(logits, labels + 306, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", shifted)
+    message = refused(
+        [*data_args(tiny_data), *FAST, "--outdir", tmp_path / "model"],
+        "error: a label is beyond what the model's outputs cover (Target 30",
+        "give a longer --max_len",
+        "or drop or clip such examples in dataset.py",
+    )
+    assert "lower --max_len" not in message
+    assert not (tmp_path / "model").exists()

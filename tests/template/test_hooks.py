@@ -188,3 +188,72 @@ def test_a_task_without_a_tokenizer_trains_saves_and_resumes(table_task, tmp_pat
     log = read_log(outdir / "log.json")
     assert log["Epoch 1"]["valid_log"]["loss"] < log["Epoch 0"]["valid_log"]["loss"]
     assert TableModel.from_pretrained(outdir / "best").layer.weight.shape == (1, 3)
+
+
+# ----------------------------------------- values that are not tensors, rows giving two examples
+
+RIDING = '''
+
+_generate_dataset = generate_dataset
+
+
+def generate_dataset(path, split, tokenizer, args, labels=None, predicting=False):
+    """The pinned pair's data, each batch with a list of strings for the hooks ("note"); in predict
+    mode every input row gives two examples, each carrying its row's number ("row")."""
+    data = _generate_dataset(path, split, tokenizer, args, labels, predicting)
+    if predicting:
+        twice = lambda b, i: {**{k: [v for v in b[k] for _ in "ab"] for k in b},  # noqa: E731
+                              "row": [j for j in i for _ in "ab"]}  # fmt: skip
+        data.rows = data.rows.map(twice, batched=True, with_indices=True)
+    pad = data.collate
+
+    def collate(samples):
+        rows = [sample.pop("row", None) for sample in samples]
+        batch = pad(samples)
+        batch["note"] = [f"{len(sample['input_ids'])} tokens" for sample in samples]
+        if rows[0] is not None:
+            batch["row"] = rows
+        return batch
+
+    data.collate = collate
+    return data
+'''
+
+MERGE = """
+
+def merge_predictions(predictions):  # the two examples of a row: the same text, so one prediction
+    assert len(predictions) == 2 and predictions[0] == predictions[1], predictions
+    return {**predictions[0], "examples": len(predictions)}
+
+
+_format_samples = format_samples
+
+
+def format_samples(model, tokenizer, batch, outputs, k):
+    assert batch["note"][0].endswith(" tokens")  # the hooks get what rides along
+    return _format_samples(model, tokenizer, batch, outputs, k)
+"""
+
+
+def test_values_that_are_not_tensors_reach_the_hooks_not_forward_and_rows_group_predictions(
+    tiny_data, tmp_path
+):
+    """A batch with a list of strings ("note"): the pinned forward(labels=None, **inputs) passes
+    its **inputs to the encoder, which would fail on it; train.py and --check keep it out of
+    forward() and hand it to the hooks. In predict mode each row gives two examples with its "row":
+    predict.py writes one line per input row, merged by merge_predictions()."""
+    tree = fork(tmp_path, {"dataset.py": {"": RIDING}, "modeling.py": {"": MERGE}})
+    outdir, model = tmp_path / "model", TREE / "assets" / "tiny-bert"
+    common = [*data_args(tiny_data), "--model_name_or_path", model, "--batch_size", 32]
+    result = launch(*common, "--epochs", 1, "--sample_every", 5, "--outdir", outdir, cwd=tree)
+    assert "--- samples at step 5" in result.stdout + result.stderr
+    checked = launch(*common, "--check", cwd=tree)
+    keys = [line for line in checked.stdout.splitlines() if line.split()[:2] == ["PASS", "keys"]]
+    assert keys and keys[0].endswith("; not tensors, for the hooks only: note"), checked.stdout
+    output = tmp_path / "predictions.jsonl"
+    valid = tiny_data / "valid.jsonl"
+    launch("--checkpoint", outdir / "best", "--input_file", valid, "--output_file", output,
+           cwd=tree, script="predict.py")  # fmt: skip
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(len(valid.read_text().splitlines())))
+    assert all(line["examples"] == 2 and "label" in line for line in lines)

@@ -8,15 +8,21 @@ What train.py and predict.py read from this file (nothing else):
     "train") and for --valid_file (split "validation"), passing the training set's `labels` the
     second time so that both share what the training data decides (here: the label names and their
     ids). `args` holds every option of train.py (args.max_len, ...). predict.py calls it with
-    predicting=True: the label column may then be absent, and every row must give one example.
+    predicting=True: the label column may then be absent. A row may give several examples (the
+    windows of a long text: see examples/question_answering); for predict.py to write one line per
+    input row, each example then carries its row's number as "row" in the batch (a list of ints),
+    and modeling.merge_predictions() merges the row's predictions.
   * `load_tokenizer(source, args)` (optional): the tokenizer (or any processor) that
     generate_dataset() receives, for `source` = --model_name_or_path, or the checkpoint on --resume
     and in predict.py; it is saved into every checkpoint. Without it there is none (a tabular or
     image task, say).
   * On the Dataset, all optional: `collate(samples)` turns a list of samples into a batch, a dict
     whose keys are the arguments of Model.forward() (padding per batch, not to a fixed length;
-    default: torch's default_collate); `labels` is handed to the validation set (and to
-    build_model() with the training set); `lengths` (one per sample) serves --group_by_length.
+    default: torch's default_collate). Values that are not tensors (gold strings, offsets, row
+    numbers: lists, one item per example) may ride along for the hooks: they stay on the host as
+    they are, and forward() gets one only if it names that parameter (not through **kwargs).
+    `labels` is handed to the validation set (and to build_model() with the training set);
+    `lengths` (one per sample) serves --group_by_length.
   * Bad data raises UserError naming the file and line, so the user sees one clear message.
 
 Rows are read and tokenized with the `datasets` library: the result is cached (a second run with
