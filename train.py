@@ -54,7 +54,8 @@ def main(argv=None):
     model = build(args, train_set)
     check.check_positions(model, args)
     if args.check:  # a few seconds of checks on the two user files instead of the run
-        failed = check.run(accelerator, model, tokenizer, train_set, valid_set, args, modeling)
+        checked = (model, tokenizer, train_set, valid_set, args, modeling, generate_dataset)
+        failed = check.run(accelerator, *checked)
         return processes.finish(accelerator, failed)
     adapt(model, args)
     model, optimizer, scheduler, train_loader, valid_loader = prepare(

@@ -16,6 +16,7 @@ two takes the same step, and what the time goes to.
 
 import copy
 import inspect
+import itertools
 import json
 import math
 import sys
@@ -346,9 +347,10 @@ def first_tensor(outputs):
     return next(v for k, v in outputs.items() if k != "loss" and torch.is_tensor(v))
 
 
-def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
-    """The checks, one line each; `hooks` is modeling.py (its optional loss_items, metric_inputs and
-    compute_metrics). Returns 1 if one failed, else 0."""
+def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks, generate=None):
+    """The checks, one line each; `hooks` is modeling.py (its optional loss_items, metric_inputs,
+    compute_metrics, predictions and merge_predictions), `generate` dataset.py's
+    generate_dataset (for the predict check). Returns 1 if one failed, else 0."""
     report = Report(accelerator)
     loss_items = getattr(hooks, "loss_items", None)
     collate = getattr(train_set, "collate", None) or torch.utils.data.default_collate
@@ -453,6 +455,7 @@ def run(accelerator, model, tokenizer, train_set, valid_set, args, hooks):
             "round-trip": round_trip,
             "split": lambda *common: batch_split(*common, loss_items),
             "metrics": lambda *common: metrics(*common, tokenizer, hooks),
+            "predict": lambda *common: predict_mode(*common, tokenizer, hooks, generate),
             "speed": throughput,
         }
         with torch.no_grad():
@@ -946,6 +949,75 @@ def metrics(
         "metrics",
         f"on {examples} validation examples: {shown}"
         + ("" if finite else ": a metric is not a finite number"),
+    )
+
+
+def predict_mode(report, accelerator, model, batch, train_set, valid_set, collate, args, *more):
+    """7c. predict.py's path on the first rows of --valid_file: generate_dataset(predicting=True),
+    predictions() one dict per example that json can write, and where examples carry their input
+    row ("row": a row that gives several examples), one line per row: merge_predictions() of the
+    row's dicts, or the dicts listed. `more`: the tokenizer, modeling.py, generate_dataset."""
+    tokenizer, hooks, generate = more
+    predictions = getattr(hooks, "predictions", None)
+    if not (predictions and generate):
+        report("PASS", "predict", "no predictions(): predict.py writes the raw outputs")
+        return
+    data = generate(
+        args.valid_file,
+        args.valid_split,
+        tokenizer,
+        args,
+        getattr(train_set, "labels", None),
+        predicting=True,
+    )
+    chosen = [data[i] for i in range(min(args.batch_size, len(data)))]
+    part = send_to_device((getattr(data, "collate", None) or collate)(chosen), accelerator.device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            dicts = predictions(model, tokenizer, part, step.forward(model, part))
+    finally:
+        model.train()
+    if len(dicts) != len(chosen):
+        report(
+            "FAIL",
+            "predict",
+            f"predictions() gave {len(dicts)} dicts for {len(chosen)} "
+            f"examples: give one per example",
+        )
+        return
+    rows = part.get("row")
+    rows = rows.tolist() if torch.is_tensor(rows) else rows
+    if rows is None:
+        lines = dicts
+    elif list(rows) != sorted(rows) or not all(isinstance(r, int) for r in rows):
+        report(
+            "FAIL",
+            "predict",
+            f"the batch's \"row\" must be the input rows' numbers, ints in "
+            f"order (a row's examples next to each other), not {str(rows)[:80]}",
+        )
+        return
+    else:
+        merge = getattr(hooks, "merge_predictions", None)
+        pairs = itertools.groupby(zip(rows, dicts), key=lambda pair: pair[0])
+        groups = [[prediction for _, prediction in group] for _, group in pairs]
+        lines = [merge(g) if merge else g[0] if len(g) == 1 else {"examples": g} for g in groups]
+    try:
+        first = json.dumps(lines[0], ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        report(
+            "FAIL",
+            "predict",
+            f"a prediction json cannot write ({e}): give numbers, strings, "
+            f"lists, dicts (tensor.tolist())",
+        )
+        return
+    grouped = f" of {len(lines)} rows" if rows is not None else ""
+    report(
+        "PASS",
+        "predict",
+        f"{len(chosen)} examples{grouped} -> {len(lines)} lines, the first: {first[:100]}",
     )
 
 

@@ -346,11 +346,13 @@ def test_the_default_pair_passes_every_check(tiny_data, tmp_path):
         "round-trip",
         "split",
         "metrics",
+        "predict",
         "speed",
     }
     assert set(lines) == expected and all(v == {"PASS"} for v in verdicts(lines).values()), lines
     assert "negative: " in lines["labels"][0][1] and "ln 3 = 1.0986" in lines["forward"][0][1]
     assert lines["metrics"][0][1].startswith("on 64 validation examples: accuracy ")
+    assert lines["predict"][0][1].startswith('32 examples -> 32 lines, the first: {"label": ')
 
 
 def test_a_metric_that_is_not_per_example_fails_the_metrics_check(monkeypatch, tiny_data, tmp_path):

@@ -250,6 +250,7 @@ def test_values_that_are_not_tensors_reach_the_hooks_not_forward_and_rows_group_
     checked = launch(*common, "--check", cwd=tree)
     keys = [line for line in checked.stdout.splitlines() if line.split()[:2] == ["PASS", "keys"]]
     assert keys and keys[0].endswith("; not tensors, for the hooks only: note"), checked.stdout
+    assert "PASS  predict    32 examples of 16 rows -> 16 lines, the first: {" in checked.stdout
     output = tmp_path / "predictions.jsonl"
     valid = tiny_data / "valid.jsonl"
     launch("--checkpoint", outdir / "best", "--input_file", valid, "--output_file", output,
