@@ -9,7 +9,7 @@ import time
 
 import torch
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, extract_model_from_parallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
@@ -23,7 +23,7 @@ def forward(model, batch):
     parameter (a **kwargs does not take them)."""
     if all(torch.is_tensor(value) for value in batch.values()):
         return model(**batch)
-    named = forward_parameters(type(unwrapped(model)))
+    named = forward_parameters(type(extract_model_from_parallel(model, keep_torch_compile=False)))
     return model(**{k: v for k, v in batch.items() if torch.is_tensor(v) or k in named})
 
 
@@ -33,13 +33,6 @@ def forward_parameters(model_type):
     kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     parameters = inspect.signature(model_type.forward).parameters.values()
     return frozenset(p.name for p in parameters if p.kind not in kinds)
-
-
-def unwrapped(model):
-    """The user's model inside DDP's wrapper (.module) and torch.compile's (._orig_mod)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def windows(batches, accumulation):
