@@ -577,7 +577,9 @@ def padding_invariance(report, accelerator, model, batch, train_set, valid_set, 
     padded_batch = send_to_device(collate_copies([short, long]), accelerator.device)
     model.eval()
     with torch.no_grad():
-        mine = first_tensor(model(**send_to_device(collate_copies([short]), accelerator.device)))[0]
+        mine = first_tensor(
+            step.forward(model, send_to_device(collate_copies([short]), accelerator.device))
+        )[0]
         padded = first_tensor(step.forward(model, padded_batch))[0]
     model.train()
     padded = padded[real_positions(model, padded_batch, padded)]

@@ -30,6 +30,7 @@ RUNS = {
     "token_classification": ("token_classification", None, []),
     "causal_lm": ("causal_lm", None, []),
     "causal_lm unpacked": ("causal_lm", False, ["--max_len", 128, "--batch_size", 32]),
+    "question_answering": ("question_answering", None, []),
 }
 
 # (README folder, run, what is measured, the figure as the README prints it). What: (log.json
@@ -59,6 +60,9 @@ FIGURES = [
     ("causal_lm", "causal_lm", ("per text",), "2.52"),
     ("causal_lm", "causal_lm unpacked", ("best", "perplexity"), "2.03"),
     ("causal_lm", "causal_lm unpacked", ("per text",), "2.03"),
+    ("question_answering", "question_answering", ("Epoch 3", "exact_match"), "80.4"),
+    ("question_answering", "question_answering", ("Epoch 3", "f1"), "84.0"),
+    ("question_answering", "question_answering", ("Epoch 2", "f1"), "84.4"),
 ]
 
 
