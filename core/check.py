@@ -741,14 +741,16 @@ def learning(report, accelerator, model, batch, train_set, valid_set, collate, a
         generator=torch.Generator().manual_seed(args.seed),
     )
     before, steps, start = evaluation_loss(trained, held_out), 0, time.monotonic()
-    while steps < OVERFIT_STEPS and time.monotonic() - start <= CHECK_SECONDS:
+    out_of_time = False
+    while steps < OVERFIT_STEPS and not out_of_time:
         for batch in loader:
             batch = send_to_device(batch, accelerator.device)
             step.forward(trained, batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             steps += 1
-            if steps == OVERFIT_STEPS or time.monotonic() - start > CHECK_SECONDS:
+            out_of_time = time.monotonic() - start > CHECK_SECONDS
+            if steps == OVERFIT_STEPS or out_of_time:
                 break
     after = evaluation_loss(trained, held_out)
     if after < LEARNING_FACTOR * before:

@@ -608,3 +608,19 @@ def test_a_label_beyond_the_outputs_is_one_line_that_points_both_ways(
     )
     assert "lower --max_len" not in message
     assert not (tmp_path / "model").exists()
+
+
+def test_checks_cut_short_by_their_time_budget_warn_and_say_so(monkeypatch, tiny_data, capsys):
+    """On a large model the overfit and learning checks stop at their budget (CHECK_SECONDS) and
+    are judged on the steps taken: a bar not reached yet is a WARN naming the budget, not a FAIL.
+    A budget of 0 s stands for a model slow enough to reach it: one step each."""
+    from core import check
+
+    monkeypatch.setattr(check, "CHECK_SECONDS", 0)
+    train.main([str(a) for a in (*data_args(tiny_data), *FAST, "--check")])  # WARNs do not fail
+    out, err = capsys.readouterr()
+    assert "--check: every check passed" in out
+    lines = {line.split()[1]: line for line in out.splitlines() if line[:4] in ("PASS", "WARN")}
+    assert lines["overfit"].startswith("WARN  overfit    1 steps on one batch in the 0 s budget")
+    assert lines["learning"].startswith("WARN  learning   1 steps on training batches in the 0 s")
+    assert "      overfit    running ..." in err
