@@ -15,7 +15,6 @@ the GPU if there is one, else the CPU (for a large file, split it and run one pr
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import sys
@@ -221,12 +220,8 @@ def lines(predictions):
     dicts) -> dict where it has one (the examples' own choice: the best-scoring window, say), else
     listed under "examples"."""
     merge = getattr(modeling, "merge_predictions", None)
-    for row, group in itertools.groupby(predictions, key=lambda pair: pair[0]):
-        group = [prediction for _, prediction in group]
-        if merge:
-            yield {"index": row, **merge(group)}
-        else:
-            yield {"index": row, **(group[0] if len(group) == 1 else {"examples": group})}
+    for row, line in check.one_line_per_row(predictions, merge):
+        yield {"index": row, **line}
 
 
 def check_output_file(args):

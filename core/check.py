@@ -956,6 +956,15 @@ def metrics(
     )
 
 
+def one_line_per_row(predictions, merge=None):
+    """(row, prediction dict) pairs in order -> (row, its line): the several examples of one row
+    (consecutive) merged by `merge` (modeling.merge_predictions) where there is one, else listed
+    under "examples". predict.py writes these lines; the predict check runs the same."""
+    for row, group in itertools.groupby(predictions, key=lambda pair: pair[0]):
+        group = [prediction for _, prediction in group]
+        yield row, merge(group) if merge else group[0] if len(group) == 1 else {"examples": group}
+
+
 def predict_mode(report, accelerator, model, batch, train_set, valid_set, collate, args, *more):
     """7c. predict.py's path on the first rows of --valid_file: generate_dataset(predicting=True),
     predictions() one dict per example that json can write, and where examples carry their input
@@ -1004,9 +1013,7 @@ def predict_mode(report, accelerator, model, batch, train_set, valid_set, collat
         return
     else:
         merge = getattr(hooks, "merge_predictions", None)
-        pairs = itertools.groupby(zip(rows, dicts), key=lambda pair: pair[0])
-        groups = [[prediction for _, prediction in group] for _, group in pairs]
-        lines = [merge(g) if merge else g[0] if len(g) == 1 else {"examples": g} for g in groups]
+        lines = [line for _, line in one_line_per_row(zip(rows, dicts), merge)]
     try:
         first = json.dumps(lines[0], ensure_ascii=False)
     except (TypeError, ValueError) as e:
