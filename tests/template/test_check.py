@@ -560,6 +560,24 @@ def test_labels_shifted_by_hand_in_a_causal_lm_fail_the_shift_check(shift, fragm
     )
 
 
+PAD_PER_BATCH = "DataCollatorForTokenClassification(tokenizer)"
+
+
+@pytest.mark.slow
+def test_per_token_outputs_padded_to_a_fixed_length_pass_the_padding_check(tmp_path):
+    """A collate that pads every batch to one length (run_qa.py's pad_to_max_length) pads the
+    example alone too: each output is compared on its own positions (was a FAIL by inf)."""
+    repo, options = fork_with_example("token_classification", tmp_path)
+    source = (repo / "dataset.py").read_text()
+    assert source.count(PAD_PER_BATCH) == 1
+    fixed = PAD_PER_BATCH.replace(")", ', padding="max_length", max_length=48)')
+    (repo / "dataset.py").write_text(source.replace(PAD_PER_BATCH, fixed))
+    result = launch(*options, "--check", cwd=repo, check=False)
+    assert "input_ids (16, 48)" in result.stdout, result.stdout  # every batch that long
+    assert "PASS  padding    outputs alone and padded agree" in result.stdout, result.stdout
+    assert result.returncode == 0, result.stdout
+
+
 ENCODER_MASK = "            attention_mask=attention_mask,\n"  # in forward()'s super().forward()
 
 

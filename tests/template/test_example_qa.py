@@ -409,15 +409,21 @@ def test_predict_writes_one_line_per_question(runs):
 
 
 @pytest.mark.slow
-def test_two_processes_score_each_question_once_over_its_windows(tmp_path):
+@pytest.mark.parametrize("config", [None, "fsdp_cpu.yaml"], ids=["ddp", "fsdp2"])
+def test_two_processes_score_each_question_once_over_its_windows(config, tmp_path):
     """A question's windows are split between the processes (and the last batches padded across
-    them): the gathered metric must still be the one-process figure, per question."""
+    them): the gathered metric must still be the one-process figure, per question; under FSDP2
+    (sharded by BertLayer, as configs/accelerate/fsdp_cpu.yaml says) too, and best/ is whole."""
     repo, options = fork(tmp_path)
     windows = dataset.generate_dataset(str(repo / "valid.jsonl"), "validation", tokenizer(), args())
     rows = windows.rows["row"]  # batches of 16 go to the processes in turn
     assert any(rows[i] == rows[i - 1] for i in range(BATCH_SIZE, len(rows), BATCH_SIZE))
-    launch(*options, "--epochs", 1, "--outdir", "model", cwd=repo, processes=2)
-    assert read_json(repo / "model" / "last" / "trainer_state.json")["num_processes"] == 2
+    launch(*options, "--epochs", 1, "--outdir", "model", cwd=repo, processes=2, config=config)
+    state = read_json(repo / "model" / "last" / "trainer_state.json")
+    assert (state["num_processes"], state["distributed_type"]) == (
+        2,
+        "FSDP" if config else "MULTI_CPU",
+    )
     logged = best_epoch_log(repo / "model")
     metrics = recompute(repo, repo / "model" / "best")
     assert metrics == pytest.approx({k: logged[k] for k in ("exact_match", "f1")}, rel=1e-6)

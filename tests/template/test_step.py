@@ -175,7 +175,7 @@ def test_check_warns_of_an_uncounted_token_mean_and_passes_a_counted_one(
             "WARN  split      one step at --batch_size 16 and at 8 x --accumulation 2 give "
             "gradients"
         )
-        and "Add loss_items(batch) to modeling.py" in uncounted
+        and "(add loss_items(batch) to modeling.py" in uncounted
     )
     print(counted, uncounted, sep="\n")
 
