@@ -20,8 +20,8 @@ gc.disable()  # the imports make ~700,000 objects (~1 s of collections); kept fo
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, set_seed
-from torch.distributed.tensor import DTensor
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, get_scheduler
@@ -149,10 +149,11 @@ def setup(args):
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
         log_with=step.tracker(args.report_to),
         project_dir=args.outdir,
+        kwargs_handlers=processes.deepspeed_handlers(),
     )
     processes.refuse_lone_processes(accelerator)
     processes.shard_fsdp_on_cpu(accelerator)
-    processes.refuse_deepspeed(accelerator)
+    processes.check_deepspeed(accelerator, args, resumed)
     processes.refuse_fp16_on_cpu(accelerator)
     if args.resume:
         if accelerator.is_main_process:
@@ -278,14 +279,17 @@ def prepare(accelerator, args, model, train_set, valid_set):
     # same for any number of processes and any accumulation.
     steps_per_epoch = math.ceil(len(train_loader) / args.accumulation)
     processes = accelerator.num_processes
-    scheduler = accelerator.prepare(
-        get_scheduler(
-            args.lr_scheduler_type,
-            optimizer,
-            num_warmup_steps=args.num_warmup_steps * processes,
-            num_training_steps=(args.max_steps or steps_per_epoch * args.epochs) * processes,
-        )
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * processes,
+        num_training_steps=(args.max_steps or steps_per_epoch * args.epochs) * processes,
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate wraps a scheduler only when it is prepared with the model there: by hand
+        scheduler = AcceleratedScheduler(scheduler, optimizer)
+    else:
+        scheduler = accelerator.prepare(scheduler)
     return model, optimizer, scheduler, train_loader, valid_loader
 
 
@@ -322,15 +326,13 @@ def train(accelerator, args, model, tokenizer, objects, train_loader, valid_load
             for i, batch in enumerate(window):
                 # The gradients are all-reduced once a step, in the window's last backward.
                 last = i == len(window) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with contextlib.nullcontext() if last else step.no_sync(accelerator, model):
                     outputs = step.forward(model, batch)
                     check.loss_of(model, batch, outputs)  # attributes only: no wait for the GPU
-                    accelerator.backward(outputs.loss / divisors[i])
+                    step.backward(accelerator, model, outputs.loss / divisors[i], last)
                 running.add(outputs.loss.detach(), items[i], batch, loss_items is not None)
                 bar.update()  # by hand: it closes before validation
-            grad_norm = accelerator.clip_grad_norm_(trained, args.max_grad_norm or math.inf)
-            if isinstance(grad_norm, DTensor):  # FSDP2: replicated on every process
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = step.clip(accelerator, trained, args.max_grad_norm)
             # After backward() every process holds the same (all-reduced) gradients, so all of
             # them skip the same steps.
             running.nonfinite_steps += step.optimizer_step(

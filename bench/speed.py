@@ -1,4 +1,4 @@
-r"""Speed of train.py where users run it, every ratio printed in one run, in four sections:
+r"""Speed of train.py where users run it, every ratio printed in one run, in five sections:
 
     throughput  training speed side by side with a bare PyTorch loop, Hugging Face Trainer and the
                 original template's data path: the same model, data, batch order and optimizer
@@ -9,8 +9,11 @@ r"""Speed of train.py where users run it, every ratio printed in one run, in fou
     threads     `accelerate launch train.py` against `python train.py` on a MiniLM-sized model
                 (threads.py)
     memory      bytes of host memory per training row, 10k against 1M rows (row_memory.py)
+    deepspeed   DeepSpeed ZeRO-2 and ZeRO-3 against DDP on the same 2 CPU processes: start-up and
+                samples/s on a MiniLM-sized model (deepspeed_speed.py; skipped, said in one line,
+                without `pip install deepspeed`)
 
-    python bench/speed.py                                   # all four, ~8 min on 2 CPU cores
+    python bench/speed.py                                   # all five, ~11 min on 2 CPU cores
     python bench/speed.py --sections throughput             # the training-speed table only, ~3 min
     python bench/speed.py --repeats 5 --rows 40000          # steadier figures
     python bench/speed.py --only bare template              # a subset of the contenders
@@ -73,6 +76,7 @@ machine cancels). tokens/s counts real (non-padding) tokens.
 import argparse
 import collections
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -103,7 +107,7 @@ CONTENDERS = {  # name: (loop, data path, grouped by length)
 }
 EVALUATING = {"template-eval", "trainer-eval"}  # validate (and save) every --eval_steps
 DEFAULT = ["bare", "template", "trainer", "original", "template-grouped", "trainer-grouped"]
-SECTIONS = ["throughput", "startup", "threads", "memory"]
+SECTIONS = ["throughput", "startup", "threads", "memory", "deepspeed"]
 
 
 def parse_args(argv=None):
@@ -1087,6 +1091,7 @@ def main(argv=None):
     if (args.alt_train or args.alt_args) and args.only == DEFAULT:
         names += ["alt", "alt-grouped"]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import deepspeed_speed
     import row_memory
     import threads
 
@@ -1107,6 +1112,11 @@ def main(argv=None):
             else None
         )
         memory = row_memory.measure(args.memory_rows) if "memory" in args.sections else None
+        zero = None
+        if "deepspeed" in args.sections and importlib.util.find_spec("deepspeed") is None:
+            print("deepspeed: not installed (pip install deepspeed): section skipped.")
+        elif "deepspeed" in args.sections:
+            zero = deepspeed_speed.measure(args.threads_steps, args.repeats)
         if "throughput" in args.sections:
             report(args, spec, info, results, loads)
             if counts:
@@ -1122,6 +1132,11 @@ def main(argv=None):
                 "memory per training row (default job stopped after one step)",
                 memory,
                 row_memory.report,
+            ),
+            (
+                "DeepSpeed against DDP (2 CPU processes, MiniLM-sized model)",
+                zero,
+                lambda m: deepspeed_speed.report(m, args.threads_steps),
             ),
         ]:
             if figures:

@@ -118,7 +118,9 @@ def verify(path, option="--resume", recover=True):
             f"{other}."
         )
     for name, digest in files.items():
-        if Path(name).name != name or not (path / name).is_file() or sha256(path / name) != digest:
+        parts = Path(name).parts  # a file, or one in DeepSpeed's folder: nothing outside `path`
+        inside = len(parts) == 1 or (len(parts) == 2 and parts[0] == DEEPSPEED_FOLDER)
+        if not inside or not (path / name).is_file() or sha256(path / name) != digest:
             raise UserError(
                 f"{option} {path}: {path / name} is missing, truncated or changed since it was "
                 f"saved (it does not match manifest.json). Use another checkpoint, e.g. {other}."
@@ -179,9 +181,15 @@ def set_rng_state(path):
     random.setstate((version, tuple(tensors.pop("python").tolist()), gauss_next))
 
 
+def tree(directory):
+    """The files of `directory` and of its folders, in order."""
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file())
+
+
 def fsync_tree(directory):
-    """fsync every file of `directory` (a staging folder this template wrote), then the folder."""
-    for path in [*Path(directory).iterdir(), Path(directory)]:
+    """fsync every file of `directory` (a staging folder this template wrote), then its folders."""
+    folders = sorted(p for p in Path(directory).rglob("*") if p.is_dir())
+    for path in [*tree(directory), *folders, Path(directory)]:
         fsync(path)
 
 
@@ -231,6 +239,9 @@ def discard(old):
 # scheduler (checkpoints saved before the objects were a dict resume as they are), NAME.pt for
 # others.
 FILES = {"optimizer": "optimizer.pt", "scheduler": "lr.bin"}
+# Under DeepSpeed the optimizer state is its engine's: every process's partition, written and read
+# by DeepSpeed (save_checkpoint / load_checkpoint) in this folder of the checkpoint.
+DEEPSPEED_FOLDER = "deepspeed"
 
 
 def file_of(name):
@@ -238,7 +249,8 @@ def file_of(name):
 
 
 def is_optimizer(value):
-    return isinstance(getattr(value, "optimizer", value), torch.optim.Optimizer)
+    """A torch optimizer, or accelerate's wrapper of one (of DeepSpeed's too, which is not)."""
+    return isinstance(value, torch.optim.Optimizer)
 
 
 def is_scheduler(value):
@@ -306,21 +318,32 @@ def save(accelerator, outdir, names, model, tokenizer, objects, args, state, rep
 def write_files(accelerator, staging, model, tokenizer, objects, args, state):
     """Every process writes its part of the checkpoint into `staging`; returns the exception a write
     raised, or None."""
-    weights = accelerator.get_state_dict(model)  # a collective under FSDP: every rank calls it
+    # A collective under FSDP2 and DeepSpeed ZeRO-3: every rank calls it (ZeRO-3 gives None on
+    # all but the main process)
+    weights = accelerator.get_state_dict(model) or {}
     weights = {
         k.removeprefix("_orig_mod."): v for k, v in weights.items()
     }  # --torch_compile's wrapper
     sharded = accelerator.distributed_type == DistributedType.FSDP
-    # An optimizer's state: under FSDP2 each process its shard (nothing gathered), else whole on the
-    # main process alone (computed there only: the others would discard it). Other objects are the
-    # same on every process (a scheduler, a scaler, an EMA of replicated weights): the main process
-    # saves them.
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    # An optimizer's state: under FSDP2 each process its shard (nothing gathered), under DeepSpeed
+    # its engine's files (below), else whole on the main process alone (computed there only: the
+    # others would discard it). Other objects are the same on every process (a scheduler, a
+    # scaler, an EMA of replicated weights): the main process saves them.
     states = {
         name: optimizer_state(model, value, sharded) if is_optimizer(value) else value.state_dict()
         for name, value in objects.items()
-        if accelerator.is_main_process or (sharded and is_optimizer(value))
+        if (accelerator.is_main_process or (sharded and is_optimizer(value)))
+        and not (deepspeed and is_optimizer(value))
     }
     try:
+        if deepspeed:  # every process (a collective): its partition of the optimizer state
+            model.save_checkpoint(staging, tag=DEEPSPEED_FOLDER, client_state={}, save_latest=False)
+            # DeepSpeed adds scripts for turning its files into weights; model.safetensors holds
+            # them already, and a checkpoint of this template carries no code.
+            if accelerator.is_main_process:
+                for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                    (staging / script).unlink(missing_ok=True)
         if sharded:
             for name in [
                 name for name in states if is_optimizer(objects[name])
@@ -350,7 +373,7 @@ def write_files(accelerator, staging, model, tokenizer, objects, args, state):
 
 def publish_all(outdir, staging, names, state):
     """The main process: manifest.json, fsync, then each name published by renames, and log.json."""
-    files = {p.name: sha256(p) for p in sorted(staging.iterdir())}
+    files = {p.relative_to(staging).as_posix(): sha256(p) for p in tree(staging)}
     missing = sorted(REQUIRED - set(files))
     if missing:  # save_pretrained writes nothing on a process it takes for another than the main
         raise UserError(
@@ -512,6 +535,40 @@ def load_optimizer_state(directory, name, accelerator, model, optimizer, saved_p
     set_optimizer_state_dict(
         model, optimizer, whole, options=StateDictOptions(full_state_dict=True)
     )
+
+
+def load_deepspeed(directory, model):
+    """Under DeepSpeed: its engine's weights and optimizer state, as it saved them on as many
+    processes. DeepSpeed reads its files with torch.load(weights_only=False), which runs whatever a
+    pickle holds: each file is first read here with weights_only=True (DeepSpeed's few classes
+    allowed), so one that holds code is refused before DeepSpeed opens it."""
+    folder = Path(directory) / DEEPSPEED_FOLDER
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals(
+        [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    ):
+        for path in sorted(folder.glob("*.pt")):
+            load_tensors(path)
+    try:
+        loaded, _ = model.load_checkpoint(
+            directory,
+            tag=DEEPSPEED_FOLDER,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # lr.bin, as without DeepSpeed
+        )
+    except Exception as e:  # ZeRORuntimeException, AssertionError, KeyError ... : DeepSpeed's own
+        loaded, reason = None, ": ".join([type(e).__name__, *str(e).splitlines()[:1]])[:200]
+    else:
+        reason = "nothing was loaded"
+    if loaded is None:
+        raise UserError(
+            f"--resume {directory}: DeepSpeed could not load its state from {folder} ({reason}). "
+            f"Resume with the DeepSpeed config (ZeRO stage) and number of processes it was saved "
+            f"with."
+        )
 
 
 def load_tensors(path):

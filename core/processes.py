@@ -1,6 +1,6 @@
 """What happens to the processes: how many CPU threads each gets, the signals that stop a run
 (preemption), a group restarted by torchrun's agent, a peer that died, the launches that are
-refused (DeepSpeed, fp16 on a CPU), FSDP2 on CPU processes, printing once, and how a run ends."""
+refused (fp16 on a CPU), FSDP2 and DeepSpeed on CPU processes, printing once, and how a run ends."""
 
 import ctypes
 import os
@@ -10,7 +10,11 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+)
 
 from core.checkpoint import find, read_state
 from utils import UserError
@@ -73,13 +77,77 @@ def refuse_lone_processes(accelerator):
     )
 
 
-def refuse_deepspeed(accelerator):
-    """DeepSpeed keeps the optimizer state in its engine, which the checkpoint code never ran
-    against."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"  # a DEEPSPEED config launched
+
+
+def deepspeed_handlers():
+    """Before the Accelerator is made: what a DeepSpeed launch on CPU processes needs that
+    accelerate and DeepSpeed do not do themselves (configs/accelerate/deepspeed_zero*_cpu.yaml).
+    Returns the Accelerator's kwargs_handlers."""
+    if not DEEPSPEED or torch.cuda.is_available():
+        return []
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        # accelerate would drop DeepSpeed without a word and train plain DDP: another run.
         raise UserError(
-            "DeepSpeed is not supported by this template: FSDP2 is its sharded engine "
-            "(configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume)."
+            "a DeepSpeed config was launched with ACCELERATE_USE_CPU set: accelerate would drop "
+            "DeepSpeed and run plain DDP. Unset it (DS_ACCELERATOR=cpu is DeepSpeed's own way; "
+            "see configs/accelerate/deepspeed_zero2_cpu.yaml)."
+        )
+    import deepspeed.comm  # noqa: F401  (makes deepspeed.comm.torch importable by name)
+
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when the process group
+    # starts (~3 minutes on 2 cores, fatal without a C++ compiler); gloo does the same work without
+    # it (weights bitwise equal with and without the op). `deepspeed.comm.torch` is reached through
+    # sys.modules: deepspeed.comm has an attribute named `torch` (the torch module).
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    # Without an explicit backend accelerate starts no process group of its own on CPU (it counts
+    # 1 process and rank 0 on every rank) while DeepSpeed sees them all.
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
+def check_deepspeed(accelerator, args, resumed=None):
+    """After the Accelerator: a DeepSpeed launch runs under DeepSpeed, with this run's clipping
+    (--max_grad_norm: DeepSpeed's engine clips, from its config), and without
+    what it cannot keep."""
+    if DEEPSPEED and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise UserError(
+            f"a DeepSpeed config was launched but accelerate runs {accelerator.distributed_type}: "
+            f"DeepSpeed is not installed here (pip install deepspeed) or ACCELERATE_USE_CPU is "
+            f"set. Nothing was run."
+        )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if resumed and (resumed.distributed_type == "DEEPSPEED") != deepspeed:
+        raise UserError(
+            f"--resume {args.resume}: saved {'under' if not deepspeed else 'without'} DeepSpeed, "
+            f"whose optimizer state is {'its engine' if not deepspeed else 'torch'}'s: resume it "
+            f"{'with the DeepSpeed config' if not deepspeed else 'without DeepSpeed, as'} it was "
+            f"saved with, or start from its weights (--model_name_or_path {args.resume})."
+        )
+    if deepspeed and resumed and resumed.num_processes != accelerator.num_processes:
+        raise UserError(
+            f"--resume {args.resume}: saved by {resumed.num_processes} processes under DeepSpeed, "
+            f"whose optimizer state is partitioned among them: resume on "
+            f"{resumed.num_processes} processes, or start from its weights (--model_name_or_path "
+            f"{args.resume})."
+        )
+    if not deepspeed:
+        return
+    for option, value in (("--ema_decay", args.ema_decay), ("--torch_compile", args.torch_compile)):
+        if value:  # an EMA of ZeRO-3's partitioned weights would average placeholders
+            raise UserError(f"{option} is not supported under DeepSpeed; drop it (or use FSDP2).")
+    plugin = accelerator.state.deepspeed_plugin
+    plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm or 0.0  # 0: none
+    if not plugin.zero3_init_flag:
+        # accelerate 1.15 tells transformers that ZeRO-3 is on whatever zero3_init_flag says, and
+        # transformers then builds every model partitioned (zero.Init): build_model()'s code would
+        # see empty weights. Off as the config asks: the engine partitions the model in prepare().
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    if plugin.deepspeed_config.get("gradient_accumulation_steps") not in (1, "auto"):
+        raise UserError(
+            "the DeepSpeed config sets gradient_accumulation_steps: set it to 1 and pass "
+            "--accumulation to train.py, which accumulates itself."
         )
 
 

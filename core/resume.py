@@ -13,12 +13,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 from core.checkpoint import (
     file_of,
     find,
     is_optimizer,
     is_scheduler,
+    load_deepspeed,
     load_optimizer_state,
     load_tensors,
     load_weights,
@@ -370,8 +372,14 @@ def restore(directory, accelerator, model, objects, state):
     the position `state` (read_state()) fitted to this run's number of processes, and the RNG
     streams last, so that nothing draws a number after them."""
     directory = Path(directory)
-    load_weights(directory, accelerator, model)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # the weights and the optimizer state, by DeepSpeed's engine
+        load_deepspeed(directory, model)
+    else:
+        load_weights(directory, accelerator, model)
     for name, value in objects.items():
+        if is_optimizer(value) and deepspeed:
+            continue
         if is_optimizer(value):
             load_optimizer_state(directory, name, accelerator, model, value, state.num_processes)
             continue

@@ -3,13 +3,16 @@
 every optimizer, the running loss, and what the loop shows (progress bars, samples, the
 tracker)."""
 
+import contextlib
 import functools
 import inspect
+import math
 import time
 
 import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, extract_model_from_parallel
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
@@ -63,6 +66,42 @@ def loss_divisors(window, loss_items, accumulation, accelerator=None):
     if accelerator is not None and accelerator.num_processes > 1:
         total, processes = accelerator.reduce(total, reduction="sum"), accelerator.num_processes
     return [total / (count * processes) for count in items], items
+
+
+def no_sync(accelerator, model):
+    """The context of a window's batches before its last: no all-reduce of their gradients (DDP,
+    FSDP2). DeepSpeed's engine decides that itself from the boundary that backward() sets."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
+
+
+def backward(accelerator, model, loss, last):
+    """One batch's backward pass; `last`: the window's last batch, after which the step is taken.
+    Under DeepSpeed its engine accumulates, clips (--max_grad_norm, in its config) and steps at
+    that boundary, which this loop sets (a window may be shorter than --accumulation at the end of
+    an epoch; the engine's own micro-step counter would not know), and each batch's loss is already
+    divided by its share of the step's items (scale_wrt_gas=False: not again by the
+    accumulation)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.set_gradient_accumulation_boundary(last)
+        model.backward(loss, scale_wrt_gas=False)
+        model.step()  # a no-op before the boundary
+    else:
+        accelerator.backward(loss)
+
+
+def clip(accelerator, parameters, max_norm):
+    """Clips the gradients to --max_grad_norm (0: no clipping); returns their norm before clipping,
+    as a tensor on the device (inf or NaN for a step with non-finite gradients)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # The engine clipped and stepped in backward(); it skipped a non-finite step (norm inf)
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+        return torch.tensor(math.nan if norm is None else float(norm), device=accelerator.device)
+    norm = accelerator.clip_grad_norm_(parameters, max_norm or math.inf)
+    if isinstance(norm, DTensor):  # FSDP2: replicated on every process
+        norm = norm.full_tensor()
+    return norm
 
 
 def optimizer_step(objects, grad_norm, scaler=None, model=None):
@@ -196,9 +235,10 @@ def progress(accelerator, iterable, desc, **kwargs):
 def show_samples(accelerator, format_samples, model, tokenizer, batch, outputs, k, step, bar):
     """--sample_every: modeling.py's format_samples() on the main process, in eval mode, without
     gradients, with the RNG streams restored afterwards: showing samples (even with generate())
-    changes nothing. Under FSDP every process runs it (each forward gathers the shards from all of
-    them); the main one prints."""
-    if not (accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP):
+    changes nothing. Under FSDP2 and DeepSpeed every process runs it (under FSDP2 and ZeRO-3 each
+    forward gathers the shards from all of them); the main one prints."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if not (accelerator.is_main_process or sharded):
         return
     unwrapped = accelerator.unwrap_model(model).eval()
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []

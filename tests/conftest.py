@@ -175,7 +175,7 @@ def launch(
     processes) in `cwd` (the half's home() if None); returns the CompletedProcess (stdout + stderr
     as text)."""
     cwd = cwd or home()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    given, env = env or {}, {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [
         sys.executable,
@@ -191,7 +191,10 @@ def launch(
         str(processes),
     ]
     if config:
-        env["ACCELERATE_USE_CPU"] = "1"
+        if config.startswith("deepspeed"):  # not ACCELERATE_USE_CPU: accelerate drops DeepSpeed
+            env["DS_ACCELERATOR"] = "cpu"
+        else:
+            env["ACCELERATE_USE_CPU"] = "1"
         command = [
             sys.executable,
             "-m",
@@ -205,6 +208,7 @@ def launch(
         # On a machine without GPUs this is what makes --multi_gpu start CPU processes over gloo.
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
+    env.update(given)  # the caller's variables last
     result = subprocess.run(
         command + [script, *map(str, args)],
         cwd=cwd,

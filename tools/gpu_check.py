@@ -1,15 +1,19 @@
-"""The checks that need NVIDIA GPUs, in one command: mixed precision, an fp16 overflow, DDP and
-FSDP2 on 2 GPUs, --torch_compile; samples/s and peak GPU memory per case. Never run by this
-project's CI (it has no GPU): run it on any machine with 1 to 8 GPUs after an upgrade.
+"""The checks that need NVIDIA GPUs, in one command: mixed precision, an fp16 overflow, DDP,
+FSDP2 and DeepSpeed ZeRO-3 (bf16; and ZeRO-2 with its optimizer offloaded to the CPU, whose CPU
+Adam compiles at start: minutes) on 2 GPUs, --torch_compile; samples/s and peak GPU memory per
+case. Never run by this project's CI (it has no GPU): run it on any machine with 1 to 8 GPUs after
+an upgrade.
 
     python tools/gpu_check.py            # prints one line per case, exits 1 if any failed
 
 Without CUDA it prints one line and exits 0. Each case trains the shipped task (600 training lines,
 2 epochs) in a temporary folder; the stop/resume cases (fp16 on 1 GPU, with its loss scale in
-scaler.pt; DDP on 2) compare the final weights with the run that was never stopped, bitwise: the
-same GPUs, the same launch. Never run yet: no GPU was lent to the session that wrote the fp16 case.
+scaler.pt; DDP and DeepSpeed ZeRO-3 on 2) compare the final weights with the run that was never
+stopped, bitwise: the same GPUs, the same launch. Never run yet: no GPU was lent to the sessions
+that wrote the fp16 and the DeepSpeed cases.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -100,6 +104,24 @@ def main():
                 dict(args=[], config="fsdp.yaml", env={"ACCELERATE_NUM_PROCESSES": "2"}),
             ),
         ]
+    if gpus >= 2 and importlib.util.find_spec("deepspeed"):  # pip install deepspeed
+        offload = work / "deepspeed_zero2_offload.yaml"  # the CPU Adam of offload compiles here
+        offload.write_text(
+            (ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml")
+            .read_text()
+            .replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")
+        )
+        two = {"ACCELERATE_NUM_PROCESSES": "2"}
+        cases += [
+            (
+                "DeepSpeed ZeRO-3 bf16, 2 GPUs, stopped at step 20 and resumed",
+                dict(args=[], config="deepspeed_zero3.yaml", env=two, resume=20),
+            ),
+            (
+                "DeepSpeed ZeRO-2, optimizer offloaded to the CPU, 2 GPUs",
+                dict(args=[], config=offload, env=two),
+            ),
+        ]
     failed = 0
     for name, case in cases:
         outdir = work / name.split(",")[0].replace(" ", "_")
@@ -116,11 +138,14 @@ def main():
             stopped = work / "stopped"
             shutil.rmtree(stopped, ignore_errors=True)
             processes = case.get("processes", 1)
+            config, env = case.get("config"), case.get("env")
             launch(
                 [*base, *case["args"], "--outdir", stopped, "--stop_after_steps", case["resume"]],
                 processes,
+                config,
+                env,
             )
-            launch(["--resume", stopped / "last"], processes)
+            launch(["--resume", stopped / "last"], processes, config, env)
             ok = (stopped / "last" / "model.safetensors").read_bytes() == (
                 outdir / "last" / "model.safetensors"
             ).read_bytes()

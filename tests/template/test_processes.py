@@ -2,7 +2,7 @@
 
 SIGTERM, Ctrl-C, SIGKILL and a SIGTERM to the launcher alone stop a run that then resumes bitwise;
 a worker killed under --max_restarts is started again with its group and the run ends bitwise, the
-surviving peer saying so in one line; the CPU threads of each process; DeepSpeed and fp16 on a CPU
+surviving peer saying so in one line; the CPU threads of each process; fp16 on a CPU
 refused before anything is written (core/processes.py).
 
     python -m pytest -q tests/template/test_processes.py
@@ -421,26 +421,6 @@ def test_another_thread_count_on_resume_is_said(tiny_data, tmp_path):
 
 
 BATCH_16 = ["--batch_size", 16]  # 20 optimizer steps per epoch on the tiny data
-
-
-def test_deepspeed_is_refused_before_anything_is_written(tiny_data, tmp_path, monkeypatch):
-    """DeepSpeed cannot be installed here: its distributed type is stood in for, to check that the
-    run stops with one line naming the supported engine, before any output exists."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    monkeypatch.setattr(
-        Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED)
-    )
-    with pytest.raises(SystemExit) as stopped:
-        train.main(
-            [str(a) for a in (*data_args(tiny_data), *BATCH_16, "--outdir", tmp_path / "model")]
-        )
-    assert str(stopped.value.code) == (
-        "error: DeepSpeed is not supported by this template: FSDP2 is its sharded "
-        "engine (configs/accelerate/fsdp.yaml; tested sharded on CPU, with exact resume)."
-    )
-    assert not (tmp_path / "model").exists()
 
 
 def test_a_cpu_config_launched_without_accelerate_use_cpu_is_one_line_before_anything(

@@ -142,6 +142,10 @@ EXPECTED = {
     "multi_node.yaml": DistributedType.MULTI_GPU,
     "fsdp.yaml": DistributedType.FSDP,
     "fsdp_cpu.yaml": DistributedType.FSDP,
+    "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+    "deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
+    "deepspeed_zero2_cpu.yaml": DistributedType.DEEPSPEED,
+    "deepspeed_zero3_cpu.yaml": DistributedType.DEEPSPEED,
 }
 
 
@@ -159,6 +163,10 @@ def test_config_loads_and_says_how_to_launch(name):
         f"accelerate launch --config_file configs/accelerate/{name}" in (CONFIGS / name).read_text()
     )
     assert config.num_processes >= 1 and config.num_processes % config.num_machines == 0
+    if config.distributed_type == DistributedType.DEEPSPEED:  # train.py accumulates itself
+        assert config.deepspeed_config["gradient_accumulation_steps"] == 1
+        stage = int(name.removeprefix("deepspeed_zero")[0])
+        assert config.deepspeed_config["zero_stage"] == stage
 
 
 def test_fsdp_saves_full_weights_and_wraps_the_default_model_layers():
