@@ -231,9 +231,10 @@ def test_every_example_trains_under_zero3_as_under_ddp(name, tmp_path):
         "DEEPSPEED"
     )
     ours, reference = read_log(repo / "zero3" / "log.json"), read_log(repo / "ddp" / "log.json")
-    assert ours.keys() == reference.keys() == {"Step 3", "Step 6"}
+    assert ours.keys() == reference.keys() and {"Step 3", "Step 6"} <= ours.keys()
     for key in ours:
-        for part in ("train_log", "valid_log"):
+        assert ours[key].keys() == reference[key].keys()
+        for part in ours[key]:
             numbers = {k: v for k, v in ours[key][part].items() if "per_second" not in k}
             expected = {k: reference[key][part][k] for k in numbers}
             assert numbers == pytest.approx(expected, rel=1e-3, abs=1e-6), (key, part)
