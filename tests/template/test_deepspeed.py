@@ -18,6 +18,7 @@ import torch
 from test_examples import copy_repository
 
 from conftest import (
+    ROOT,
     STEPS_PER_EPOCH,
     assert_bitwise_equal,
     common_args,
@@ -185,11 +186,27 @@ def test_a_pickle_payload_in_a_deepspeed_file_is_refused_before_deepspeed_reads_
 
 
 @pytest.mark.slow
-def test_a_deepspeed_checkpoint_resumed_without_deepspeed_is_one_line(whole, tmp_path):
+def test_a_deepspeed_checkpoint_resumed_otherwise_is_one_line(whole, tmp_path):
+    """Without DeepSpeed, on 1 process, at the other ZeRO stage: one line each, nothing run."""
     stage, reference = whole
     result = launch("--resume", reference / "last", "--epochs", 3, processes=2, check=False)
     assert result.returncode == 1 and "saved under DeepSpeed" in result.stderr, result.stderr
     assert 'File "' not in workers(result.stderr)  # one line each, no worker's traceback
+    one = subprocess.run(  # the same config on 1 process: the state is partitioned in 2
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        + [ROOT / "configs" / "accelerate" / CONFIGS[stage], "--num_processes", "1", "train.py"]
+        + ["--resume", reference / "last", "--epochs", "3"],
+        cwd=home(),
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 1 and "saved by 2 processes under DeepSpeed" in one.stderr
+    assert 'File "' not in workers(one.stderr), one.stderr
+    other = CONFIGS[5 - stage]  # ZeRO-2's checkpoint under ZeRO-3, and the other way round
+    result = launch("--resume", reference / "last", "--epochs", 3, config=other, check=False)
+    assert result.returncode == 1 and "DeepSpeed could not load its state" in result.stderr
+    assert 'File "' not in workers(result.stderr), result.stderr
 
 
 def test_a_deepspeed_config_with_accelerate_use_cpu_is_one_line_before_anything(
@@ -238,3 +255,19 @@ def test_every_example_trains_under_zero3_as_under_ddp(name, tmp_path):
             numbers = {k: v for k, v in ours[key][part].items() if "per_second" not in k}
             expected = {k: reference[key][part][k] for k in numbers}
             assert numbers == pytest.approx(expected, rel=1e-3, abs=1e-6), (key, part)
+
+
+@pytest.mark.slow
+def test_bf16_under_zero3_resumes_bitwise(tiny_data, tmp_path):
+    """--mixed_precision bf16 on CPU: the engine's bf16 weights in model.safetensors, its fp32
+    master copy in the optimizer partitions; stopped and resumed, bitwise the run never stopped."""
+    options = [*data_args(tiny_data), "--batch_size", 8, "--max_steps", 12, "--mixed_precision"]
+    options += ["bf16"]
+    launch(*options, "--outdir", tmp_path / "whole", config=CONFIGS[3])
+    stopped = tmp_path / "stopped"
+    launch(*options, "--outdir", stopped, "--stop_after_steps", 5, config=CONFIGS[3])
+    launch("--resume", stopped / "last", config=CONFIGS[3])
+    assert {w.dtype for w in weights(stopped / "last").values()} == {torch.bfloat16}
+    assert_bitwise_equal(tmp_path / "whole" / "last", stopped / "last")
+    files = read_json(stopped / "last" / "manifest.json")["files"]
+    assert "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
