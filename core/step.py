@@ -95,8 +95,12 @@ def clip(accelerator, parameters, max_norm):
     """Clips the gradients to --max_grad_norm (0: no clipping); returns their norm before clipping,
     as a tensor on the device (inf or NaN for a step with non-finite gradients)."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # The engine clipped and stepped in backward(); it skipped a non-finite step (norm inf)
+        # The engine clipped and stepped in backward(); it skipped a non-finite step (norm inf).
+        # In fp16 (GPUs only, never run here) its loss scaler skips overflowing steps and lowers
+        # its scale, as GradScaler does without DeepSpeed: those are not counted as non-finite.
         norm = accelerator.clip_grad_norm_(parameters, max_norm)
+        if accelerator.mixed_precision == "fp16":
+            norm = 0.0
         return torch.tensor(math.nan if norm is None else float(norm), device=accelerator.device)
     norm = accelerator.clip_grad_norm_(parameters, max_norm or math.inf)
     if isinstance(norm, DTensor):  # FSDP2: replicated on every process

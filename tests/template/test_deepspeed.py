@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_examples import copy_repository
 
 from conftest import (
@@ -152,6 +153,22 @@ def test_a_kill_9_after_a_save_resumes_bitwise(whole, tiny_data, tmp_path):
     assert_bitwise_equal(reference / "last", outdir / "last")
 
 
+@pytest.mark.slow
+def test_non_finite_gradients_are_caught_under_zero3(tiny_data, tmp_path):
+    """The engine skips a step whose gradients are not finite (its norm inf); train.py counts it
+    and stops at the next log, as without DeepSpeed, before anything is saved."""
+    result = launch(
+        *data_args(tiny_data),
+        *("--batch_size", 16, "--lr", "1e30", "--max_grad_norm", 0, "--log_every", 1),
+        *("--outdir", tmp_path / "model"),
+        config=CONFIGS[3],
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "non-finite gradients in 1 of the optimizer steps up to step 2" in result.stderr
+    assert not (tmp_path / "model" / "last").exists()
+
+
 def workers(stderr):
     """What the training processes wrote: the launcher's own report of their exit ends it."""
     return stderr.split('Traceback (most recent call last):\n  File "<frozen runpy>"')[0]
@@ -258,16 +275,23 @@ def test_every_example_trains_under_zero3_as_under_ddp(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_under_zero3_resumes_bitwise(tiny_data, tmp_path):
-    """--mixed_precision bf16 on CPU: the engine's bf16 weights in model.safetensors, its fp32
-    master copy in the optimizer partitions; stopped and resumed, bitwise the run never stopped."""
-    options = [*data_args(tiny_data), "--batch_size", 8, "--max_steps", 12, "--mixed_precision"]
-    options += ["bf16"]
+@pytest.mark.parametrize("variant", ["bf16", "lora"])
+def test_bf16_and_lora_under_zero3_resume_bitwise(variant, tiny_data, tmp_path):
+    """--mixed_precision bf16 on CPU (the engine's bf16 weights in model.safetensors, its fp32
+    master copy in the optimizer partitions) and --lora_r 4 (the base frozen, its weights and the
+    adapters saved): stopped and resumed, bitwise the run never stopped."""
+    options = [*data_args(tiny_data), "--batch_size", 8, "--max_steps", 12]
+    options += ["--mixed_precision", "bf16"] if variant == "bf16" else ["--lora_r", 4]
     launch(*options, "--outdir", tmp_path / "whole", config=CONFIGS[3])
     stopped = tmp_path / "stopped"
     launch(*options, "--outdir", stopped, "--stop_after_steps", 5, config=CONFIGS[3])
     launch("--resume", stopped / "last", config=CONFIGS[3])
-    assert {w.dtype for w in weights(stopped / "last").values()} == {torch.bfloat16}
     assert_bitwise_equal(tmp_path / "whole" / "last", stopped / "last")
     files = read_json(stopped / "last" / "manifest.json")["files"]
-    assert "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
+    if variant == "bf16":
+        assert {w.dtype for w in weights(stopped / "last").values()} == {torch.bfloat16}
+        assert "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
+    else:
+        adapters = load_file(stopped / "last" / "adapter_model.safetensors")
+        trained = [k for k, v in adapters.items() if "lora_B" in k and v.abs().max() > 0]
+        assert "adapter_model.safetensors" in files and trained  # lora_B starts at zero
