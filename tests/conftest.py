@@ -191,7 +191,7 @@ def launch(
         str(processes),
     ]
     if config:
-        if config.startswith("deepspeed"):  # not ACCELERATE_USE_CPU: accelerate drops DeepSpeed
+        if Path(config).name.startswith("deepspeed"):  # not ACCELERATE_USE_CPU: it drops DeepSpeed
             env["DS_ACCELERATOR"] = "cpu"
         else:
             env["ACCELERATE_USE_CPU"] = "1"
