@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from threads import minilm_sized
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {  # contender: (accelerate launch options, environment)
     "DDP": (["--multi_gpu", "--num_processes", "2"], {"ACCELERATE_USE_CPU": "1"}),
@@ -30,13 +32,7 @@ SUMMARY = re.compile(r"(\d+) optimizer steps in ([\d.]+) s: ([\d.]+) samples/s")
 def measure(steps=30, repeats=3, progress=print):
     """{contender: (median start-up seconds, median samples/s, median whole-process seconds)}."""
     work = Path(tempfile.mkdtemp(prefix="bench-deepspeed-"))
-    model = work / "minilm"
-    model.mkdir()
-    config = json.loads((ROOT / "assets" / "tiny-bert" / "config.json").read_text())
-    config.update(
-        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
-    )
-    (model / "config.json").write_text(json.dumps(config))
+    model = minilm_sized(work)
     options = ["--model_name_or_path", model, "--stop_after_steps", steps, "--batch_size", 16]
     options += ["--log_every", 1000]
     base = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}

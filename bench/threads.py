@@ -24,17 +24,24 @@ LAUNCH, PYTHON, ONE_THREAD = (
 )
 
 
-def measure(steps=30, repeats=3, progress=print):
-    """{contender: median seconds of the whole process: `steps` optimizer steps and a
-    checkpoint}."""
-    work = Path(tempfile.mkdtemp(prefix="bench-threads-"))
-    model = work / "minilm"
+def minilm_sized(folder):
+    """A MiniLM-sized encoder (assets/tiny-bert's config 384 wide, 6 layers; no weights: from
+    scratch) in folder/minilm; returns that folder."""
+    model = Path(folder) / "minilm"
     model.mkdir()
     config = json.loads((ROOT / "assets" / "tiny-bert" / "config.json").read_text())
     config.update(
         hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
     )
     (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def measure(steps=30, repeats=3, progress=print):
+    """{contender: median seconds of the whole process: `steps` optimizer steps and a
+    checkpoint}."""
+    work = Path(tempfile.mkdtemp(prefix="bench-threads-"))
+    model = minilm_sized(work)
     options = [
         "train.py",
         "--model_name_or_path",
